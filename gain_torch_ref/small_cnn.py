@@ -1,0 +1,43 @@
+"""`small_cnn` in torchvision's style: the PyTorch twin of `gain_jax.models.SmallCNN`.
+
+The layout (module indices inside `features`, `classifier`) is the contract that
+`gain_jax.from_torchvision("small_cnn", state_dict)` relies on:
+
+    features.0  Conv2d(3, 32, 3, padding=1)     features.1  BatchNorm2d(32)   2 ReLU  3 MaxPool2d(2)
+    features.4  Conv2d(32, 64, 3, padding=1)    features.5  BatchNorm2d(64)   6 ReLU  7 MaxPool2d(2)
+    features.8  Conv2d(64, 128, 3, padding=1)   features.9  BatchNorm2d(128) 10 ReLU 11 MaxPool2d(2)
+    features.12 Conv2d(128, 128, 3, padding=1)  features.13 BatchNorm2d(128) 14 ReLU
+    avgpool     AdaptiveAvgPool2d(1)  (the head starts here: Grad-CAM layer = `features` output)
+    classifier.0 Dropout(p)   classifier.1 Linear(128, num_classes)
+
+At 64x64 input the Grad-CAM layer is 8x8x128.
+"""
+import torch
+from torch import nn
+
+WIDTHS = (32, 64, 128, 128)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, num_classes: int = 6, dropout: float = 0.0):
+        super().__init__()
+        layers = []
+        in_ch = 3
+        for i, width in enumerate(WIDTHS):
+            layers += [nn.Conv2d(in_ch, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=False)]
+            if i < len(WIDTHS) - 1:
+                layers.append(nn.MaxPool2d(2))
+            in_ch = width
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(in_ch, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(feats), 1))
+
+
+def small_cnn(num_classes: int = 6, dropout: float = 0.0) -> SmallCNN:
+    return SmallCNN(num_classes=num_classes, dropout=dropout)
