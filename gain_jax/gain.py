@@ -1,0 +1,281 @@
+"""GAIN's two streams and three losses as pure functions (DESIGN.md, "The algorithm").
+
+`gain_forward` runs the classification stream, Grad-CAM (union or per-label), the soft mask and the
+attention-mining stream; `gain_losses` turns its output into the classification, attention-mining and
+extra-supervision losses. Both are `jax.jit`-able; the configuration is a hashable, static dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from gain_jax.attention import apply_mask, head_gradcams, minmax_normalize, resize_align_corners, soft_mask
+
+MODES = ("union", "per_label")
+CAM_GRADS = ("stop", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class GainConfig:
+    """What GAIN computes; every field is static under `jax.jit`.
+
+    mode: "union" (one map per image from its multi-hot labels, upstream's batch_GAIN_VOC) or
+        "per_label" (one map per positive label, padded to `max_labels` slots; upstream's multi-heatmap model).
+    sigma, omega: soft-mask threshold and sharpness, `T = sigmoid(omega * (scaled - sigma))`.
+    fill: value the masked region takes, in normalized image space (a scalar or one per channel).
+    cam_grad: "stop" (upstream: Grad-CAM channel weights are constants for the loss gradient) or "full"
+        (differentiate through them: second order).
+    grads_off: the attention-mining forward sees `stop_gradient(params)`, so L_am reaches the weights only
+        through the mask.
+    max_labels: slots per image in per-label mode.
+    cl_weight, am_weight, ex_weight: weights of the classification, attention-mining and extra-supervision
+        losses in the total.
+    """
+
+    mode: str = "union"
+    sigma: float = 0.5
+    omega: float = 10.0
+    fill: float | tuple[float, ...] = 0.0
+    cam_grad: str = "stop"
+    grads_off: bool = False
+    max_labels: int = 4
+    cl_weight: float = 1.0
+    am_weight: float = 1.0
+    ex_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"GainConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.cam_grad not in CAM_GRADS:
+            raise ValueError(f"GainConfig.cam_grad must be one of {CAM_GRADS}, got {self.cam_grad!r}")
+        if self.max_labels < 1:
+            raise ValueError(f"GainConfig.max_labels must be >= 1, got {self.max_labels}")
+        if isinstance(self.fill, (list, np.ndarray)):  # keep the dataclass hashable
+            object.__setattr__(self, "fill", tuple(float(v) for v in self.fill))
+        if isinstance(self.fill, tuple) and len(self.fill) not in (1, 3):
+            raise ValueError(f"GainConfig.fill must be a scalar or 3 values, got {self.fill!r}")
+
+    @property
+    def num_slots(self) -> int:
+        return 1 if self.mode == "union" else self.max_labels
+
+
+@flax.struct.dataclass
+class GainOutput:
+    """Everything `gain_forward` computes. K = 1 in union mode, `max_labels` in per-label mode.
+
+    logits_cl [B,C]; heatmap [B,K,H,W] (upsampled relu cam, before min-max); scaled [B,K,H,W];
+    mask [B,K,H,W]; masked_images [B,K,H,W,3]; logits_am [B,K,C];
+    slot_labels [B,K]: the class of each slot, -1 for padding (union mode: the argmax class in evaluation,
+        the lowest positive label in training, where the slot stands for the union of `selector`);
+    selector [B,K,C]: the classes each slot attends to (multi-hot in union training, one-hot otherwise,
+        zero for padding) - the losses use it;
+    model_state: the updated {"batch_stats": ...} of the classification stream ({} without BatchNorm, or
+        when train=False).
+    """
+
+    logits_cl: jax.Array
+    heatmap: jax.Array
+    scaled: jax.Array
+    mask: jax.Array
+    masked_images: jax.Array
+    logits_am: jax.Array
+    slot_labels: jax.Array
+    selector: jax.Array
+    model_state: Any
+
+
+def slot_labels_from_multihot(labels: jax.Array, max_labels: int) -> jax.Array:
+    """``[B, C]`` multi-hot -> ``[B, max_labels]`` positive classes in ascending order, -1 padded.
+
+    Labels beyond `max_labels` are dropped silently here (this runs under jit); call
+    `check_max_labels` on the host first.
+    """
+    num_classes = labels.shape[-1]
+    class_ids = jnp.arange(num_classes)
+    # positives first, in class order; negatives after them
+    sort_key = jnp.where(labels > 0, class_ids, num_classes + class_ids)
+    order = jnp.argsort(sort_key, axis=-1)
+    if max_labels > num_classes:
+        pad = jnp.full(order.shape[:-1] + (max_labels - num_classes,), num_classes, order.dtype)
+        order = jnp.concatenate([order, pad], axis=-1)
+    order = order[..., :max_labels]
+    is_positive = jnp.take_along_axis(jnp.pad(labels > 0, ((0, 0), (0, 1))), order, axis=-1)
+    return jnp.where(is_positive, order, -1).astype(jnp.int32)
+
+
+def check_max_labels(labels, max_labels: int, names: Sequence[str] | None = None) -> None:
+    """Raise ValueError naming the first image with more positive labels than `max_labels` (host side)."""
+    counts = np.asarray(labels > 0).sum(axis=-1)
+    too_many = np.nonzero(counts > max_labels)[0]
+    if too_many.size:
+        index = int(too_many[0])
+        name = f"{names[index]!s}" if names is not None else f"batch index {index}"
+        raise ValueError(
+            f"per-label mode: image {name} has {int(counts[index])} labels but max_labels is {max_labels}; "
+            f"raise max_labels")
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _without_bn_gradient(params: Mapping, batch_stats: Mapping) -> Mapping:
+    """Stop the gradient to BatchNorm scale/bias: modules that own batch statistics are BatchNorms."""
+    if not batch_stats:
+        return params
+    bn_modules = {path[:-1] for path in traverse_util.flatten_dict(batch_stats)}
+    flat = traverse_util.flatten_dict(params)
+    flat = {path: jax.lax.stop_gradient(leaf) if path[:-1] in bn_modules else leaf for path, leaf in flat.items()}
+    return traverse_util.unflatten_dict(flat)
+
+
+def gain_forward(
+    model,
+    variables: Mapping,
+    images: jax.Array,
+    labels: jax.Array | None,
+    cfg: GainConfig,
+    train: bool = True,
+    rngs: Mapping[str, jax.Array] | None = None,
+) -> GainOutput:
+    """Both GAIN streams for a batch. images ``[B,H,W,3]``; labels ``[B,C]`` multi-hot (may be None when
+    `train=False`: the argmax class is attended, as upstream does in evaluation).
+
+    `train` puts dropout and BatchNorm of the classification stream in training mode (BatchNorm statistics
+    update; the new ones are in `out.model_state`). The attention-mining stream always runs BatchNorm on the
+    running statistics, without updating them and without gradient to its scale/bias (upstream's
+    FreezedBnModel); its dropout follows `train`. `rngs` (e.g. {"dropout": key}) is needed when `train`
+    and the model has dropout.
+    """
+    if train and labels is None:
+        raise ValueError("gain_forward(train=True) needs labels")
+    if labels is not None and cfg.mode == "per_label" and _is_concrete(labels):
+        check_max_labels(labels, cfg.max_labels)
+
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    has_bn = bool(batch_stats)
+    cl_rngs = am_rngs = None
+    if rngs:
+        cl_rngs = {name: jax.random.fold_in(key, 0) for name, key in rngs.items()}
+        am_rngs = {name: jax.random.fold_in(key, 1) for name, key in rngs.items()}
+
+    # 1. classification stream up to the Grad-CAM layer
+    if train and has_bn:
+        feats, model_state = model.apply(
+            variables, images, train=True, method="features", mutable=["batch_stats"], rngs=cl_rngs)
+    else:
+        feats = model.apply(variables, images, train=train, method="features", rngs=cl_rngs)
+        model_state = {}
+
+    def head_fn(features):
+        return model.apply(variables, features, train=train, method="head", rngs=cl_rngs)
+
+    # 2. which classes each slot attends to
+    num_slots = cfg.num_slots
+    if train:
+        float_labels = labels.astype(feats.dtype)
+        if cfg.mode == "union":
+            selectors = float_labels[:, None, :]
+            slot_labels = slot_labels_from_multihot(float_labels, 1)
+        else:
+            slot_labels = slot_labels_from_multihot(float_labels, num_slots)
+            selectors = jax.nn.one_hot(slot_labels, float_labels.shape[-1], dtype=feats.dtype)
+    else:
+        def selectors(logits):  # evaluation attends to the predicted class, in slot 0
+            predicted = jnp.argmax(logits, axis=-1)
+            one_hot = jax.nn.one_hot(predicted, logits.shape[-1], dtype=logits.dtype)
+            return jnp.pad(one_hot[:, None, :], ((0, 0), (0, num_slots - 1), (0, 0)))
+
+    logits_cl, cams = head_gradcams(head_fn, feats, selectors, stop_weight_gradient=cfg.cam_grad == "stop")
+    if not train:
+        predicted = jnp.argmax(jax.lax.stop_gradient(logits_cl), axis=-1).astype(jnp.int32)
+        slot_labels = jnp.pad(predicted[:, None], ((0, 0), (0, num_slots - 1)), constant_values=-1)
+        selectors = jax.nn.one_hot(slot_labels, logits_cl.shape[-1], dtype=logits_cl.dtype)
+
+    # 3-5. upsample, normalize, soft mask, erase
+    height, width = images.shape[1:3]
+    heatmap = resize_align_corners(cams, (height, width))
+    scaled = minmax_normalize(heatmap)
+    mask = soft_mask(scaled, cfg.sigma, cfg.omega)
+    masked_images = apply_mask(images[:, None], mask, cfg.fill)
+
+    # 6. attention-mining stream: one batched forward over the B*K masked images
+    am_params = jax.lax.stop_gradient(params) if cfg.grads_off else _without_bn_gradient(params, batch_stats)
+    am_variables = {"params": am_params}
+    if has_bn:
+        # upstream's frozen-BN forward reads the running statistics the classification forward just updated
+        am_variables["batch_stats"] = jax.lax.stop_gradient(model_state.get("batch_stats", batch_stats))
+    batch = images.shape[0]
+    flat_masked = masked_images.reshape((batch * num_slots,) + masked_images.shape[2:])
+    logits_am = model.apply(am_variables, flat_masked, train=train, freeze_bn=True, rngs=am_rngs)
+    logits_am = logits_am.reshape((batch, num_slots, -1))
+
+    return GainOutput(
+        logits_cl=logits_cl, heatmap=heatmap, scaled=scaled, mask=mask, masked_images=masked_images,
+        logits_am=logits_am, slot_labels=slot_labels, selector=selectors, model_state=model_state)
+
+
+def _safe_divide(numerator, denominator):
+    return jnp.where(denominator > 0, numerator / jnp.maximum(denominator, 1e-30), 0.0)
+
+
+def extra_supervision_loss(scaled: jax.Array, selector: jax.Array, gt_masks: jax.Array,
+                           has_mask: jax.Array | None = None, ignore_index: int = 255) -> jax.Array:
+    """GAIN_ext: mean over images with a mask of the mean squared error between each slot's scaled map and
+    the ground-truth mask of the classes the slot attends to.
+
+    gt_masks ``[B,H,W]`` VOC encoding (0 background, c + 1 for class c, `ignore_index` ignored);
+    pixels marked ignore are left out of each map's mean; padded slots (zero selector) are left out of the
+    image's mean.
+    """
+    num_classes = selector.shape[-1]
+    gt = gt_masks.astype(jnp.int32)
+    valid_pixel = (gt != ignore_index).astype(scaled.dtype)
+    pixel_class = gt - 1
+    is_object = (pixel_class >= 0) & (pixel_class < num_classes)
+    # target[b,k,h,w] = selector[b,k,class of pixel (b,h,w)]
+    class_onehot = jax.nn.one_hot(jnp.where(is_object, pixel_class, -1), num_classes, dtype=scaled.dtype)
+    target = jnp.einsum("bhwc,bkc->bkhw", class_onehot, (selector > 0).astype(scaled.dtype))
+    squared_error = jnp.square(scaled - target) * valid_pixel[:, None]
+    per_map = _safe_divide(squared_error.sum(axis=(-2, -1)), valid_pixel.sum(axis=(-2, -1))[:, None])
+    valid_slot = (selector.sum(axis=-1) > 0).astype(scaled.dtype)
+    per_image = _safe_divide((per_map * valid_slot).sum(axis=-1), valid_slot.sum(axis=-1))
+    weight = jnp.ones_like(per_image) if has_mask is None else has_mask.astype(scaled.dtype)
+    return _safe_divide((per_image * weight).sum(), weight.sum())
+
+
+def gain_losses(out: GainOutput, labels: jax.Array, cfg: GainConfig, gt_masks: jax.Array | None = None,
+                has_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The loss terms and their weighted total: {"cl", "am", "ex", "total"} (scalars).
+
+    cl: BCE-with-logits averaged over batch and classes (the paper's multi-label soft-margin loss).
+    am: mean over images of `sum over attended (slot, class) of softmax(logits_am[slot])_class / n`, n the
+        number of attended (slot, class) pairs: union mode sums the image's labels on its one masked image,
+        per-label mode each slot's own class on its own masked image; padded slots contribute nothing.
+    ex: `extra_supervision_loss` when `gt_masks` is given (images with `has_mask` False excluded), else 0.
+    """
+    if labels is None:
+        raise ValueError("gain_losses needs labels for the classification loss")
+    logits_cl = out.logits_cl
+    cl = optax.sigmoid_binary_cross_entropy(logits_cl, labels.astype(logits_cl.dtype)).mean()
+
+    am_scores = jax.nn.softmax(out.logits_am, axis=-1)
+    attended = out.selector.astype(am_scores.dtype)
+    per_image = _safe_divide((am_scores * attended).sum(axis=(1, 2)), attended.sum(axis=(1, 2)))
+    am = per_image.mean()
+
+    if gt_masks is None:
+        ex = jnp.zeros((), cl.dtype)
+    else:
+        ex = extra_supervision_loss(out.scaled, out.selector, gt_masks, has_mask)
+    total = cfg.cl_weight * cl + cfg.am_weight * am + cfg.ex_weight * ex
+    return {"cl": cl, "am": am, "ex": ex, "total": total}

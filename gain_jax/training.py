@@ -1,0 +1,123 @@
+"""Train state and jit-compiled GAIN train/eval steps (optax; no global state)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from gain_jax.attention import head_gradcams, minmax_normalize, resize_align_corners
+from gain_jax.gain import GainConfig, gain_forward, gain_losses
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """step, params, BatchNorm statistics ({} without BatchNorm) and optimizer state; `tx` is static."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @property
+    def variables(self) -> dict:
+        return variables_of(self.params, self.batch_stats)
+
+
+def variables_of(params, batch_stats) -> dict:
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    return variables
+
+
+def create_train_state(variables: Mapping, tx: optax.GradientTransformation) -> TrainState:
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), tx=tx)
+
+
+def _batch_masks(batch: Mapping, cfg: GainConfig):
+    if cfg.ex_weight == 0 or "mask" not in batch:
+        return None, None
+    return batch["mask"], batch.get("has_mask")
+
+
+def make_train_step(model, cfg: GainConfig, donate: bool = True) -> Callable:
+    """`train_step(state, batch, rng, attention_on) -> (state, metrics)`, jit-compiled.
+
+    batch: {"image" [B,H,W,3], "labels" [B,C], optional "mask" [B,H,W] and "has_mask" [B] (read only when
+    `cfg.ex_weight` > 0)}. `attention_on` (a scalar, 0 or 1) switches the attention-mining and extra
+    losses on after pre-training: a `lax.cond` inside one program, so switching never recompiles, and
+    pre-training steps skip the attention-mining stream instead of computing it and multiplying by zero.
+    metrics: "loss" (the total optimized), "cl", "am", "ex" (unweighted terms; am and ex read 0 while
+    `attention_on` is 0, as they are not computed), "logits" [B,C].
+    """
+
+    def gain_loss(params, batch_stats, batch, rng):
+        out = gain_forward(model, variables_of(params, batch_stats), batch["image"], batch["labels"], cfg,
+                           train=True, rngs={"dropout": rng})
+        gt_masks, has_mask = _batch_masks(batch, cfg)
+        terms = gain_losses(out, batch["labels"], cfg, gt_masks=gt_masks, has_mask=has_mask)
+        return terms["total"], (terms, out.model_state, out.logits_cl)
+
+    def classification_loss(params, batch_stats, batch, rng):
+        variables = variables_of(params, batch_stats)
+        if batch_stats:
+            logits, model_state = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"],
+                                              rngs={"dropout": jax.random.fold_in(rng, 0)})
+        else:
+            logits = model.apply(variables, batch["image"], train=True, rngs={"dropout": jax.random.fold_in(rng, 0)})
+            model_state = {}
+        cl = optax.sigmoid_binary_cross_entropy(logits, batch["labels"].astype(logits.dtype)).mean()
+        zero = jnp.zeros((), cl.dtype)
+        terms = {"cl": cl, "am": zero, "ex": zero, "total": cfg.cl_weight * cl}
+        return terms["total"], (terms, model_state, logits)
+
+    def train_step(state: TrainState, batch, rng, attention_on):
+        def grads_of(loss_fn):
+            return lambda: jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.batch_stats, batch, rng)
+
+        (loss, (terms, model_state, logits)), grads = jax.lax.cond(
+            jnp.asarray(attention_on) > 0, grads_of(gain_loss), grads_of(classification_loss))
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        batch_stats = model_state.get("batch_stats", state.batch_stats) if model_state else state.batch_stats
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        metrics = {"loss": loss, "cl": terms["cl"], "am": terms["am"], "ex": terms["ex"], "logits": logits}
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def class_cams(model, variables: Mapping, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Logits ``[B,C]`` and the min-max normalized Grad-CAM of every class ``[B,C,H,W]`` (evaluation mode),
+    for localization metrics: one feature forward, one head forward, C VJPs through the head."""
+    feats = model.apply(variables, images, train=False, method="features")
+
+    def head_fn(features):
+        return model.apply(variables, features, train=False, method="head")
+
+    num_classes = jax.eval_shape(head_fn, feats).shape[-1]
+    selectors = jnp.broadcast_to(jnp.eye(num_classes, dtype=feats.dtype), (images.shape[0], num_classes, num_classes))
+    logits, cams = head_gradcams(head_fn, feats, selectors)
+    return logits, minmax_normalize(resize_align_corners(cams, images.shape[1:3]))
+
+
+def make_eval_step(model, cfg: GainConfig) -> Callable:
+    """`eval_step(state, batch) -> dict`, jit-compiled: gain_forward in evaluation mode (argmax class),
+    the loss terms with the batch's labels, and every class's normalized Grad-CAM ("class_cams")."""
+
+    def eval_step(state: TrainState, batch):
+        variables = state.variables
+        out = gain_forward(model, variables, batch["image"], batch["labels"], cfg, train=False)
+        gt_masks, has_mask = _batch_masks(batch, cfg)
+        terms = gain_losses(out, batch["labels"], cfg, gt_masks=gt_masks, has_mask=has_mask)
+        _, cams = class_cams(model, variables, batch["image"])
+        return {"logits": out.logits_cl, "loss": terms["total"], "cl": terms["cl"], "am": terms["am"],
+                "ex": terms["ex"], "heatmap": out.heatmap, "scaled": out.scaled, "mask": out.mask,
+                "masked_images": out.masked_images, "class_cams": cams}
+
+    return jax.jit(eval_step)
