@@ -52,6 +52,8 @@ def make_train_step(model, cfg: GainConfig, donate: bool = True) -> Callable:
     `cfg.ex_weight` > 0)}. `attention_on` (a scalar, 0 or 1) switches the attention-mining and extra
     losses on after pre-training: a `lax.cond` inside one program, so switching never recompiles, and
     pre-training steps skip the attention-mining stream instead of computing it and multiplying by zero.
+    With `donate`, the input state's buffers are reused for the new state: don't read the old state (nor
+    the variables it was created from) after the call.
     metrics: "loss" (the total optimized), "cl", "am", "ex" (unweighted terms; am and ex read 0 while
     `attention_on` is 0, as they are not computed), "logits" [B,C].
     """

@@ -3,10 +3,10 @@
 The layout (module indices inside `features`, `classifier`) is the contract that
 `gain_jax.from_torchvision("small_cnn", state_dict)` relies on:
 
-    features.0  Conv2d(3, 32, 3, padding=1)     features.1  BatchNorm2d(32)   2 ReLU  3 MaxPool2d(2)
-    features.4  Conv2d(32, 64, 3, padding=1)    features.5  BatchNorm2d(64)   6 ReLU  7 MaxPool2d(2)
-    features.8  Conv2d(64, 128, 3, padding=1)   features.9  BatchNorm2d(128) 10 ReLU 11 MaxPool2d(2)
-    features.12 Conv2d(128, 128, 3, padding=1)  features.13 BatchNorm2d(128) 14 ReLU
+    features.0  Conv2d(3, 16, 3, padding=1)     features.1  BatchNorm2d(16)   2 ReLU  3 MaxPool2d(2)
+    features.4  Conv2d(16, 32, 3, padding=1)    features.5  BatchNorm2d(32)   6 ReLU  7 MaxPool2d(2)
+    features.8  Conv2d(32, 64, 3, padding=1)    features.9  BatchNorm2d(64)  10 ReLU 11 MaxPool2d(2)
+    features.12 Conv2d(64, 128, 3, padding=1)   features.13 BatchNorm2d(128) 14 ReLU
     avgpool     AdaptiveAvgPool2d(1)  (the head starts here: Grad-CAM layer = `features` output)
     classifier.0 Dropout(p)   classifier.1 Linear(128, num_classes)
 
@@ -15,7 +15,7 @@ At 64x64 input the Grad-CAM layer is 8x8x128.
 import torch
 from torch import nn
 
-WIDTHS = (32, 64, 128, 128)
+WIDTHS = (16, 32, 64, 128)
 
 
 class SmallCNN(nn.Module):

@@ -1,0 +1,89 @@
+"""Train/eval steps: the optimizer step is Adam on the GAIN total, attention switches on without recompiling."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gain_jax as gj
+
+NUM_CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
+    images = jax.random.normal(jax.random.PRNGKey(3), (4, 24, 24, 3))
+    labels = jnp.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0]], jnp.float32)
+    masks = jax.random.randint(jax.random.PRNGKey(4), (4, 24, 24), 0, NUM_CLASSES + 1).astype(jnp.uint8)
+    batch = {"image": images, "labels": labels, "mask": masks, "has_mask": jnp.array([True, False, True, True])}
+    variables = model.init(jax.random.PRNGKey(0), images)
+    return model, variables, batch
+
+
+def manual_step(model, variables, batch, cfg, tx, attention_on):
+    def loss(params):
+        if attention_on:
+            out = gj.gain_forward(model, {**variables, "params": params}, batch["image"], batch["labels"], cfg,
+                                  rngs={"dropout": jax.random.PRNGKey(0)})
+            terms = gj.gain_losses(out, batch["labels"], cfg, gt_masks=batch["mask"], has_mask=batch["has_mask"])
+            return terms["total"], out.model_state
+        logits, state = model.apply({**variables, "params": params}, batch["image"], train=True, mutable=["batch_stats"])
+        return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean() * cfg.cl_weight, state
+
+    (value, state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    updates, _ = tx.update(grads, tx.init(variables["params"]), variables["params"])
+    return value, optax.apply_updates(variables["params"], updates), state
+
+
+@pytest.mark.parametrize("attention_on", [0.0, 1.0])
+def test_train_step_applies_the_optimizer_to_the_right_loss(setup, attention_on):
+    """SGD with lr 1 makes the step's parameter change the gradient itself. (Adam would hide the gradient's
+    size, and turn the float noise in the exactly-zero gradients of conv biases before BatchNorm into
+    full-size steps.)"""
+    model, variables, batch = setup
+    cfg = gj.GainConfig(cl_weight=1.5, am_weight=0.5, ex_weight=2.0)
+    tx = optax.sgd(1.0)
+    step = gj.make_train_step(model, cfg, donate=False)
+    state = gj.create_train_state(variables, tx)
+    new_state, metrics = step(state, batch, jax.random.PRNGKey(0), attention_on)
+    want_loss, want_params, want_state = manual_step(model, variables, batch, cfg, tx, attention_on)
+    np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
+    for got, want, old in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(want_params),
+                              jax.tree_util.tree_leaves(variables["params"])):
+        grad_got, grad_want = np.asarray(old) - np.asarray(got), np.asarray(old) - np.asarray(want)
+        assert np.max(np.abs(grad_got - grad_want)) <= 1e-4 * max(np.max(np.abs(grad_want)), 1e-3)
+    for got, want in zip(jax.tree_util.tree_leaves(new_state.batch_stats), jax.tree_util.tree_leaves(want_state)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert int(new_state.step) == 1
+    if attention_on:
+        assert float(metrics["am"]) > 0 and float(metrics["ex"]) > 0
+    else:
+        assert float(metrics["am"]) == 0 and float(metrics["ex"]) == 0
+
+
+def test_switching_attention_on_does_not_recompile(setup):
+    model, variables, batch = setup
+    step = gj.make_train_step(model, gj.GainConfig(mode="per_label", max_labels=2))
+    # the step donates its state: give it copies, the fixture's arrays are shared with other tests
+    state = gj.create_train_state(jax.tree_util.tree_map(jnp.copy, variables), optax.adam(1e-3))
+    losses = []
+    for i, attention_on in enumerate([0.0, 0.0, 1.0, 1.0]):
+        state, metrics = step(state, batch, jax.random.PRNGKey(i), jnp.float32(attention_on))
+        losses.append(float(metrics["loss"]))
+    assert step._cache_size() == 1
+    assert all(np.isfinite(losses))
+    assert int(state.step) == 4
+
+
+def test_eval_step_outputs_and_class_cams(setup):
+    model, variables, batch = setup
+    cfg = gj.GainConfig()
+    ev = gj.make_eval_step(model, cfg)(gj.create_train_state(variables, optax.adam(1e-3)), batch)
+    assert ev["class_cams"].shape == (4, NUM_CLASSES, 24, 24)
+    assert ev["scaled"].shape == (4, 1, 24, 24)
+    predicted = np.argmax(np.asarray(ev["logits"]), axis=-1)
+    # the map gain_forward attends to in evaluation is the predicted class's map among class_cams
+    np.testing.assert_allclose(ev["scaled"][:, 0], np.asarray(ev["class_cams"])[np.arange(4), predicted], atol=1e-5)
+    for name in ("loss", "cl", "am", "ex"):
+        assert np.isfinite(float(ev[name]))
