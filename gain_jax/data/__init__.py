@@ -1,0 +1,30 @@
+"""gain_jax.data: tfds builders, AutoAugment and the tf.data input pipeline.
+
+The one part of gain_jax that imports TensorFlow. Importing it registers two tfds builders:
+"gain_shapes" (embedded synthetic set with a background bias; splits train, validation, test_unbiased)
+and "gain_voc2012" (PASCAL VOC 2012 from local files in `manual_dir`; splits train, validation).
+
+    import gain_jax.data as gd
+    batches = gd.input_pipeline("gain_voc2012", "train", manual_dir=..., image_size=224, batch_size=8)
+"""
+import tensorflow as tf
+
+# JAX owns the accelerators: keep TensorFlow (a full, non-CPU build included) off them.
+try:
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # devices already initialized by the caller: leave them
+    pass
+
+from gain_jax.data import autoaugment  # noqa: E402
+from gain_jax.data.pipeline import (DATASET_NAMES, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo,  # noqa: E402
+                                    dataset_info, input_pipeline, make_dataset)
+from gain_jax.data.shapes import CLASS_NAMES as SHAPES_CLASS_NAMES  # noqa: E402
+from gain_jax.data.shapes import GainShapes  # noqa: E402
+from gain_jax.data.voc import CLASS_NAMES as VOC_CLASS_NAMES  # noqa: E402
+from gain_jax.data.voc import GainVoc2012, VocFormatError  # noqa: E402
+
+CLASS_NAMES = {name: dataset_info(name).class_names for name in DATASET_NAMES}
+
+__all__ = ["CLASS_NAMES", "DATASET_NAMES", "DatasetInfo", "GainShapes", "GainVoc2012", "IMAGENET_MEAN",
+           "IMAGENET_STD", "SHAPES_CLASS_NAMES", "VOC_CLASS_NAMES", "VocFormatError", "autoaugment",
+           "dataset_info", "input_pipeline", "make_dataset"]

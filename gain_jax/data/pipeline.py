@@ -1,0 +1,172 @@
+"""The tf.data input pipeline: tfds examples -> resized, augmented, normalized numpy batches.
+
+Per example: decode, resize to `image_size` x `image_size` (bilinear with antialiasing for the image, like
+torchvision's Resize; nearest for the mask), then in training AutoAugment (CIFAR10 policy) and a random
+horizontal flip that move the mask with the image, then ImageNet mean/std normalization. Random draws are
+stateless, seeded by (seed, position in the stream): the same arguments give the same batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Iterator, Optional
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from gain_jax.data import autoaugment as aa
+from gain_jax.data import shapes, voc
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SHUFFLE_BUFFER = 1024
+OUTPUT_KEYS = ("image", "labels", "mask", "has_mask", "filename")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    class_names: tuple
+    image_size: int  # the pipeline's default size (the native one for gain_shapes)
+    splits: tuple
+
+
+_DATASETS = {
+    "gain_shapes": DatasetInfo("gain_shapes", len(shapes.CLASS_NAMES), shapes.CLASS_NAMES, shapes.IMAGE_SIZE,
+                               tuple(shapes.SPLIT_SIZES)),
+    "gain_voc2012": DatasetInfo("gain_voc2012", len(voc.CLASS_NAMES), voc.CLASS_NAMES, 224,
+                                tuple(voc.SPLIT_FILES)),
+    # tfds' own VOC 2012 (downloads; no masks): its features are mapped onto ours
+    "voc/2012": DatasetInfo("voc/2012", len(voc.CLASS_NAMES), voc.CLASS_NAMES, 224,
+                            ("train", "validation", "test")),
+}
+DATASET_NAMES = tuple(_DATASETS)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Classes and default image size of a data set `input_pipeline` knows."""
+    try:
+        return _DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown data set {name!r}; known: {DATASET_NAMES}") from None
+
+
+def _process_slot(process_index: Optional[int], process_count: Optional[int]) -> tuple:
+    """(index, count) of this process; by default JAX's, when the caller has imported JAX, else (0, 1)."""
+    if process_index is None and process_count is None:
+        jax = sys.modules.get("jax")  # never import JAX from the data package
+        if jax is None:
+            return 0, 1
+        return jax.process_index(), jax.process_count()
+    if process_index is None or process_count is None:
+        raise ValueError(f"give both process_index and process_count, got {process_index} and {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+    return int(process_index), int(process_count)
+
+
+def _common_features(name: str, num_classes: int):
+    """Map a data set's example onto image, labels, mask, has_mask, filename."""
+    if name != "voc/2012":
+        return lambda example: {key: example[key] for key in OUTPUT_KEYS}
+
+    def from_tfds_voc(example):
+        image = example["image"]
+        labels = tf.one_hot(example["labels"], num_classes, dtype=tf.float32)
+        return {
+            "image": image,
+            "labels": tf.minimum(tf.reduce_sum(labels, axis=0), 1.0),
+            "mask": tf.fill(tf.shape(image)[:2], tf.constant(voc.IGNORE_INDEX, tf.uint8)),
+            "has_mask": tf.constant(False),
+            "filename": example["image/filename"],
+        }
+    return from_tfds_voc
+
+
+def resize(image, mask, size: int):
+    """Image (bilinear, antialiased, rounded back to uint8) and mask (nearest) to size x size."""
+    if tuple(image.shape[:2]) == (size, size):
+        return image, mask
+    resized = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+    image = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    mask = tf.image.resize(mask[..., None], [size, size], method="nearest")[..., 0]
+    return image, mask
+
+
+def normalize(image):
+    """uint8 [..., 3] -> float32 normalized with ImageNet mean/std on [0, 1] pixels."""
+    pixels = tf.cast(image, tf.float32) / 255.0
+    return (pixels - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+
+
+def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image_size: Optional[int] = None,
+                 batch_size: int = 8, train: bool = True, seed: int = 0, autoaugment: bool = True,
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: Optional[bool] = None,
+                 num_epochs: Optional[int] = None, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None, prepare: bool = True) -> tf.data.Dataset:
+    """The batched tf.data.Dataset behind `input_pipeline` (same arguments)."""
+    info = dataset_info(name)
+    size = info.image_size if image_size is None else image_size
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if num_epochs is not None and num_epochs <= 0:
+        raise ValueError(f"num_epochs must be positive or None, got {num_epochs!r}")
+    if any(part.split("[")[0].strip() not in info.splits for part in split.split("+")):
+        raise ValueError(f"unknown split {split!r} of {name}; splits: {info.splits}")
+    drop_remainder = train if drop_remainder is None else drop_remainder
+    if num_epochs is None:
+        num_epochs = -1 if train else 1  # -1: repeat forever
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if prepare:
+        own_builder = name in ("gain_shapes", "gain_voc2012")
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, try_download_gcs=not own_builder))
+    index, count = _process_slot(process_index, process_count)
+    if count > 1:
+        split = tfds.split_for_jax_process(split, process_index=index, process_count=count)
+
+    dataset = builder.as_dataset(split=split, shuffle_files=train,
+                                 read_config=tfds.ReadConfig(shuffle_seed=seed))
+    dataset = dataset.map(_common_features(name, info.num_classes), num_parallel_calls=tf.data.AUTOTUNE)
+    if train:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.repeat(num_epochs).enumerate()
+
+    def prepare_example(position, example):
+        image, mask = resize(example["image"], example["mask"], size)
+        if train:
+            example_seed = tf.stack([tf.constant(seed, tf.int64), position])
+            image, mask = aa.augment(image, mask, example_seed, use_autoaugment=autoaugment)
+        return {**example, "image": normalize(image), "mask": mask}
+
+    dataset = dataset.map(prepare_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_size: Optional[int] = None,
+                   batch_size: int = 8, train: bool = True, seed: int = 0, autoaugment: bool = True,
+                   shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: Optional[bool] = None,
+                   num_epochs: Optional[int] = None, process_index: Optional[int] = None,
+                   process_count: Optional[int] = None) -> Iterator[dict]:
+    """Batches of numpy dicts from a tfds data set, prepared (built) first when needed.
+
+    name: "gain_shapes", "gain_voc2012" (from `manual_dir`) or "voc/2012" (tfds' download, no masks).
+    image_size: None = the data set's default (64 for gain_shapes, 224 for VOC).
+    train: shuffle (files and a `shuffle_buffer`), augment (AutoAugment if `autoaugment`, then a random
+      horizontal flip), repeat `num_epochs` times (None: forever; in eval once), drop the last partial
+      batch unless `drop_remainder` says otherwise.
+    process_index / process_count: this process's even share of the split (multi-host); by default JAX's
+      process index and count when JAX is imported, else the whole split. `batch_size` is per process.
+    Yields {"image": float32 [B,S,S,3] (ImageNet-normalized), "labels": float32 [B,C],
+            "mask": uint8 [B,S,S] (0 bg, class + 1, 255 ignore), "has_mask": bool [B], "filename": bytes [B]}.
+    """
+    dataset = make_dataset(name, split, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size,
+                           batch_size=batch_size, train=train, seed=seed, autoaugment=autoaugment,
+                           shuffle_buffer=shuffle_buffer, drop_remainder=drop_remainder, num_epochs=num_epochs,
+                           process_index=process_index, process_count=process_count)
+    return iter(tfds.as_numpy(dataset))

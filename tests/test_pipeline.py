@@ -1,0 +1,143 @@
+"""gd.input_pipeline on gain_shapes: shapes, dtypes, normalization, determinism, train vs eval, sharding."""
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import gain_jax.data as gd
+from gain_jax.data import shapes
+
+EXAMPLES_PER_SPLIT = 40
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """gain_shapes with the first EXAMPLES_PER_SPLIT examples per split; input_pipeline then reuses it."""
+    directory = str(tmp_path_factory.mktemp("tfds"))
+    builder = tfds.builder("gain_shapes", data_dir=directory)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False, max_examples_per_split=EXAMPLES_PER_SPLIT))
+    return directory
+
+
+def _raw(filename):
+    """The example as generated, from its filename "shapes_<split>_<index>"."""
+    split, index = filename.decode()[len("shapes_"):].rsplit("_", 1)
+    example = shapes.generate_example(split, int(index))
+    return shapes.decode_png(example["image"]), example["mask"], example["labels"]
+
+
+def _take(iterator, count):
+    return list(itertools.islice(iterator, count))
+
+
+def _assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_eval_batches_shapes_dtypes_and_normalization(data_dir):
+    batches = list(gd.input_pipeline("gain_shapes", "validation", data_dir=data_dir, batch_size=16, train=False))
+    # one pass, the last batch partial (drop_remainder defaults to train)
+    assert [len(b["filename"]) for b in batches] == [16, 16, 8]
+    batch = batches[0]
+    assert set(batch) == {"image", "labels", "mask", "has_mask", "filename"}
+    assert batch["image"].shape == (16, 64, 64, 3) and batch["image"].dtype == np.float32  # native size
+    assert batch["labels"].shape == (16, 6) and batch["labels"].dtype == np.float32
+    assert batch["mask"].shape == (16, 64, 64) and batch["mask"].dtype == np.uint8
+    assert batch["has_mask"].shape == (16,) and batch["has_mask"].dtype == bool and batch["has_mask"].all()
+    assert isinstance(batch["filename"][0], bytes)
+    mean, std = np.array(gd.IMAGENET_MEAN), np.array(gd.IMAGENET_STD)
+    for position, filename in enumerate(batch["filename"]):
+        image, mask, labels = _raw(filename)
+        np.testing.assert_allclose((image / 255.0 - mean) / std, batch["image"][position], atol=1e-5)
+        np.testing.assert_array_equal(batch["mask"][position], mask)  # eval: untouched
+        np.testing.assert_array_equal(batch["labels"][position], labels)
+    # eval order is the stored order, the same every time, covering the split once
+    again = list(gd.input_pipeline("gain_shapes", "validation", data_dir=data_dir, batch_size=16, train=False))
+    _assert_same_batches(batches, again)
+    names = [n for b in batches for n in b["filename"]]
+    assert len(set(names)) == EXAMPLES_PER_SPLIT
+
+
+def test_resize_to_image_size(data_dir):
+    batch = next(gd.input_pipeline("gain_shapes", "validation", data_dir=data_dir, image_size=32, batch_size=4,
+                                   train=False))
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["mask"].shape == (4, 32, 32)
+    for position, filename in enumerate(batch["filename"]):
+        _, mask, _ = _raw(filename)
+        # nearest neighbour at an exact factor of 2 (half-pixel centres): every other pixel from (1, 1)
+        np.testing.assert_array_equal(batch["mask"][position], mask[1::2, 1::2])
+
+
+def test_train_is_deterministic_for_a_seed(data_dir):
+    def run(seed):
+        return _take(gd.input_pipeline("gain_shapes", "train", data_dir=data_dir, batch_size=8, train=True,
+                                       seed=seed, shuffle_buffer=64), 7)
+    first, second, other = run(0), run(0), run(1)
+    _assert_same_batches(first, second)
+    assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+    assert [a["filename"].tolist() for a in first] != [b["filename"].tolist() for b in other]
+
+
+def test_train_shuffles_repeats_augments_and_drops_remainder(data_dir):
+    batches = _take(gd.input_pipeline("gain_shapes", "train", data_dir=data_dir, batch_size=16, train=True,
+                                      seed=3), 6)  # 96 examples from a 40-example split: it repeats
+    assert all(len(b["filename"]) == 16 for b in batches)
+    names = [n for b in batches for n in b["filename"]]
+    assert len(set(names)) == EXAMPLES_PER_SPLIT
+    assert names[:EXAMPLES_PER_SPLIT] != sorted(names[:EXAMPLES_PER_SPLIT])
+    changed = 0
+    for batch in batches[:2]:
+        for position, filename in enumerate(batch["filename"]):
+            image, mask, labels = _raw(filename)
+            np.testing.assert_array_equal(batch["labels"][position], labels)
+            augmented_mask = batch["mask"][position]
+            # geometric ops only move pixels, fill with 255 or flip: the classes present cannot be new
+            assert set(np.unique(augmented_mask).tolist()) <= set(np.unique(mask).tolist()) | {255}
+            normalized = (image / 255.0 - np.array(gd.IMAGENET_MEAN)) / np.array(gd.IMAGENET_STD)
+            changed += not np.allclose(batch["image"][position], normalized, atol=1e-5)
+    assert changed >= 16  # AutoAugment + flip leave few images untouched
+    plain = next(gd.input_pipeline("gain_shapes", "train", data_dir=data_dir, batch_size=16, train=True,
+                                   autoaugment=False, seed=3))
+    for position, filename in enumerate(plain["filename"]):  # flip only: the image or its mirror
+        image, mask, _ = _raw(filename)
+        normalized = (image / 255.0 - np.array(gd.IMAGENET_MEAN)) / np.array(gd.IMAGENET_STD)
+        flipped = np.array_equal(plain["mask"][position], mask[:, ::-1])
+        expected = normalized[:, ::-1] if flipped else normalized
+        np.testing.assert_allclose(plain["image"][position], expected, atol=1e-5)
+        np.testing.assert_array_equal(plain["mask"][position], mask[:, ::-1] if flipped else mask)
+
+
+def test_num_epochs_and_drop_remainder(data_dir):
+    batches = list(gd.input_pipeline("gain_shapes", "test_unbiased", data_dir=data_dir, batch_size=16,
+                                     train=True, num_epochs=2, autoaugment=False))
+    assert [len(b["filename"]) for b in batches] == [16] * 5  # 80 examples, drop_remainder
+    batches = list(gd.input_pipeline("gain_shapes", "test_unbiased", data_dir=data_dir, batch_size=16,
+                                     train=False, num_epochs=2, drop_remainder=True))
+    assert [len(b["filename"]) for b in batches] == [16] * 5
+
+
+def test_process_shards_are_disjoint_and_cover_the_split(data_dir):
+    shards = [[n for b in gd.input_pipeline("gain_shapes", "validation", data_dir=data_dir, batch_size=8,
+                                            train=False, process_index=i, process_count=3) for n in b["filename"]]
+              for i in range(3)]
+    assert [len(s) for s in shards] == [14, 13, 13]
+    assert len(set().union(*shards)) == EXAMPLES_PER_SPLIT
+
+
+def test_bad_arguments(data_dir):
+    with pytest.raises(ValueError, match="unknown data set 'imagenet'"):
+        gd.input_pipeline("imagenet", "train", data_dir=data_dir)
+    with pytest.raises(ValueError, match="unknown split 'test' of gain_shapes"):
+        gd.input_pipeline("gain_shapes", "test", data_dir=data_dir)
+    with pytest.raises(ValueError, match="image_size must be a positive int"):
+        gd.input_pipeline("gain_shapes", "train", data_dir=data_dir, image_size=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        gd.input_pipeline("gain_shapes", "train", data_dir=data_dir, batch_size=0)
+    with pytest.raises(ValueError, match="process_index 3 not in"):
+        gd.input_pipeline("gain_shapes", "train", data_dir=data_dir, process_index=3, process_count=3)
