@@ -6,12 +6,8 @@ from gain_jax.attention import (apply_mask, cam_from_gradients, gradcam, head_gr
                                 resize_align_corners, soft_mask)
 from gain_jax.gain import (GainConfig, GainOutput, check_max_labels, extra_supervision_loss, gain_forward,
                            gain_losses, slot_labels_from_multihot)
+from gain_jax.convert import from_torchvision
 from gain_jax.models import build_model
 from gain_jax.training import TrainState, class_cams, create_train_state, make_eval_step, make_train_step
-
-try:  # TODO(lead): plain import once gain_jax/convert.py lands
-    from gain_jax.convert import from_torchvision
-except ImportError:
-    pass
 
 __version__ = "0.1.0"

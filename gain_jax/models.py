@@ -1,0 +1,397 @@
+"""Flax backbones with torchvision's exact layouts: VGG16/19, ResNet18/50 and a small CNN.
+
+Every model is a `flax.linen` module built with `setup()`, so that its three entry points are all
+reachable through `model.apply(..., method=...)`:
+
+    feats  = model.apply(variables, images, train=False, method="features")  # Grad-CAM layer
+    logits = model.apply(variables, feats, train=False, method="head")
+    logits = model.apply(variables, images, train=False)                     # head(features(x))
+
+Images are NHWC. Keyword arguments of all three entry points:
+
+    train      dropout active (needs rngs={"dropout": key} when dropout_rate > 0) and BatchNorm
+               normalizes with batch statistics and updates "batch_stats" (pass mutable=["batch_stats"]).
+    freeze_bn  BatchNorm uses its running statistics, does not update them and passes no gradient to
+               its scale/bias, whatever `train` says; dropout still follows `train`. This is the
+               attention-mining stream of GAIN (upstream's FreezedBnModel).
+
+Numerics follow torch so that `gain_jax.convert.from_torchvision` reproduces torchvision's logits:
+explicit symmetric padding, floor-mode pools, ResNet's 3x3/s2/p1 max-pool padded with -inf,
+torch's AdaptiveAvgPool2d bins, and a BatchNorm with torch's running-statistics update. The compute
+dtype follows the params and inputs (float64 end to end when both are float64 under jax_enable_x64).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+
+__all__ = [
+    "MODEL_NAMES",
+    "BatchNorm",
+    "VGG",
+    "ResNet",
+    "BasicBlock",
+    "Bottleneck",
+    "SmallCNN",
+    "adaptive_avg_pool",
+    "build_model",
+    "torch_linear_init",
+    "VGG_CFGS",
+    "SMALL_CNN_WIDTHS",
+]
+
+# torchvision's VGG configurations: an int is a 3x3 conv (padding 1) + ReLU, "M" a 2x2/s2 max-pool.
+VGG_CFGS = {
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+              512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
+}
+# (block kind, blocks per stage) as in torchvision.models.resnet18 / resnet50.
+RESNET_CFGS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+}
+# Must equal gain_torch_ref.small_cnn.WIDTHS (a test checks it; the core may not import torch).
+SMALL_CNN_WIDTHS = (16, 32, 64, 128)
+MODEL_NAMES = tuple(VGG_CFGS) + tuple(RESNET_CFGS) + ("small_cnn",)
+
+VGG_POOL_SIZE = 7  # torchvision's AdaptiveAvgPool2d((7, 7)) in front of the classifier
+
+
+# ----------------------------------------------------------------------------------------------
+# initializers (torch's defaults, so that training from scratch starts like torchvision)
+
+def torch_linear_init(fan_in: int) -> Callable:
+    """torch's default nn.Linear / nn.Conv2d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), weight and bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+# torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu"): an untruncated normal.
+_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# ----------------------------------------------------------------------------------------------
+# layers
+
+class BatchNorm(nn.Module):
+    """BatchNorm2d with torch's semantics over the channel (last) axis.
+
+    Train mode normalizes with the biased batch variance and updates the running statistics with
+    torch's momentum convention, using the unbiased variance (n / (n - 1), n = B*H*W):
+    running = (1 - momentum) * running + momentum * batch.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, use_running_average: bool, freeze_params: bool = False):
+        num_features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (num_features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (num_features,), self.param_dtype)
+        running_mean = self.variable(
+            "batch_stats", "mean", lambda: jnp.zeros((num_features,), self.param_dtype))
+        running_var = self.variable(
+            "batch_stats", "var", lambda: jnp.ones((num_features,), self.param_dtype))
+        if freeze_params:
+            scale, bias = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(bias)
+
+        if use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            reduce_axes = tuple(range(x.ndim - 1))
+            count = math.prod(x.shape[:-1])
+            if count < 2:
+                raise ValueError(
+                    f"BatchNorm in train mode needs more than 1 value per channel, got input shape "
+                    f"{x.shape} (as torch: use a larger batch or image, or train=False)")
+            mean = jnp.mean(x, axis=reduce_axes)
+            var = jnp.mean(jnp.square(x - mean), axis=reduce_axes)  # biased, for normalization
+            if not self.is_initializing():
+                unbiased_var = var * (count / (count - 1))
+                keep = 1.0 - self.momentum
+                # cast back to the stored dtype so the state keeps its dtype across steps
+                running_mean.value = (keep * running_mean.value + self.momentum * mean).astype(
+                    running_mean.value.dtype)
+                running_var.value = (keep * running_var.value + self.momentum * unbiased_var).astype(
+                    running_var.value.dtype)
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def _conv(features, kernel_size, *, strides=1, padding=0, use_bias=True, kernel_init, bias_init=None,
+          param_dtype):
+    """A torch-style Conv2d: symmetric explicit padding (never "SAME")."""
+    kwargs = {} if bias_init is None else {"bias_init": bias_init}
+    return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+                   padding=((padding, padding), (padding, padding)), use_bias=use_bias,
+                   kernel_init=kernel_init, param_dtype=param_dtype, **kwargs)
+
+
+def _max_pool_2x2(x):
+    """torch MaxPool2d(2): floor mode, i.e. a trailing odd row/column is dropped."""
+    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] averaging matrix of torch's AdaptiveAvgPool: bin i = [floor(i*in/out), ceil((i+1)*in/out))."""
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_avg_pool(x, output_size: tuple[int, int]):
+    """torch's AdaptiveAvgPool2d on NHWC for any input size (smaller than, or not a multiple of, the output)."""
+    rows = jnp.asarray(_adaptive_pool_matrix(x.shape[1], output_size[0]), dtype=x.dtype)
+    cols = jnp.asarray(_adaptive_pool_matrix(x.shape[2], output_size[1]), dtype=x.dtype)
+    return jnp.einsum("ih,jw,bhwc->bijc", rows, cols, x)
+
+
+def _global_avg_pool(x):
+    return jnp.mean(x, axis=(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# VGG
+
+class VGG(nn.Module):
+    """torchvision's VGG without BatchNorm (cfg D = vgg16, E = vgg19).
+
+    Params: conv_0..conv_{n-1} (the 3x3 convs in order), fc_0, fc_1, fc_2 (the classifier Linears).
+    fc_0's kernel rows are ordered as the NHWC flatten (7, 7, C) of the pooled map.
+    """
+
+    cfg: Sequence[int | str]
+    num_classes: int
+    dropout_rate: float = 0.5
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        widths = [v for v in self.cfg if v != "M"]
+        self.conv = [
+            _conv(w, 3, padding=1, kernel_init=_kaiming_fan_out, bias_init=nn.initializers.zeros,
+                  param_dtype=self.param_dtype)
+            for w in widths
+        ]
+        linear_init = nn.initializers.normal(0.01)  # torchvision: N(0, 0.01), bias 0
+        self.fc = [
+            nn.Dense(4096, kernel_init=linear_init, param_dtype=self.param_dtype),
+            nn.Dense(4096, kernel_init=linear_init, param_dtype=self.param_dtype),
+            nn.Dense(self.num_classes, kernel_init=linear_init, param_dtype=self.param_dtype),
+        ]
+        self.dropout = nn.Dropout(self.dropout_rate)
+
+    def features(self, x, *, train: bool = False, freeze_bn: bool = False):
+        del train, freeze_bn  # no dropout nor BatchNorm in the conv stack
+        conv_index = 0
+        for v in self.cfg:
+            if v == "M":
+                x = _max_pool_2x2(x)
+            else:
+                x = nn.relu(self.conv[conv_index](x))
+                conv_index += 1
+        return x
+
+    def head(self, feats, *, train: bool = False, freeze_bn: bool = False):
+        del freeze_bn
+        x = adaptive_avg_pool(feats, (VGG_POOL_SIZE, VGG_POOL_SIZE))
+        x = x.reshape(x.shape[0], -1)
+        x = self.dropout(nn.relu(self.fc[0](x)), deterministic=not train)
+        x = self.dropout(nn.relu(self.fc[1](x)), deterministic=not train)
+        return self.fc[2](x)
+
+    def __call__(self, x, *, train: bool = False, freeze_bn: bool = False):
+        return self.head(self.features(x, train=train, freeze_bn=freeze_bn), train=train, freeze_bn=freeze_bn)
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: 3x3 (stride) - BN - ReLU - 3x3 - BN, + identity or 1x1 projection."""
+
+    planes: int
+    strides: int = 1
+    downsample: bool = False
+    param_dtype: Dtype = jnp.float32
+
+    expansion = 1
+
+    def setup(self):
+        conv = dict(use_bias=False, kernel_init=_kaiming_fan_out, param_dtype=self.param_dtype)
+        self.conv1 = _conv(self.planes, 3, strides=self.strides, padding=1, **conv)
+        self.bn1 = BatchNorm(param_dtype=self.param_dtype)
+        self.conv2 = _conv(self.planes, 3, padding=1, **conv)
+        self.bn2 = BatchNorm(param_dtype=self.param_dtype)
+        if self.downsample:
+            self.downsample_conv = _conv(self.planes * self.expansion, 1, strides=self.strides, **conv)
+            self.downsample_bn = BatchNorm(param_dtype=self.param_dtype)
+
+    def __call__(self, x, *, use_running_average: bool, freeze_params: bool):
+        bn = dict(use_running_average=use_running_average, freeze_params=freeze_params)
+        out = nn.relu(self.bn1(self.conv1(x), **bn))
+        out = self.bn2(self.conv2(out), **bn)
+        identity = self.downsample_bn(self.downsample_conv(x), **bn) if self.downsample else x
+        return nn.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck ("v1.5": the stride sits on the 3x3 conv): 1x1 - 3x3 (stride) - 1x1 (x4)."""
+
+    planes: int
+    strides: int = 1
+    downsample: bool = False
+    param_dtype: Dtype = jnp.float32
+
+    expansion = 4
+
+    def setup(self):
+        conv = dict(use_bias=False, kernel_init=_kaiming_fan_out, param_dtype=self.param_dtype)
+        self.conv1 = _conv(self.planes, 1, **conv)
+        self.bn1 = BatchNorm(param_dtype=self.param_dtype)
+        self.conv2 = _conv(self.planes, 3, strides=self.strides, padding=1, **conv)
+        self.bn2 = BatchNorm(param_dtype=self.param_dtype)
+        self.conv3 = _conv(self.planes * self.expansion, 1, **conv)
+        self.bn3 = BatchNorm(param_dtype=self.param_dtype)
+        if self.downsample:
+            self.downsample_conv = _conv(self.planes * self.expansion, 1, strides=self.strides, **conv)
+            self.downsample_bn = BatchNorm(param_dtype=self.param_dtype)
+
+    def __call__(self, x, *, use_running_average: bool, freeze_params: bool):
+        bn = dict(use_running_average=use_running_average, freeze_params=freeze_params)
+        out = nn.relu(self.bn1(self.conv1(x), **bn))
+        out = nn.relu(self.bn2(self.conv2(out), **bn))
+        out = self.bn3(self.conv3(out), **bn)
+        identity = self.downsample_bn(self.downsample_conv(x), **bn) if self.downsample else x
+        return nn.relu(out + identity)
+
+
+_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet. Params: conv1, bn1, layer{1..4}_{block}, fc; the Grad-CAM layer is layer4."""
+
+    block: str  # "basic" | "bottleneck"
+    stage_sizes: Sequence[int]
+    num_classes: int
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        block_cls = _BLOCKS[self.block]
+        self.conv1 = _conv(64, 7, strides=2, padding=3, use_bias=False, kernel_init=_kaiming_fan_out,
+                           param_dtype=self.param_dtype)
+        self.bn1 = BatchNorm(param_dtype=self.param_dtype)
+        in_channels = 64
+        stages = []
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            planes = 64 * 2 ** stage
+            blocks = []
+            for index in range(num_blocks):
+                strides = 2 if (stage > 0 and index == 0) else 1
+                downsample = strides != 1 or in_channels != planes * block_cls.expansion
+                blocks.append(block_cls(planes, strides, downsample, param_dtype=self.param_dtype))
+                in_channels = planes * block_cls.expansion
+            stages.append(blocks)
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Dense(self.num_classes, kernel_init=torch_linear_init(in_channels),
+                           bias_init=torch_linear_init(in_channels), param_dtype=self.param_dtype)
+
+    def features(self, x, *, train: bool = False, freeze_bn: bool = False):
+        bn = dict(use_running_average=(not train) or freeze_bn, freeze_params=freeze_bn)
+        x = nn.relu(self.bn1(self.conv1(x), **bn))
+        # torch's MaxPool2d(3, 2, padding=1): reduce_window pads with the init value, -inf
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = block(x, **bn)
+        return x
+
+    def head(self, feats, *, train: bool = False, freeze_bn: bool = False):
+        del train, freeze_bn  # no dropout in torchvision's ResNet head
+        return self.fc(_global_avg_pool(feats))
+
+    def __call__(self, x, *, train: bool = False, freeze_bn: bool = False):
+        return self.head(self.features(x, train=train, freeze_bn=freeze_bn), train=train, freeze_bn=freeze_bn)
+
+
+# ----------------------------------------------------------------------------------------------
+# SmallCNN (the twin of gain_torch_ref/small_cnn.py)
+
+class SmallCNN(nn.Module):
+    """4 x [3x3 conv (padding 1, bias) - BN - ReLU], a 2x2 max-pool after each but the last;
+    head: global average pool, dropout, Dense. Params: conv_0..3, bn_0..3, fc."""
+
+    num_classes: int
+    dropout_rate: float = 0.5
+    widths: Sequence[int] = SMALL_CNN_WIDTHS
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        fan_ins = [3 * 9] + [w * 9 for w in self.widths[:-1]]
+        self.conv = [
+            _conv(w, 3, padding=1, kernel_init=torch_linear_init(fan_in), bias_init=torch_linear_init(fan_in),
+                  param_dtype=self.param_dtype)
+            for w, fan_in in zip(self.widths, fan_ins)
+        ]
+        self.bn = [BatchNorm(param_dtype=self.param_dtype) for _ in self.widths]
+        self.dropout = nn.Dropout(self.dropout_rate)
+        fan_in = self.widths[-1]
+        self.fc = nn.Dense(self.num_classes, kernel_init=torch_linear_init(fan_in),
+                           bias_init=torch_linear_init(fan_in), param_dtype=self.param_dtype)
+
+    def features(self, x, *, train: bool = False, freeze_bn: bool = False):
+        bn = dict(use_running_average=(not train) or freeze_bn, freeze_params=freeze_bn)
+        last = len(self.widths) - 1
+        for index, (conv, norm) in enumerate(zip(self.conv, self.bn)):
+            x = nn.relu(norm(conv(x), **bn))
+            if index < last:
+                x = _max_pool_2x2(x)
+        return x
+
+    def head(self, feats, *, train: bool = False, freeze_bn: bool = False):
+        del freeze_bn
+        return self.fc(self.dropout(_global_avg_pool(feats), deterministic=not train))
+
+    def __call__(self, x, *, train: bool = False, freeze_bn: bool = False):
+        return self.head(self.features(x, train=train, freeze_bn=freeze_bn), train=train, freeze_bn=freeze_bn)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def build_model(name: str, num_classes: int, dropout_rate: float = 0.5, *,
+                param_dtype: Dtype = jnp.float32) -> nn.Module:
+    """The backbone `name` ("vgg16", "vgg19", "resnet18", "resnet50", "small_cnn") with a `num_classes` head.
+
+    `dropout_rate` applies where torchvision has dropout (VGG's classifier, small_cnn's head); ResNet
+    has none. `param_dtype` is the dtype `model.init` creates params in (float64 needs jax_enable_x64);
+    the compute dtype follows the params and inputs.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(MODEL_NAMES)}")
+    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+    num_classes = int(num_classes)
+    if name in VGG_CFGS:
+        return VGG(VGG_CFGS[name], num_classes, dropout_rate, param_dtype=param_dtype)
+    if name in RESNET_CFGS:
+        block, stage_sizes = RESNET_CFGS[name]
+        return ResNet(block, stage_sizes, num_classes, param_dtype=param_dtype)
+    return SmallCNN(num_classes, dropout_rate, param_dtype=param_dtype)

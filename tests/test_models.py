@@ -1,0 +1,270 @@
+"""Backbones of gain_jax.models: shapes, dtypes, jit, BatchNorm semantics, freeze_bn. No torch here
+(torch parity lives in tests/test_convert.py)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gain_jax.models import MODEL_NAMES, BatchNorm, build_model
+
+NUM_CLASSES = 5
+# (height, width) of the input and the expected Grad-CAM layer (h, w, channels) per backbone
+CASES = {
+    "small_cnn": ((64, 48), (8, 6, 128)),
+    "resnet18": ((64, 48), (2, 2, 512)),
+    "resnet50": ((32, 32), (1, 1, 2048)),
+    "vgg16": ((32, 32), (1, 1, 512)),
+    "vgg19": ((64, 48), (2, 1, 512)),
+}
+HAS_BN = {"small_cnn", "resnet18", "resnet50"}
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _variables(model, images, name, seed=0):
+    """Random variables with exactly init's structure, shapes and dtypes, drawn with numpy.
+
+    `model.init` compiles one threefry kernel per distinct shape (~2 s each on a loaded 2-core CPU,
+    ~30 s for resnet18), so the tests init for real only once (test_init_structure). Kernels are
+    scaled by 1/sqrt(fan_in) so activations stay O(1); VGG's 120M classifier weights are sparse-ish
+    constants to keep the draw cheap."""
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        leaf_name = path[-1].key
+        if leaf_name == "var":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        if leaf.size > 10_000_000:
+            return jnp.full(leaf.shape, 1e-3, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 4
+        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _images(shape, dtype, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
+
+
+def test_all_names_are_known():
+    assert set(MODEL_NAMES) == set(CASES)
+
+
+def test_unknown_name_lists_the_known_names():
+    with pytest.raises(ValueError, match="vgg17.*vgg16, vgg19, resnet18, resnet50, small_cnn"):
+        build_model("vgg17", NUM_CLASSES)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_bad_num_classes(bad):
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("small_cnn", bad)
+
+
+def _max_relative_difference(actual, expected):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    return np.abs(actual - expected).max() / np.abs(expected).max()
+
+
+def _check_backbone(name, dtype, execute):
+    """Shapes and dtypes of features, head and logits, in eval and train mode, under jax.jit.
+
+    execute=False traces the jitted functions with jax.eval_shape (exact shapes and dtypes, no XLA
+    compile); the numerics of every backbone are executed under jit in tests/test_convert.py."""
+    (height, width), feats_shape = CASES[name]
+    model = build_model(name, NUM_CLASSES, param_dtype=dtype)
+    images = _images((2, height, width, 3), dtype)
+    if execute:
+        variables = _variables(model, images, name)
+    else:  # abstract values suffice for eval_shape
+        variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    assert set(variables) == ({"params", "batch_stats"} if name in HAS_BN else {"params"})
+    for leaf in jax.tree_util.tree_leaves(variables):
+        assert leaf.dtype == dtype
+
+    @jax.jit
+    def evaluate(variables, images):
+        feats = model.apply(variables, images, train=False, method="features")
+        return feats, model.apply(variables, feats, train=False, method="head"), model.apply(variables, images)
+
+    @jax.jit
+    def train_forward(variables, images, key):
+        kwargs = {"rngs": {"dropout": key}, "mutable": ["batch_stats"]}
+        return (model.apply(variables, images, train=True, **kwargs),
+                model.apply(variables, images, train=True, freeze_bn=True, **kwargs))
+
+    run = (lambda f, *args: f(*args)) if execute else jax.eval_shape
+    feats, logits_from_head, logits = run(evaluate, variables, images)
+    assert feats.shape == (2, *feats_shape) and feats.dtype == dtype
+    assert logits.shape == (2, NUM_CLASSES) and logits.dtype == dtype
+    assert logits_from_head.shape == logits.shape and logits_from_head.dtype == dtype
+    if execute:
+        assert _max_relative_difference(logits_from_head, logits) < 1e-6  # __call__ = head(features(x))
+
+    for train_logits, state in run(train_forward, variables, images, jax.random.PRNGKey(1)):
+        assert train_logits.shape == (2, NUM_CLASSES) and train_logits.dtype == dtype
+        assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(
+            {"batch_stats": variables["batch_stats"]} if name in HAS_BN else {})
+        for leaf in jax.tree_util.tree_leaves(state):
+            assert leaf.dtype == dtype
+    return model, variables, images, feats, logits
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_backbone_shapes_and_dtypes(name, x64):
+    for dtype in (jnp.float32, jnp.float64):
+        _check_backbone(name, dtype, execute=False)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+def test_backbone_jit_executes_and_matches_eager(name):
+    model, variables, images, jit_feats, jit_logits = _check_backbone(name, jnp.float32, execute=True)
+    eager_feats = model.apply(variables, images, method="features")
+    assert _max_relative_difference(jit_feats, eager_feats) < 1e-5
+    assert _max_relative_difference(jit_logits, model.apply(variables, images)) < 1e-5
+
+
+def test_backbone_float64_executes(x64):
+    _check_backbone("small_cnn", jnp.float64, execute=True)
+
+
+def test_float64_params_compute_in_float64_end_to_end(x64):
+    """No hidden float32 cast: a perturbation below float32's resolution must reach the logits."""
+    model = build_model("resnet18", NUM_CLASSES, param_dtype=jnp.float64)
+    images = _images((2, 32, 32, 3), jnp.float64)
+    variables = _variables(model, images, "resnet18")
+    apply = jax.jit(model.apply)
+    difference = np.abs(np.asarray(apply(variables, images + 1e-12) - apply(variables, images))).max()
+    assert 0 < difference < 1e-9
+
+
+def test_init_structure():
+    """The real init: float32 by default, torch's BN init, and the structure the tests' variables mimic."""
+    model = build_model("small_cnn", NUM_CLASSES)
+    images = jnp.zeros((1, 16, 16, 3))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(shapes)
+    assert sorted(variables["params"]) == ["bn_0", "bn_1", "bn_2", "bn_3", "conv_0", "conv_1", "conv_2",
+                                           "conv_3", "fc"]
+    np.testing.assert_array_equal(variables["params"]["bn_1"]["scale"], np.ones(32))
+    np.testing.assert_array_equal(variables["params"]["bn_1"]["bias"], np.zeros(32))
+    np.testing.assert_array_equal(variables["batch_stats"]["bn_1"]["mean"], np.zeros(32))
+    np.testing.assert_array_equal(variables["batch_stats"]["bn_1"]["var"], np.ones(32))
+    # torch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 16 * 3 * 3
+    kernel = np.asarray(variables["params"]["conv_1"]["kernel"])
+    assert kernel.shape == (3, 3, 16, 32) and np.abs(kernel).max() <= 1 / 12
+    assert np.abs(kernel).max() > 0.8 / 12
+
+
+def test_batchnorm_train_mode_formula(x64):
+    """Train mode normalizes with the biased batch variance and updates running stats with torch's
+    momentum 0.1 and the unbiased variance; eval mode uses the running stats."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.5, 2.0, size=(3, 4, 5, 6))
+    scale, bias = rng.uniform(0.5, 1.5, 6), rng.uniform(-1, 1, 6)
+    mean0, var0 = rng.uniform(-1, 1, 6), rng.uniform(0.5, 2, 6)
+    variables = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
+                 "batch_stats": {"mean": jnp.asarray(mean0), "var": jnp.asarray(var0)}}
+    norm = BatchNorm()
+
+    y, state = norm.apply(variables, jnp.asarray(x), use_running_average=False, mutable=["batch_stats"])
+    flat = x.reshape(-1, 6)
+    expected = (x - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5) * scale + bias
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(state["batch_stats"]["mean"], 0.9 * mean0 + 0.1 * flat.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(state["batch_stats"]["var"], 0.9 * var0 + 0.1 * flat.var(0, ddof=1), rtol=1e-13)
+    assert state["batch_stats"]["var"].dtype == jnp.float64
+
+    y_eval = norm.apply(variables, jnp.asarray(x), use_running_average=True)
+    np.testing.assert_allclose(y_eval, (x - mean0) / np.sqrt(var0 + 1e-5) * scale + bias, rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_train_mode_rejects_one_value_per_channel():
+    model = build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
+    images = jnp.zeros((1, 8, 8, 3))  # the last conv sees 1x1 with batch 1
+    variables = _variables(model, images, "small_cnn")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model.apply(variables, images, train=True, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+def test_freeze_bn_uses_running_stats_and_keeps_them(name):
+    model = build_model(name, NUM_CLASSES, dropout_rate=0.5)
+    images = _images((2, 32, 32, 3), jnp.float32)
+    variables = _variables(model, images, name)
+
+    @functools.partial(jax.jit, static_argnames=("train", "freeze_bn"))
+    def features(variables, train, freeze_bn):
+        return model.apply(variables, images, train=train, freeze_bn=freeze_bn, method="features",
+                           mutable=["batch_stats"])
+
+    eval_feats, _ = features(variables, train=False, freeze_bn=False)
+    frozen_feats, frozen_state = features(variables, train=True, freeze_bn=True)
+    np.testing.assert_array_equal(frozen_feats, eval_feats)
+    for new, old in zip(jax.tree_util.tree_leaves(frozen_state), jax.tree_util.tree_leaves(variables["batch_stats"])):
+        np.testing.assert_array_equal(new, old)
+
+    # without freeze_bn the same call uses batch statistics and moves the running stats
+    train_feats, train_state = features(variables, train=True, freeze_bn=False)
+    assert _max_relative_difference(train_feats, eval_feats) > 1e-2
+    assert min(np.abs(np.asarray(new - old)).max() for new, old in zip(
+        jax.tree_util.tree_leaves(train_state), jax.tree_util.tree_leaves(variables["batch_stats"]))) > 1e-4
+
+
+def test_freeze_bn_keeps_dropout_active():
+    model = build_model("small_cnn", NUM_CLASSES, dropout_rate=0.5)
+    images = _images((2, 32, 32, 3), jnp.float32)
+    variables = _variables(model, images, "small_cnn")
+
+    @functools.partial(jax.jit, static_argnames=("train",))
+    def logits(key, train):
+        return model.apply(variables, images, train=train, freeze_bn=True, rngs={"dropout": key},
+                           mutable=["batch_stats"])[0]
+
+    eval_logits = logits(jax.random.PRNGKey(0), train=False)
+    first, second = logits(jax.random.PRNGKey(1), train=True), logits(jax.random.PRNGKey(2), train=True)
+    assert _max_relative_difference(first, eval_logits) > 1e-2
+    assert _max_relative_difference(first, second) > 1e-2
+    # train=False with freeze_bn is plain eval
+    np.testing.assert_allclose(eval_logits, model.apply(variables, images), rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_bn_passes_no_gradient_to_bn_scale_and_bias():
+    """Upstream's FreezedBnModel sets requires_grad=False on BN weight/bias for the attention-mining pass."""
+    model = build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
+    images = _images((2, 16, 16, 3), jnp.float32)
+    variables = _variables(model, images, "small_cnn")
+
+    @functools.partial(jax.jit, static_argnames=("freeze_bn",))
+    @functools.partial(jax.grad)
+    def grads(params, freeze_bn):
+        logits, _ = model.apply({**variables, "params": params}, images, train=True, freeze_bn=freeze_bn,
+                                mutable=["batch_stats"])
+        return jnp.sum(logits ** 2)
+
+    frozen_grads = grads(variables["params"], freeze_bn=True)
+    train_grads = grads(variables["params"], freeze_bn=False)
+    for index in range(4):
+        for leaf in ("scale", "bias"):
+            assert np.all(np.asarray(frozen_grads[f"bn_{index}"][leaf]) == 0)
+            assert np.abs(np.asarray(train_grads[f"bn_{index}"][leaf])).max() > 0
+        assert np.abs(np.asarray(frozen_grads[f"conv_{index}"]["kernel"])).max() > 0
+
+
+def test_frozen_train_mode_needs_no_mutable_state_and_no_rng_without_dropout():
+    """The attention-mining call: train=True, freeze_bn=True writes nothing, so no mutable=...; with
+    dropout_rate=0 it needs no dropout rng either, and equals eval mode."""
+    model = build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
+    images = _images((2, 16, 16, 3), jnp.float32)
+    variables = _variables(model, images, "small_cnn")
+    frozen = model.apply(variables, images, train=True, freeze_bn=True)
+    np.testing.assert_allclose(frozen, model.apply(variables, images), rtol=1e-6, atol=1e-7)
