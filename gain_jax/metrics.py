@@ -1,0 +1,147 @@
+"""Evaluation metrics: classification (AP, mAP, top-k accuracy) and CAM localization (mIoU, pointing game).
+
+Pure numpy on host arrays: the training loop fetches logits and class maps once per batch and
+accumulates counts here, so nothing in this module is traced or compiled.
+
+Conventions: `scores` and `targets` are `[N, C]` (targets multi-hot, any dtype, > 0 = positive);
+`class_cams` are `[B, C, H, W]` maps in [0, 1] (min-max normalized Grad-CAM of every class);
+`gt_masks` are `[B, H, W]` with VOC's encoding: 0 background, class index + 1, 255 ignored.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_LABEL = 255
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """VOC 2010+ average precision of one class: area under the precision-recall curve of the
+    ranking by `scores`, with precision made monotonically non-increasing (the VOC envelope).
+
+    Ties keep the input order (stable sort), so the result does not depend on the sort algorithm.
+    Returns nan when there is no positive (AP is undefined; `mean_average_precision` skips it).
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positives = np.asarray(targets).reshape(-1) > 0
+    num_positives = int(positives.sum())
+    if num_positives == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    hits = positives[order].astype(np.float64)
+    true_positives = np.cumsum(hits)
+    precision = true_positives / np.arange(1, len(hits) + 1)
+    recall = true_positives / num_positives
+    # Envelope: the best precision reachable at this recall or any higher one.
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    recall_steps = np.diff(np.concatenate([[0.0], recall]))
+    return float(np.sum(recall_steps * envelope))
+
+
+def average_precision_per_class(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """`[C]` APs; nan for classes with no positive example."""
+    scores = np.asarray(scores)
+    targets = np.asarray(targets)
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape} must both be [N, C]")
+    return np.array([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])])
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean of the per-class APs over the classes that have at least one positive (nan if none do)."""
+    aps = average_precision_per_class(scores, targets)
+    valid = ~np.isnan(aps)
+    return float(aps[valid].mean()) if valid.any() else float("nan")
+
+
+def topk_hits(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Upstream's multi-label accuracy, per image: an image with n labels takes its top-n scored
+    classes; the fraction of them that are labels (|top-n ∩ labels| / n). nan for images without labels.
+
+    (Upstream compares the top-n list position by position with the sorted labels, which misses hits
+    ranked out of class order; this counts the set intersection, the quantity it means to measure.)
+    """
+    scores = np.asarray(scores)
+    positives = np.asarray(targets) > 0
+    num_labels = positives.sum(axis=1)
+    ranks = np.argsort(-scores, axis=1, kind="stable")
+    out = np.full(scores.shape[0], np.nan)
+    for i, n in enumerate(num_labels):
+        if n > 0:
+            out[i] = positives[i, ranks[i, :n]].sum() / n
+    return out
+
+
+def topk_accuracy(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean of `topk_hits` over the images that have at least one label."""
+    hits = topk_hits(scores, targets)
+    valid = ~np.isnan(hits)
+    return float(hits[valid].mean()) if valid.any() else float("nan")
+
+
+def cam_segmentation(class_cams: np.ndarray, targets: np.ndarray, threshold: float) -> np.ndarray:
+    """Segmentation from class maps, `[B, H, W]` int in VOC encoding (0 background, class + 1).
+
+    Each pixel takes the ground-truth class whose map is largest there; it is background where that
+    largest value is below `threshold` (and everywhere in an image without labels).
+    """
+    class_cams = np.asarray(class_cams, dtype=np.float32)
+    positives = np.asarray(targets) > 0
+    # Non-label classes can never win: push their maps below any threshold.
+    candidate = np.where(positives[:, :, None, None], class_cams, -np.inf)
+    best_class = candidate.argmax(axis=1)
+    best_value = candidate.max(axis=1)
+    return np.where(best_value >= threshold, best_class + 1, 0).astype(np.int32)
+
+
+def iou_counts(predicted: np.ndarray, gt_masks: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class intersection and union pixel counts, `[num_classes + 1]` each (index 0 = background),
+    over the pixels whose ground truth is not `IGNORE_LABEL`. Sum them over a split, then `mean_iou`."""
+    predicted = np.asarray(predicted).reshape(-1).astype(np.int64)
+    gt = np.asarray(gt_masks).reshape(-1).astype(np.int64)
+    keep = gt != IGNORE_LABEL
+    predicted, gt = predicted[keep], gt[keep]
+    if gt.size and gt.max() > num_classes:
+        raise ValueError(f"mask value {gt.max()} is not a class (num_classes={num_classes}, ignore={IGNORE_LABEL})")
+    size = num_classes + 1
+    confusion = np.bincount(gt * size + predicted, minlength=size * size).reshape(size, size)
+    intersection = np.diag(confusion)
+    union = confusion.sum(axis=0) + confusion.sum(axis=1) - intersection
+    return intersection, union
+
+
+def per_class_iou(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """IoU per class (background first); nan where the class appears in neither prediction nor truth."""
+    intersection = np.asarray(intersection, dtype=np.float64)
+    union = np.asarray(union, dtype=np.float64)
+    return np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
+
+
+def mean_iou(intersection: np.ndarray, union: np.ndarray) -> float:
+    """Mean IoU over background and the classes that appear (union > 0)."""
+    ious = per_class_iou(intersection, union)
+    valid = ~np.isnan(ious)
+    return float(ious[valid].mean()) if valid.any() else float("nan")
+
+
+def pointing_game(class_cams: np.ndarray, targets: np.ndarray, gt_masks: np.ndarray,
+                  tolerance: float) -> tuple[int, int]:
+    """Pointing game (Zhang et al., 2016): for every ground-truth class of an image whose mask shows
+    that class, the maximum of the class's map is a hit when a pixel of that class lies within
+    `tolerance` pixels (Euclidean) of it. Returns (hits, trials); the hit rate is hits / trials.
+
+    Classes absent from the mask (e.g. only ignore pixels) are no trial. Ties in the map take the
+    first maximum in row-major order.
+    """
+    class_cams = np.asarray(class_cams)
+    positives = np.asarray(targets) > 0
+    gt_masks = np.asarray(gt_masks)
+    width = class_cams.shape[-1]
+    hits = trials = 0
+    for b, c in zip(*np.nonzero(positives)):
+        ys, xs = np.nonzero(gt_masks[b] == c + 1)
+        if ys.size == 0:
+            continue
+        peak_y, peak_x = divmod(int(np.argmax(class_cams[b, c])), width)
+        trials += 1
+        hits += int(np.min((ys - peak_y) ** 2 + (xs - peak_x) ** 2) <= tolerance ** 2)
+    return hits, trials

@@ -1,0 +1,249 @@
+"""train.py end to end, in subprocesses, on the embedded gain_shapes set with tiny settings.
+
+One tfds data dir and one JAX compilation cache are shared by every run of the session: the data set is
+built once, and runs with the same program (same flags up to logging/run names) load it compiled.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+LOSS_KEYS = ("loss", "cl", "am", "ex")
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory):
+    """gain_shapes prepared once for the whole session."""
+    import gain_jax.data as gd
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    gd.make_dataset("gain_shapes", "train", data_dir=data_dir, batch_size=1, train=False)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def environment(compile_cache, devices=1):
+    env = dict(os.environ)
+    env.update(JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+    return env
+
+
+def tiny_flags(data_dir, logdir, run_name):
+    return ["--data_dir", data_dir, "--logdir", str(logdir), "--run_name", run_name, "--batch_size", "8",
+            "--steps_per_epoch", "2", "--epochs", "2", "--pretrain_epochs", "1", "--image_size", "32",
+            "--eval_examples", "16", "--num_heatmaps", "2"]
+
+
+def run_train(args, compile_cache, devices=1, timeout=400):
+    return subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, env=environment(compile_cache, devices),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check_ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+
+
+def read_metrics(logdir, run_name):
+    with open(os.path.join(logdir, run_name, "metrics.json")) as handle:
+        return json.load(handle)
+
+
+def step_losses(metrics):
+    return np.array([[record[key] for key in LOSS_KEYS] for record in metrics["steps"]])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes_data_dir, compile_cache, tmp_path_factory):
+    """The reference tiny run: 2 epochs x 2 steps, attention mining in the 2nd epoch."""
+    logdir = tmp_path_factory.mktemp("runs")
+    result = run_train(tiny_flags(shapes_data_dir, logdir, "ref"), compile_cache)
+    check_ok(result)
+    return logdir, result
+
+
+def test_tiny_run_writes_metrics_checkpoints_events_and_heatmaps(uninterrupted):
+    logdir, result = uninterrupted
+    run_dir = os.path.join(logdir, "ref")
+    metrics = read_metrics(logdir, "ref")
+    assert metrics["status"] == "finished"
+    assert [r["step"] for r in metrics["steps"]] == [1, 2, 3, 4]
+    assert [r["attention"] for r in metrics["steps"]] == [False, False, True, True]
+    losses = step_losses(metrics)
+    assert np.all(np.isfinite(losses))
+    # before attention mining the optimized total is the classification loss alone; after, it adds am
+    np.testing.assert_allclose(losses[:2, 0], losses[:2, 1], rtol=1e-6)
+    np.testing.assert_allclose(losses[2:, 0], losses[2:, 1] + losses[2:, 2], rtol=1e-5)
+    assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]
+    assert "test_unbiased" in metrics["epochs"][0]  # the pre-training baseline of the report
+    for split in ("validation", "test_unbiased"):
+        final = metrics["final"][split]
+        assert final["num_examples"] == 16
+        for key in ("mAP", "topk_accuracy", "cam_mIoU", "pointing_game"):
+            assert 0.0 <= final[key] <= 1.0, (split, key, final[key])
+        assert final["pointing_trials"] > 0
+    assert metrics["config"]["class_names"] == ["circle", "square", "triangle", "cross", "ring", "diamond"]
+
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["2", "4"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
+    assert sorted(os.listdir(os.path.join(run_dir, "heatmaps"))) == ["step_0000002.png", "step_0000004.png"]
+    with open(os.path.join(run_dir, "config.json")) as handle:
+        assert json.load(handle)["backbone"] == "small_cnn"
+    # the closing table names both splits and where everything went
+    assert "test_unbiased (pre-trained)" in result.stdout
+    assert "CAM mIoU@0.5" in result.stdout
+    assert os.path.join(run_dir, "metrics.json") in result.stdout
+
+
+def test_resume_mid_epoch_gives_the_losses_of_an_uninterrupted_run(uninterrupted, shapes_data_dir, compile_cache,
+                                                                      tmp_path):
+    reference = step_losses(read_metrics(uninterrupted[0], "ref"))
+    flags = tiny_flags(shapes_data_dir, tmp_path, "resumed")
+    stopped = run_train(flags + ["--stop_after", "3"], compile_cache)  # mid-way through epoch 2
+    check_ok(stopped)
+    assert "continue with --resume" in stopped.stderr
+    assert read_metrics(tmp_path, "resumed")["status"] == "stopped after 3 steps"
+    resumed = run_train(flags + ["--resume"], compile_cache)
+    check_ok(resumed)
+    assert "resumed" in resumed.stdout and "at step 3" in resumed.stdout
+    metrics = read_metrics(tmp_path, "resumed")
+    assert metrics["status"] == "finished"
+    assert [r["step"] for r in metrics["steps"]] == [1, 2, 3, 4]
+    # same program, same batches, same dropout keys: bit-identical on one CPU
+    np.testing.assert_array_equal(step_losses(metrics), reference)
+
+
+def test_two_devices_match_one(uninterrupted, shapes_data_dir, compile_cache, tmp_path):
+    reference = step_losses(read_metrics(uninterrupted[0], "ref"))
+    result = run_train(tiny_flags(shapes_data_dir, tmp_path, "two"), compile_cache, devices=2)
+    check_ok(result)
+    assert "on 2 device(s)" in result.stdout
+    metrics = read_metrics(tmp_path, "two")
+    assert metrics["config"]["device_count"] == 2
+    # Same math on a split batch: BatchNorm statistics and means are global under jit; only the order
+    # of floating-point reductions differs (measured max |difference| 1e-7 on these losses).
+    np.testing.assert_allclose(step_losses(metrics), reference, rtol=0, atol=1e-5)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(shapes_data_dir, compile_cache, tmp_path):
+    flags = tiny_flags(shapes_data_dir, tmp_path, "sigint")
+    flags[flags.index("--steps_per_epoch") + 1] = "100000"
+    process = subprocess.Popen([sys.executable, TRAIN, *flags], cwd=ROOT, env=environment(compile_cache),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr_lines = []
+    reader = threading.Thread(target=lambda: stderr_lines.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        for line in process.stdout:
+            if line.startswith("first train step"):
+                time.sleep(1.0)
+                process.send_signal(signal.SIGINT)
+                break
+        returncode = process.wait(timeout=120)
+    finally:
+        process.kill()
+    reader.join(timeout=10)
+    stderr = "".join(stderr_lines)
+    assert returncode == 130, stderr[-3000:]
+    assert "interrupted by SIGINT" in stderr
+    metrics = read_metrics(tmp_path, "sigint")
+    assert metrics["status"] == "interrupted by SIGINT"
+    done = len(metrics["steps"])
+    assert done >= 1
+    assert os.listdir(os.path.join(tmp_path, "sigint", "checkpoints")) == [str(done)]
+
+
+def test_non_finite_loss_stops_with_the_step_named(shapes_data_dir, compile_cache, tmp_path):
+    # Adam's first update at lr 1e30 moves every weight by ~1e30: the second forward overflows.
+    flags = tiny_flags(shapes_data_dir, tmp_path, "nan") + ["--lr", "1e30", "--steps_per_epoch", "3"]
+    result = run_train(flags, compile_cache)
+    assert result.returncode == 1
+    message = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(message) == 1 and "loss is nan at step 2 (epoch 1)" in message[0], result.stderr[-2000:]
+    assert "last good checkpoint: none" in message[0]
+    assert read_metrics(tmp_path, "nan")["status"] == "non-finite loss at step 2"
+
+
+def test_explain_writes_overlays_from_the_run_checkpoint(uninterrupted, compile_cache, tmp_path):
+    from PIL import Image
+
+    image_path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(image_path)
+    out_dir = tmp_path / "cams"
+    result = subprocess.run(
+        [sys.executable, "-m", "gain_jax.explain", "--checkpoint", os.path.join(uninterrupted[0], "ref"),
+         "--classes", "ring,cross", "--out_dir", str(out_dir), str(image_path)],
+        cwd=ROOT, env=environment(compile_cache), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(out_dir)) == ["photo_cross.png", "photo_ring.png"]
+    assert Image.open(out_dir / "photo_ring.png").size == (50, 40)  # the picture's own resolution
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def assert_clean_error(result, logdir, *fragments):
+    """Non-zero exit, one line naming the problem, and no run folder written."""
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert not os.path.exists(os.path.join(logdir, "bad")), os.listdir(os.path.join(logdir, "bad"))
+
+
+def test_error_missing_data_dir(compile_cache, tmp_path):
+    missing = str(tmp_path / "no_such_dir")
+    result = run_train(tiny_flags(missing, tmp_path, "bad"), compile_cache)
+    assert_clean_error(result, tmp_path, "data dir", missing, "does not exist")
+
+
+def test_error_unknown_backbone(shapes_data_dir, compile_cache, tmp_path):
+    result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--backbone", "vgg99"], compile_cache)
+    assert_clean_error(result, tmp_path, "unknown backbone 'vgg99'", "small_cnn")
+
+
+def test_error_batch_size_not_divisible_by_devices(shapes_data_dir, compile_cache, tmp_path):
+    flags = tiny_flags(shapes_data_dir, tmp_path, "bad")
+    flags[flags.index("--batch_size") + 1] = "3"
+    result = run_train(flags, compile_cache, devices=2)
+    assert_clean_error(result, tmp_path, "--batch_size 3", "2 devices")
+
+
+def test_error_init_file_that_does_not_fit(shapes_data_dir, compile_cache, tmp_path):
+    import torch
+
+    from gain_torch_ref.small_cnn import small_cnn
+
+    state_dict = small_cnn(num_classes=6).state_dict()
+    state_dict["features.4.weight"] = torch.zeros(32, 8, 3, 3)  # conv 2 expects 16 input channels
+    path = tmp_path / "wrong.pth"
+    torch.save(state_dict, path)
+    result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--init", str(path)], compile_cache)
+    assert_clean_error(result, tmp_path, str(path), "does not fit backbone small_cnn", "features.4.weight",
+                       "(32, 16, 3, 3)", "(32, 8, 3, 3)")
+
+
+def test_error_per_label_mode_with_too_few_label_slots(shapes_data_dir, compile_cache, tmp_path):
+    flags = tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--mode", "per_label", "--max_labels", "1"]
+    result = run_train(flags, compile_cache)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "image shapes_train_" in errors[0] and "but max_labels is 1" in errors[0]
+    # found on the first batch, before any step: nothing trained, nothing saved
+    assert not os.path.exists(os.path.join(tmp_path, "bad", "checkpoints")) or not os.listdir(
+        os.path.join(tmp_path, "bad", "checkpoints"))
