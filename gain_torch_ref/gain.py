@@ -112,7 +112,10 @@ def gain_forward(model: nn.Module, images: torch.Tensor, labels: Optional[torch.
 
     images [B,3,H,W]; labels [B,C] multi-hot (ignored, may be None, when train=False).
     Returns logits_cl [B,C], heatmap/scaled/mask [B,K,H,W], masked_images [B,K,3,H,W],
-    logits_am [B,K,C], slot_labels [B,K] int64. Padded per_label slots are zero everywhere.
+    logits_am [B,K,C], slot_labels [B,K] int64, selector [B,K,C] (the classes each slot attends
+    to: the multi-hot labels in union training, one-hot of the argmax class in evaluation, one-hot
+    of the slot's class in per_label mode; gain_losses scores and targets these). Padded per_label
+    slots are zero everywhere.
     Every module's train/eval mode is restored on return.
     """
     if images.ndim != 4 or images.shape[1] != 3:
@@ -189,6 +192,12 @@ def _gain_forward(model, images, labels, cfg, train):
         full = values.new_zeros((batch * num_slots,) + tuple(values.shape[1:]))
         return full.index_copy(0, flat_index, values).view((batch, num_slots) + tuple(values.shape[1:]))
 
+    if cfg.mode == "union":
+        slot_selector = selector[:, None]
+    else:
+        slot_selector = F.one_hot(slot_labels.clamp(min=0), num_classes).to(images.dtype)
+        slot_selector = slot_selector * (slot_labels >= 0)[..., None]
+
     return {
         "logits_cl": logits_cl,
         "heatmap": scatter(heatmap),
@@ -197,17 +206,21 @@ def _gain_forward(model, images, labels, cfg, train):
         "masked_images": scatter(masked),
         "logits_am": scatter(logits_am),
         "slot_labels": slot_labels,
+        "selector": slot_selector.detach(),
     }
 
 
-def _ex_targets(slot_labels, labels, gt_masks, mode):
-    """[B,K,H,W] 0/1 target of each map from VOC-encoded gt masks (0 bg, c+1 class c, 255 ignore)."""
-    num_classes = labels.shape[1]
+def _ex_targets(slot_labels, attended, gt_masks, mode):
+    """[B,K,H,W] 0/1 target of each map from VOC-encoded gt masks (0 bg, c+1 class c, 255 ignore).
+
+    attended [B,C]: the classes the union-mode map attends to (unused in per_label mode).
+    """
+    num_classes = attended.shape[1]
     gt = gt_masks.to(torch.int64)
     if mode == "union":
         cls = gt - 1
         in_range = (cls >= 0) & (cls < num_classes)
-        positive = labels > 0
+        positive = attended > 0
         hit = torch.stack([positive[b][cls[b].clamp(0, num_classes - 1)] for b in range(gt.shape[0])])
         return (hit & in_range)[:, None]
     valid = slot_labels >= 0
@@ -219,16 +232,20 @@ def gain_losses(out: Dict[str, torch.Tensor], labels: torch.Tensor, cfg: RefConf
                 has_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """cl, am, ex, total (0-dim, differentiable); DESIGN.md step 7.
 
-    An image without labels contributes 0 to am (its label count is clamped to 1); ex averages
-    over images with has_mask (all images when has_mask is None) and is 0 when there are none.
+    Union mode scores (am) and targets (ex) the classes the map attended to, out["selector"]:
+    the labels in training, the argmax class in evaluation (whose masked image logits_am scores);
+    an output without "selector" falls back to the labels. An image without attended classes
+    contributes 0 to am (its class count is clamped to 1); ex averages over images with has_mask
+    (all images when has_mask is None) and is 0 when there are none.
     """
     logits_cl, logits_am, slot_labels = out["logits_cl"], out["logits_am"], out["slot_labels"]
     labels = _check_labels(labels, logits_cl.shape[0], logits_cl.shape[1], logits_cl.dtype, logits_cl.device)
     cl = F.binary_cross_entropy_with_logits(logits_cl, labels)
+    attended = out["selector"][:, 0].to(labels.dtype) if "selector" in out else labels
 
     probs = torch.softmax(logits_am, dim=-1)
     if cfg.mode == "union":
-        per_image = (probs[:, 0] * labels).sum(dim=1) / labels.sum(dim=1).clamp(min=1)
+        per_image = (probs[:, 0] * attended).sum(dim=1) / attended.sum(dim=1).clamp(min=1)
         slot_valid = torch.ones_like(slot_labels, dtype=torch.bool)
     else:
         slot_valid = slot_labels >= 0
@@ -247,7 +264,7 @@ def gain_losses(out: Dict[str, torch.Tensor], labels: torch.Tensor, cfg: RefConf
         if has_mask is None:
             has_mask = torch.ones(scaled.shape[0], dtype=torch.bool, device=scaled.device)
         has_mask = torch.as_tensor(has_mask, device=scaled.device).to(torch.bool).view(-1)
-        target = _ex_targets(slot_labels, labels, gt_masks, cfg.mode).to(scaled.dtype)
+        target = _ex_targets(slot_labels, attended, gt_masks, cfg.mode).to(scaled.dtype)
         counted = (gt_masks != 255)[:, None].to(scaled.dtype)
         per_map = (((scaled - target) ** 2) * counted).sum(dim=(-2, -1)) / counted.sum(dim=(-2, -1)).clamp(min=1)
         per_image_ex = (per_map * slot_valid).sum(dim=1) / slot_valid.sum(dim=1).clamp(min=1)

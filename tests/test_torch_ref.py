@@ -176,7 +176,7 @@ def test_output_shapes_and_dtypes(mode, train, dtype):
     k = 1 if mode == "union" else 3
     shapes = {"logits_cl": (3, NUM_CLASSES), "heatmap": (3, k, 32, 40), "scaled": (3, k, 32, 40),
               "mask": (3, k, 32, 40), "masked_images": (3, k, 3, 32, 40),
-              "logits_am": (3, k, NUM_CLASSES), "slot_labels": (3, k)}
+              "logits_am": (3, k, NUM_CLASSES), "slot_labels": (3, k), "selector": (3, k, NUM_CLASSES)}
     assert {name: tuple(t.shape) for name, t in out.items()} == shapes
     for name, t in out.items():
         assert t.dtype == (torch.int64 if name == "slot_labels" else dtype), name
@@ -188,6 +188,12 @@ def test_output_shapes_and_dtypes(mode, train, dtype):
         assert out["slot_labels"].tolist() == [[0, 2, -1], [5, -1, -1], [1, 3, 4]]
     if not train:
         assert out["slot_labels"][:, 0].tolist() == torch.argmax(out["logits_cl"], 1).tolist()
+        # evaluation attends to (and the losses score) the argmax class, in slot 0 only
+        expected_selector = torch.zeros(3, k, NUM_CLASSES, dtype=dtype)
+        expected_selector[:, 0] = F.one_hot(torch.argmax(out["logits_cl"], 1), NUM_CLASSES).to(dtype)
+        assert torch.equal(out["selector"], expected_selector)
+    elif mode == "union":
+        assert torch.equal(out["selector"][:, 0], labels)
     if train:
         losses = ref.gain_losses(out, labels, cfg)
         assert all(v.dim() == 0 and v.dtype == dtype for v in losses.values())
