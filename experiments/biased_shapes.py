@@ -25,6 +25,7 @@ to <out>/biased_shapes.png.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -399,6 +400,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
+    if importlib.util.find_spec("matplotlib") is None:  # fail before 15 minutes of training, not after
+        parser.error("matplotlib is needed for the figure: pip install -e \".[bench]\"")
     args.logdir = os.path.abspath(args.logdir)
     started = time.time()
     print(f"biased_shapes: {len(args.methods)} methods x {len(args.seeds)} seeds on {machine_line()}")
