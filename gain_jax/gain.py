@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
 from gain_jax.attention import apply_mask, head_gradcams, minmax_normalize, resize_align_corners, soft_mask
 
@@ -127,16 +126,6 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _without_bn_gradient(params: Mapping, batch_stats: Mapping) -> Mapping:
-    """Stop the gradient to BatchNorm scale/bias: modules that own batch statistics are BatchNorms."""
-    if not batch_stats:
-        return params
-    bn_modules = {path[:-1] for path in traverse_util.flatten_dict(batch_stats)}
-    flat = traverse_util.flatten_dict(params)
-    flat = {path: jax.lax.stop_gradient(leaf) if path[:-1] in bn_modules else leaf for path, leaf in flat.items()}
-    return traverse_util.unflatten_dict(flat)
-
-
 def gain_forward(
     model,
     variables: Mapping,
@@ -152,7 +141,9 @@ def gain_forward(
     `train` puts dropout and BatchNorm of the classification stream in training mode (BatchNorm statistics
     update; the new ones are in `out.model_state`). The attention-mining stream always runs BatchNorm on the
     running statistics, without updating them and without gradient to its scale/bias (upstream's
-    FreezedBnModel); its dropout follows `train`. `rngs` (e.g. {"dropout": key}) is needed when `train`
+    FreezedBnModel); its dropout follows `train`. `model` is one of `gain_jax.models` or any flax module with
+    the same contract: `features`, `head` and `__call__` taking `train` and `freeze_bn`, where `freeze_bn=True`
+    means running statistics, no update and no gradient to BatchNorm's scale/bias. `rngs` (e.g. {"dropout": key}) is needed when `train`
     and the model has dropout.
     """
     if train and labels is None:
@@ -209,7 +200,8 @@ def gain_forward(
     masked_images = apply_mask(images[:, None], mask, cfg.fill)
 
     # 6. attention-mining stream: one batched forward over the B*K masked images
-    am_params = jax.lax.stop_gradient(params) if cfg.grads_off else _without_bn_gradient(params, batch_stats)
+    # `freeze_bn=True` runs BatchNorm on running statistics and stops the gradient to its scale/bias
+    am_params = jax.lax.stop_gradient(params) if cfg.grads_off else params
     am_variables = {"params": am_params}
     if has_bn:
         # upstream's frozen-BN forward reads the running statistics the classification forward just updated
