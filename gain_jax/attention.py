@@ -12,21 +12,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gain_jax.variants import lookup
+
 # Upstream normalizes with `sys.float_info.epsilon` (float64 machine epsilon) whatever the dtype, so an
 # all-zero cam maps to 0 rather than NaN.
 MINMAX_EPS = float(np.finfo(np.float64).eps)
 
 
-def cam_from_gradients(feats: jax.Array, feat_grads: jax.Array, stop_weight_gradient: bool = True) -> jax.Array:
-    """`relu(sum_k w_k * feats_k)` with `w = mean_hw(feat_grads)`; returns ``[B, h, w]``.
+def cam_from_gradients(feats: jax.Array, feat_grads: jax.Array, stop_weight_gradient: bool = True,
+                       cam_method: str | Callable = "gradcam") -> jax.Array:
+    """The CAM ``[B, h, w]`` of `cam_method` (a name in `gain_jax.CAM_METHODS`, or such a function) from the
+    Grad-CAM layer's features and the gradient of the attended score w.r.t. them.
 
-    With `stop_weight_gradient` the channel weights are constants for any outer derivative, as in upstream
-    (PyTorch hooks without `create_graph`): the loss gradient reaches the network through `feats` only.
+    With `stop_weight_gradient` the gradient-derived terms (Grad-CAM's channel weights) are constants for
+    any outer derivative, as in upstream (PyTorch hooks without `create_graph`): the loss gradient reaches
+    the network through `feats` only.
     """
-    channel_weights = jnp.mean(feat_grads, axis=(1, 2))
+    method = lookup("cam", cam_method) if isinstance(cam_method, str) else cam_method
     if stop_weight_gradient:
-        channel_weights = jax.lax.stop_gradient(channel_weights)
-    return jax.nn.relu(jnp.einsum("bhwc,bc->bhw", feats, channel_weights))
+        feat_grads = jax.lax.stop_gradient(feat_grads)
+    return method(feats, feat_grads)
 
 
 def head_gradcams(
@@ -34,13 +39,15 @@ def head_gradcams(
     feats: jax.Array,
     selectors: jax.Array | Callable[[jax.Array], jax.Array],
     stop_weight_gradient: bool = True,
+    cam_method: str | Callable = "gradcam",
 ) -> tuple[jax.Array, jax.Array]:
-    """Logits and one Grad-CAM per selector, from ONE forward through the head and K VJPs through it.
+    """Logits and one CAM per selector, from ONE forward through the head and K VJPs through it.
 
     `selectors` is ``[B, K, C]`` (slot k of image b selects classes with weights, usually one-hot or
     multi-hot), or a function of the (gradient-stopped) logits returning it, for selections that depend
     on the prediction (evaluation: the argmax class). Only the head is differentiated: the cost is one
-    head backward per slot, never a backward through the feature extractor.
+    head backward per slot, never a backward through the feature extractor. `cam_method` turns features
+    and gradients into the map (`gain_jax.CAM_METHODS`; default Grad-CAM, upstream's).
     Returns ``(logits [B, C], cams [B, K, h, w])``.
     """
     logits, head_vjp = jax.vjp(head_fn, feats)
@@ -50,7 +57,7 @@ def head_gradcams(
 
     def one_slot(selector):  # selector [B, C] -> cam [B, h, w]
         (feat_grads,) = head_vjp(selector)
-        return cam_from_gradients(feats, feat_grads, stop_weight_gradient)
+        return cam_from_gradients(feats, feat_grads, stop_weight_gradient, cam_method)
 
     cams = jax.vmap(one_slot, in_axes=1, out_axes=1)(selectors)
     return logits, cams
@@ -61,13 +68,15 @@ def gradcam(
     feats: jax.Array,
     selector: jax.Array,
     stop_weight_gradient: bool = True,
+    cam_method: str | Callable = "gradcam",
 ) -> jax.Array:
-    """Grad-CAM of `sum_c selector_c * logits_c` at the layer `feats`: ``[B, h, w]`` (before upsampling).
+    """Grad-CAM (or another `cam_method`) of `sum_c selector_c * logits_c` at the layer `feats`:
+    ``[B, h, w]`` (before upsampling).
 
     `head_fn` maps the Grad-CAM layer's features ``[B, h, w, c]`` to logits ``[B, C]``; `selector` is
     ``[B, C]``. The gradient w.r.t. `feats` is a VJP through `head_fn` alone.
     """
-    _, cams = head_gradcams(head_fn, feats, selector[:, None, :], stop_weight_gradient)
+    _, cams = head_gradcams(head_fn, feats, selector[:, None, :], stop_weight_gradient, cam_method)
     return cams[:, 0]
 
 
@@ -105,9 +114,12 @@ def minmax_normalize(maps: jax.Array) -> jax.Array:
     return (maps - low) / (high - low + jnp.asarray(MINMAX_EPS, maps.dtype))
 
 
-def soft_mask(scaled: jax.Array, sigma: float = 0.5, omega: float = 10.0) -> jax.Array:
-    """GAIN's differentiable threshold `T = sigmoid(omega * (scaled - sigma))`."""
-    return jax.nn.sigmoid(omega * (scaled - sigma))
+def soft_mask(scaled: jax.Array, sigma: float = 0.5, omega: float = 10.0, mask_fn: str | Callable = "sigmoid"
+              ) -> jax.Array:
+    """GAIN's differentiable threshold, by default upstream's `T = sigmoid(omega * (scaled - sigma))`;
+    `mask_fn` names another entry of `gain_jax.MASK_FUNCTIONS` (or is such a function)."""
+    function = lookup("mask", mask_fn) if isinstance(mask_fn, str) else mask_fn
+    return function(scaled, sigma, omega)
 
 
 def apply_mask(images: jax.Array, mask: jax.Array, fill=0.0) -> jax.Array:

@@ -16,50 +16,75 @@ import numpy as np
 import optax
 
 from gain_jax.attention import apply_mask, head_gradcams, minmax_normalize, resize_align_corners, soft_mask
+from gain_jax.variants import AM_FORWARDS, AM_SCORES, CAM_METHODS, MASK_FUNCTIONS
 
 MODES = ("union", "per_label")
 CAM_GRADS = ("stop", "full")
 
 
+def _field(default, help: str, **metadata):
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclasses.dataclass(frozen=True)
 class GainConfig:
-    """What GAIN computes; every field is static under `jax.jit`.
+    """What GAIN computes; every field is static under `jax.jit` (the dataclass is frozen and hashable).
 
-    mode: "union" (one map per image from its multi-hot labels, upstream's batch_GAIN_VOC) or
-        "per_label" (one map per positive label, padded to `max_labels` slots; upstream's multi-heatmap model).
-    sigma, omega: soft-mask threshold and sharpness, `T = sigmoid(omega * (scaled - sigma))`.
-    fill: value the masked region takes, in normalized image space (a scalar or one per channel).
-    cam_grad: "stop" (upstream: Grad-CAM channel weights are constants for the loss gradient) or "full"
-        (differentiate through them: second order).
-    grads_off: the attention-mining forward sees `stop_gradient(params)`, so L_am reaches the weights only
-        through the mask.
-    max_labels: slots per image in per-label mode.
-    cl_weight, am_weight, ex_weight: weights of the classification, attention-mining and extra-supervision
-        losses in the total.
+    Each field's `metadata["help"]` documents it (train.py's flags are generated from them); fields with a
+    fixed set of values list it in `metadata["choices"]` (a tuple, or a registry of `gain_jax.variants`,
+    whose names are looked up when the config is built, so register your own variants first).
     """
 
-    mode: str = "union"
-    sigma: float = 0.5
-    omega: float = 10.0
-    fill: float | tuple[float, ...] = 0.0
-    cam_grad: str = "stop"
-    grads_off: bool = False
-    max_labels: int = 4
-    cl_weight: float = 1.0
-    am_weight: float = 1.0
-    ex_weight: float = 0.0
+    mode: str = _field("union", "union: one attention map per image from all its labels (upstream's "
+                       "batch_GAIN_VOC); per_label: one map per positive label, up to max_labels slots "
+                       "(upstream's multi-heatmap model)", choices=MODES)
+    cam: str = _field("gradcam", "CAM method of the attention maps, in training and evaluation "
+                      "(gain_jax.CAM_METHODS); gradcam is upstream's", choices=CAM_METHODS)
+    mask: str = _field("sigmoid", "soft-mask function (gain_jax.MASK_FUNCTIONS); sigmoid is upstream's "
+                       "T = sigmoid(omega * (scaled - sigma))", choices=MASK_FUNCTIONS)
+    score: str = _field("softmax", "what L_am minimizes for the attended classes on the erased image "
+                        "(gain_jax.AM_SCORES): softmax (upstream) or each class's sigmoid (multi-label)",
+                        choices=AM_SCORES)
+    am_batchnorm: str = _field("frozen", "BatchNorm in the attention-mining stream (gain_jax.AM_FORWARDS): "
+                               "frozen = running statistics, no gradient to scale/bias (upstream); batch = the "
+                               "erased batch's own statistics", choices=AM_FORWARDS)
+    sigma: float = _field(0.5, "soft-mask threshold, in [0, 1] (the min-max scaled map's range)")
+    omega: float = _field(10.0, "soft-mask sharpness")
+    fill: float | tuple[float, ...] = _field(0.0, "value the erased region takes, in normalized image space: "
+                                             "one number or one per channel")
+    cam_grad: str = _field("stop", "stop: the CAM's gradient-derived weights are constants for the loss "
+                           "gradient (upstream); full: differentiate through them (second order)",
+                           choices=CAM_GRADS)
+    grads_off: bool = _field(False, "the attention-mining forward sees stop_gradient(params): L_am reaches "
+                             "the weights only through the mask")
+    max_labels: int = _field(4, "label slots per image in per_label mode")
+    cl_weight: float = _field(1.0, "weight of the classification loss")
+    am_weight: float = _field(1.0, "weight of the attention-mining loss (the paper's alpha)")
+    ex_weight: float = _field(0.0, "weight of the extra-supervision (mask) loss of GAIN_ext; 0 = off (the "
+                              "paper's omega)")
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"GainConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.cam_grad not in CAM_GRADS:
-            raise ValueError(f"GainConfig.cam_grad must be one of {CAM_GRADS}, got {self.cam_grad!r}")
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get("choices")
+            value = getattr(self, field.name)
+            if choices is not None and value not in choices:
+                raise ValueError(f"GainConfig.{field.name} must be one of {', '.join(sorted(choices))}, "
+                                 f"got {value!r}")
         if self.max_labels < 1:
             raise ValueError(f"GainConfig.max_labels must be >= 1, got {self.max_labels}")
         if isinstance(self.fill, (list, np.ndarray)):  # keep the dataclass hashable
             object.__setattr__(self, "fill", tuple(float(v) for v in self.fill))
-        if isinstance(self.fill, tuple) and len(self.fill) not in (1, 3):
+        fill_values = self.fill if isinstance(self.fill, tuple) else (self.fill,)
+        if len(fill_values) not in (1, 3):
             raise ValueError(f"GainConfig.fill must be a scalar or 3 values, got {self.fill!r}")
+        if not all(np.isfinite(v) for v in fill_values):
+            raise ValueError(f"GainConfig.fill must be finite, got {self.fill!r}")
+        if not 0.0 <= self.sigma <= 1.0:
+            # the scaled map lies in [0, 1]: any other threshold makes the mask (nearly) constant
+            raise ValueError(f"GainConfig.sigma must be in [0, 1], got {self.sigma}")
+        for name in ("omega", "cl_weight", "am_weight", "ex_weight"):
+            if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"GainConfig.{name} must be finite and >= 0, got {getattr(self, name)}")
 
     @property
     def num_slots(self) -> int:
@@ -186,7 +211,8 @@ def gain_forward(
             one_hot = jax.nn.one_hot(predicted, logits.shape[-1], dtype=logits.dtype)
             return jnp.pad(one_hot[:, None, :], ((0, 0), (0, num_slots - 1), (0, 0)))
 
-    logits_cl, cams = head_gradcams(head_fn, feats, selectors, stop_weight_gradient=cfg.cam_grad == "stop")
+    logits_cl, cams = head_gradcams(head_fn, feats, selectors, stop_weight_gradient=cfg.cam_grad == "stop",
+                                    cam_method=cfg.cam)
     if not train:
         predicted = jnp.argmax(jax.lax.stop_gradient(logits_cl), axis=-1).astype(jnp.int32)
         slot_labels = jnp.pad(predicted[:, None], ((0, 0), (0, num_slots - 1)), constant_values=-1)
@@ -196,11 +222,10 @@ def gain_forward(
     height, width = images.shape[1:3]
     heatmap = resize_align_corners(cams, (height, width))
     scaled = minmax_normalize(heatmap)
-    mask = soft_mask(scaled, cfg.sigma, cfg.omega)
+    mask = soft_mask(scaled, cfg.sigma, cfg.omega, cfg.mask)
     masked_images = apply_mask(images[:, None], mask, cfg.fill)
 
-    # 6. attention-mining stream: one batched forward over the B*K masked images
-    # `freeze_bn=True` runs BatchNorm on running statistics and stops the gradient to its scale/bias
+    # 6. attention-mining stream: one batched forward over the B*K masked images, BatchNorm as configured
     am_params = jax.lax.stop_gradient(params) if cfg.grads_off else params
     am_variables = {"params": am_params}
     if has_bn:
@@ -208,7 +233,8 @@ def gain_forward(
         am_variables["batch_stats"] = jax.lax.stop_gradient(model_state.get("batch_stats", batch_stats))
     batch = images.shape[0]
     flat_masked = masked_images.reshape((batch * num_slots,) + masked_images.shape[2:])
-    logits_am = model.apply(am_variables, flat_masked, train=train, freeze_bn=True, rngs=am_rngs)
+    am_forward = AM_FORWARDS[cfg.am_batchnorm]
+    logits_am = am_forward(model, am_variables, flat_masked, train, am_rngs)
     logits_am = logits_am.reshape((batch, num_slots, -1))
 
     return GainOutput(
@@ -250,7 +276,8 @@ def gain_losses(out: GainOutput, labels: jax.Array, cfg: GainConfig, gt_masks: j
     """The loss terms and their weighted total: {"cl", "am", "ex", "total"} (scalars).
 
     cl: BCE-with-logits averaged over batch and classes (the paper's multi-label soft-margin loss).
-    am: mean over images of `sum over attended (slot, class) of softmax(logits_am[slot])_class / n`, n the
+    am: mean over images of `sum over attended (slot, class) of score(logits_am[slot])_class / n`, with
+        `score` = `cfg.score` (upstream: softmax), n the
         number of attended (slot, class) pairs: union mode sums the image's labels on its one masked image,
         per-label mode each slot's own class on its own masked image; padded slots contribute nothing.
     ex: `extra_supervision_loss` when `gt_masks` is given (images with `has_mask` False excluded), else 0.
@@ -260,7 +287,7 @@ def gain_losses(out: GainOutput, labels: jax.Array, cfg: GainConfig, gt_masks: j
     logits_cl = out.logits_cl
     cl = optax.sigmoid_binary_cross_entropy(logits_cl, labels.astype(logits_cl.dtype)).mean()
 
-    am_scores = jax.nn.softmax(out.logits_am, axis=-1)
+    am_scores = AM_SCORES[cfg.score](out.logits_am)
     attended = out.selector.astype(am_scores.dtype)
     per_image = _safe_divide((am_scores * attended).sum(axis=(1, 2)), attended.sum(axis=(1, 2)))
     am = per_image.mean()
@@ -269,5 +296,15 @@ def gain_losses(out: GainOutput, labels: jax.Array, cfg: GainConfig, gt_masks: j
         ex = jnp.zeros((), cl.dtype)
     else:
         ex = extra_supervision_loss(out.scaled, out.selector, gt_masks, has_mask)
-    total = cfg.cl_weight * cl + cfg.am_weight * am + cfg.ex_weight * ex
-    return {"cl": cl, "am": am, "ex": ex, "total": total}
+    terms = {"cl": cl, "am": am, "ex": ex}
+    return {**terms, "total": total_loss(terms, cfg)}
+
+
+def total_loss(terms: Mapping[str, jax.Array], cfg: GainConfig, attention_on=1.0) -> jax.Array:
+    """The loss GAIN optimizes: `cl_weight * cl + attention_on * (am_weight * am + ex_weight * ex)`.
+
+    `attention_on` (0 or 1, may be traced) switches attention mining and extra supervision on after the
+    classification-only pre-training, without a recompile.
+    """
+    attention_on = jnp.asarray(attention_on, terms["cl"].dtype)
+    return cfg.cl_weight * terms["cl"] + attention_on * (cfg.am_weight * terms["am"] + cfg.ex_weight * terms["ex"])

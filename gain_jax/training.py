@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from gain_jax.attention import head_gradcams, minmax_normalize, resize_align_corners
-from gain_jax.gain import GainConfig, gain_forward, gain_losses
+from gain_jax.gain import GainConfig, gain_forward, gain_losses, total_loss
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -64,8 +64,7 @@ def make_train_step(model, cfg: GainConfig, donate: bool = True) -> Callable:
                            train=True, rngs={"dropout": rng})
         gt_masks, has_mask = _batch_masks(batch, cfg)
         terms = gain_losses(out, batch["labels"], cfg, gt_masks=gt_masks, has_mask=has_mask)
-        attention_on = jnp.asarray(attention_on, terms["cl"].dtype)
-        total = cfg.cl_weight * terms["cl"] + attention_on * (cfg.am_weight * terms["am"] + cfg.ex_weight * terms["ex"])
+        total = total_loss(terms, cfg, attention_on)
         return total, (terms, out.model_state, out.logits_cl)
 
     def train_step(state: TrainState, batch, rng, attention_on):
@@ -81,9 +80,11 @@ def make_train_step(model, cfg: GainConfig, donate: bool = True) -> Callable:
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
 
-def class_cams(model, variables: Mapping, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Logits ``[B,C]`` and the min-max normalized Grad-CAM of every class ``[B,C,H,W]`` (evaluation mode),
-    for localization metrics: one feature forward, one head forward, C VJPs through the head."""
+def class_cams(model, variables: Mapping, images: jax.Array, cfg: GainConfig | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """Logits ``[B,C]`` and the min-max normalized CAM of every class ``[B,C,H,W]`` (evaluation mode), for
+    localization metrics and explanations: one feature forward, one head forward, C VJPs through the head.
+    The CAM method is `cfg.cam` (default Grad-CAM), the one GAIN trained with."""
     feats = model.apply(variables, images, train=False, method="features")
 
     def head_fn(features):
@@ -91,7 +92,7 @@ def class_cams(model, variables: Mapping, images: jax.Array) -> tuple[jax.Array,
 
     num_classes = jax.eval_shape(head_fn, feats).shape[-1]
     selectors = jnp.broadcast_to(jnp.eye(num_classes, dtype=feats.dtype), (images.shape[0], num_classes, num_classes))
-    logits, cams = head_gradcams(head_fn, feats, selectors)
+    logits, cams = head_gradcams(head_fn, feats, selectors, cam_method=(cfg or GainConfig()).cam)
     return logits, minmax_normalize(resize_align_corners(cams, images.shape[1:3]))
 
 
@@ -104,7 +105,7 @@ def make_eval_step(model, cfg: GainConfig) -> Callable:
         out = gain_forward(model, variables, batch["image"], batch["labels"], cfg, train=False)
         gt_masks, has_mask = _batch_masks(batch, cfg)
         terms = gain_losses(out, batch["labels"], cfg, gt_masks=gt_masks, has_mask=has_mask)
-        _, cams = class_cams(model, variables, batch["image"])
+        _, cams = class_cams(model, variables, batch["image"], cfg)
         return {"logits": out.logits_cl, "loss": terms["total"], "cl": terms["cl"], "am": terms["am"],
                 "ex": terms["ex"], "heatmap": out.heatmap, "scaled": out.scaled, "mask": out.mask,
                 "masked_images": out.masked_images, "class_cams": cams}
