@@ -5,7 +5,7 @@ The core (everything but `gain_jax.data`) imports neither TensorFlow nor PyTorch
 from gain_jax.attention import (apply_mask, cam_from_gradients, gradcam, head_gradcams, minmax_normalize,
                                 resize_align_corners, soft_mask)
 from gain_jax.gain import (GainConfig, GainOutput, check_max_labels, extra_supervision_loss, gain_forward,
-                           gain_losses, slot_labels_from_multihot, total_loss)
+                           gain_losses, LabelPacking, pack_labels, slot_labels_from_multihot, total_loss)
 from gain_jax.convert import from_torchvision
 from gain_jax.models import build_model
 from gain_jax.variants import AM_FORWARDS, AM_SCORES, CAM_METHODS, MASK_FUNCTIONS, register

@@ -137,7 +137,7 @@ def slot_labels_from_multihot(labels: jax.Array, max_labels: int) -> jax.Array:
 
 def check_max_labels(labels, max_labels: int, names: Sequence[str] | None = None) -> None:
     """Raise ValueError naming the first image with more positive labels than `max_labels` (host side)."""
-    counts = np.asarray(labels > 0).sum(axis=-1)
+    counts = (np.asarray(labels) > 0).sum(axis=-1)
     too_many = np.nonzero(counts > max_labels)[0]
     if too_many.size:
         index = int(too_many[0])
@@ -145,6 +145,61 @@ def check_max_labels(labels, max_labels: int, names: Sequence[str] | None = None
         raise ValueError(
             f"per-label mode: image {name} has {int(counts[index])} labels but max_labels is {max_labels}; "
             f"raise max_labels")
+
+
+@flax.struct.dataclass
+class LabelPacking:
+    """Where the (image, label) pairs of a batch sit, for per-label mode at the cost of the labels present.
+
+    slot_labels [B,K]: each image's positive classes in ascending order, -1 padded; K is the batch's
+        largest label count rounded up to a few sizes (`SLOT_SIZES`), so no image is ever refused.
+    rows [R]: the flat index (b * K + k) of every real pair, then copies of the first one up to R rows,
+        R taken from a few sizes (`row_count`) so that recompiles stay rare.
+    row_valid [R]: 1 for real pairs, 0 for the copies.
+    The attention-mining stream runs on the R rows only; built on the host by `pack_labels`.
+    """
+
+    slot_labels: jax.Array
+    rows: jax.Array
+    row_valid: jax.Array
+
+
+# Slot counts and row multiples of the batch size that packed per-label batches are rounded up to: a
+# handful of programs per run, while the attention-mining stream pays for at most ~25% padding rows.
+SLOT_SIZES = (1, 2, 4, 8, 16, 32, 64)
+ROW_FACTORS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0)
+
+
+def row_count(pairs: int, batch_size: int, multiple: int = 1) -> int:
+    """The packed row count for `pairs` pairs: the smallest `factor * batch_size` (ROW_FACTORS, then
+    doubling), rounded up to `multiple` (e.g. the device count), that holds them."""
+    factors = list(ROW_FACTORS)
+    while factors[-1] * batch_size < pairs:
+        factors.append(factors[-1] * 2)
+    for factor in factors:
+        rows = -(-int(np.ceil(factor * batch_size)) // multiple) * multiple
+        if rows >= pairs:
+            return rows
+    raise AssertionError("unreachable: the factors grow until they hold every pair")
+
+
+def pack_labels(labels, multiple: int = 1) -> LabelPacking:
+    """Host-side packing of a batch's multi-hot labels ``[B,C]`` for per-label mode (numpy in and out)."""
+    positive = np.asarray(labels) > 0
+    batch_size = positive.shape[0]
+    counts = positive.sum(axis=-1)
+    most = max(int(counts.max(initial=0)), 1)
+    num_slots = next((size for size in SLOT_SIZES if size >= most), most)
+    slot_labels = np.full((batch_size, num_slots), -1, np.int32)
+    for image, row in enumerate(positive):
+        classes = np.flatnonzero(row)
+        slot_labels[image, :classes.size] = classes
+    real = np.flatnonzero(slot_labels.reshape(-1) >= 0).astype(np.int32)
+    total = row_count(max(real.size, 1), batch_size, multiple)
+    filler = real[0] if real.size else 0
+    rows = np.concatenate([real, np.full(total - real.size, filler, np.int32)])
+    row_valid = (np.arange(total) < real.size).astype(np.float32)
+    return LabelPacking(slot_labels=slot_labels, rows=rows, row_valid=row_valid)
 
 
 def _is_concrete(x) -> bool:
@@ -159,6 +214,7 @@ def gain_forward(
     cfg: GainConfig,
     train: bool = True,
     rngs: Mapping[str, jax.Array] | None = None,
+    packing: LabelPacking | None = None,
 ) -> GainOutput:
     """Both GAIN streams for a batch. images ``[B,H,W,3]``; labels ``[B,C]`` multi-hot (may be None when
     `train=False`: the argmax class is attended, as upstream does in evaluation).
@@ -168,12 +224,19 @@ def gain_forward(
     running statistics, without updating them and without gradient to its scale/bias (upstream's
     FreezedBnModel); its dropout follows `train`. `model` is one of `gain_jax.models` or any flax module with
     the same contract: `features`, `head` and `__call__` taking `train` and `freeze_bn`, where `freeze_bn=True`
-    means running statistics, no update and no gradient to BatchNorm's scale/bias. `rngs` (e.g. {"dropout": key}) is needed when `train`
-    and the model has dropout.
+    means running statistics, no update and no gradient to BatchNorm's scale/bias. `rngs` (e.g.
+    {"dropout": key}) is needed when `train` and the model has dropout.
+
+    `packing` (per-label training only; from `pack_labels`) gives the slots from the batch's own label
+    counts instead of `max_labels`, and runs the attention-mining stream on the real (image, label) pairs
+    only; the losses and gradients equal the padded mode's (without dropout in the attention-mining
+    stream, whose random masks are drawn for the packed rows instead).
     """
+    if packing is not None and (cfg.mode != "per_label" or not train):
+        raise ValueError("gain_forward: packing is for per-label mode in training")
     if train and labels is None:
         raise ValueError("gain_forward(train=True) needs labels")
-    if labels is not None and cfg.mode == "per_label" and _is_concrete(labels):
+    if labels is not None and cfg.mode == "per_label" and packing is None and _is_concrete(labels):
         check_max_labels(labels, cfg.max_labels)
 
     params = variables["params"]
@@ -196,14 +259,17 @@ def gain_forward(
         return model.apply(variables, features, train=train, method="head", rngs=cl_rngs)
 
     # 2. which classes each slot attends to
-    num_slots = cfg.num_slots
+    num_slots = cfg.num_slots if packing is None else packing.slot_labels.shape[1]
     if train:
         float_labels = labels.astype(feats.dtype)
         if cfg.mode == "union":
             selectors = float_labels[:, None, :]
             slot_labels = slot_labels_from_multihot(float_labels, 1)
         else:
-            slot_labels = slot_labels_from_multihot(float_labels, num_slots)
+            if packing is None:
+                slot_labels = slot_labels_from_multihot(float_labels, num_slots)
+            else:
+                slot_labels = jnp.asarray(packing.slot_labels, jnp.int32)
             selectors = jax.nn.one_hot(slot_labels, float_labels.shape[-1], dtype=feats.dtype)
     else:
         def selectors(logits):  # evaluation attends to the predicted class, in slot 0
@@ -234,7 +300,14 @@ def gain_forward(
     batch = images.shape[0]
     flat_masked = masked_images.reshape((batch * num_slots,) + masked_images.shape[2:])
     am_forward = AM_FORWARDS[cfg.am_batchnorm]
-    logits_am = am_forward(model, am_variables, flat_masked, train, am_rngs)
+    if packing is None:
+        logits_am = am_forward(model, am_variables, flat_masked, train, am_rngs)
+    else:
+        packed_logits = am_forward(model, am_variables, flat_masked[packing.rows], train, am_rngs)
+        # back to [B*K, C]; the rows are distinct except the weight-0 copies, and empty slots stay 0
+        weights = jnp.asarray(packing.row_valid, packed_logits.dtype)[:, None]
+        logits_am = jnp.zeros((batch * num_slots, packed_logits.shape[-1]), packed_logits.dtype)
+        logits_am = logits_am.at[packing.rows].add(packed_logits * weights)
     logits_am = logits_am.reshape((batch, num_slots, -1))
 
     return GainOutput(
