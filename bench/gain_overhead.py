@@ -18,12 +18,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import gain_jax as gj  # noqa: E402
+import gain_jax as gj
 
 
 def make_classification_step(model):
@@ -103,7 +103,8 @@ def main(argv=None):
     else:
         configs = [("small_cnn", 64, 32), ("vgg16", 112, 4)]
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print(f"{'backbone':<10} {'input':>9} {'batch':>5}  {'case':<22} {'cls step ms':>11} {'GAIN step ms':>12} {'ratio':>6}")
+    print(f"{'backbone':<10} {'input':>9} {'batch':>5}  {'case':<22} {'cls step ms':>11} {'GAIN step ms':>12} "
+          f"{'ratio':>6}")
     for backbone, size, batch_size in configs:
         for name, base, gain, ratio in bench(backbone, size, batch_size, args.steps, args.warmup):
             print(f"{backbone:<10} {f'{size}x{size}':>9} {batch_size:>5}  {name:<22} {base * 1e3:>11.1f} "

@@ -16,13 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torchvision  # noqa: F401  (before TensorFlow: the other order segfaults here)
-import torch
-from torchvision import transforms
-from torchvision.io import decode_jpeg, read_file
-
 import numpy as np
 import PIL.Image
+import torch
+import torchvision  # noqa: F401  (before TensorFlow: the other order segfaults here)
+from torchvision import transforms
+from torchvision.io import decode_jpeg, read_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -130,10 +129,10 @@ def main():
         rows.append((f"torchvision DataLoader ({args.workers} workers)", autoaugment, rate))
         del loader
 
-    import tensorflow as tf  # noqa: E402  (after torch's workers have forked)
-    import tensorflow_datasets as tfds  # noqa: E402
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
 
-    import gain_jax.data as gd  # noqa: E402
+    import gain_jax.data as gd
 
     start = time.perf_counter()
     tfds.builder("gain_voc2012", data_dir=str(workdir / "tfds")).download_and_prepare(

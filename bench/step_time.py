@@ -30,19 +30,19 @@ import statistics
 import sys
 import time
 
-import torchvision  # noqa: F401  - before anything that could pull in TensorFlow (segfault otherwise)
 import torch
+import torchvision  # noqa: F401  - before anything that could pull in TensorFlow (segfault otherwise)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import gain_jax as gj  # noqa: E402
-import gain_torch_ref as ref  # noqa: E402
-from bench.gain_overhead import labels_with, time_steps  # noqa: E402
+import gain_jax as gj
+import gain_torch_ref as ref
+from bench.gain_overhead import labels_with, time_steps
 
 NUM_CLASSES = 20  # VOC's class count, as gain_overhead.py
 LEARNING_RATE = 1e-4
@@ -207,15 +207,15 @@ def bench_config(backbone: str, image_size: int, batch_size: int, steps: int, wa
                           for b in range(batch_size)]
         keys = [jax.random.PRNGKey(b) for b in range(batch_size)]
 
-        def jax_single_step(single, key):
+        def jax_single_step(single, key, state_box=jax_state, step_fn=jax_step):
             def step():
-                jax_state[0], metrics = jax_step(jax_state[0], single, key, *attention_on)
-                jax.block_until_ready((jax_state[0], metrics))
+                state_box[0], metrics = step_fn(state_box[0], single, key, *attention_on)
+                jax.block_until_ready((state_box[0], metrics))
             return step
 
         jax_loop_seconds = loop_seconds([jax_single_step(single, key) for single, key in zip(single_batches, keys)],
                                         warmup)
-        del jax_state
+        jax_state.clear()
         loop_rows.append((num_labels, jax_seconds * 1e3, jax_loop_seconds * 1e3, torch_loop_seconds * 1e3))
         print(f"  {backbone} per-label {num_labels}: JAX b1 x{batch_size} {jax_loop_seconds * 1e3:.1f} ms, "
               f"torch b1 x{batch_size} {torch_loop_seconds * 1e3:.1f} ms", flush=True)
@@ -233,7 +233,8 @@ def default_configs(on_gpu: bool, full: bool):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default=None,
-                        help="one backbone (vgg16, vgg19, resnet18, resnet50, small_cnn); default: small_cnn, then vgg16")
+                        help="one backbone (vgg16, vgg19, resnet18, resnet50, small_cnn); "
+                             "default: small_cnn, then vgg16")
     parser.add_argument("--image-size", type=int, default=None, help="with --backbone (default 224)")
     parser.add_argument("--batch-size", type=int, default=None, help="with --backbone (default 4)")
     parser.add_argument("--full", action="store_true", help="vgg16 at 224x224 batch 4 on CPU too (slow)")

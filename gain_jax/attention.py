@@ -6,7 +6,7 @@ Layouts: features NHWC ``[B, h, w, c]``; maps ``[..., H, W]``; images NHWC.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

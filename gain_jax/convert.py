@@ -12,7 +12,8 @@ This module imports no torch: torch tensors are read through `.detach().cpu().nu
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

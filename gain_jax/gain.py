@@ -7,7 +7,8 @@ extra-supervision losses. Both are `jax.jit`-able; the configuration is a hashab
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax
 import jax

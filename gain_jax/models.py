@@ -23,7 +23,8 @@ dtype follows the params and inputs (float64 end to end when both are float64 un
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

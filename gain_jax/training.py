@@ -1,7 +1,8 @@
 """Train state and jit-compiled GAIN train/eval steps (optax; no global state)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax
 import jax
@@ -50,9 +51,10 @@ def make_train_step(model, cfg: GainConfig, donate: bool = True) -> Callable:
 
     batch: {"image" [B,H,W,3], "labels" [B,C], optional "mask" [B,H,W] and "has_mask" [B] (read only when
     `cfg.ex_weight` > 0), optional "packing" (per-label mode: `pack_labels(labels)`, computed on the host,
-    so that the attention-mining stream runs on the labels present; one compile per packed shape)}. `attention_on` (a scalar, 0 or 1) multiplies the attention-mining and extra
-    losses in the total, so switching them on after pre-training reuses the same compiled program.
-    Both streams run in every step (upstream also computes and logs L_am during pre-training). A
+    so that the attention-mining stream runs on the labels present; one compile per packed shape)}.
+    `attention_on` (a scalar, 0 or 1) multiplies the attention-mining and extra losses in the total
+    (`total_loss`), so switching them on after pre-training reuses the same compiled program.
+    Both streams run in every step, so L_am is logged during pre-training too. A
     `lax.cond` that skipped the attention-mining stream while it is off was measured 8x slower than this
     on XLA:CPU (small_cnn, 64x64, batch 16), so it is not used.
     With `donate`, the input state's buffers are reused for the new state: don't read the old state (nor

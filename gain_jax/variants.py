@@ -27,7 +27,7 @@ is pure, jit- and vmap-able, and computes in the dtype of its inputs.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

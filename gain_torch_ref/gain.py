@@ -11,7 +11,7 @@ Differences from upstream, all deliberate:
 """
 import dataclasses
 import sys
-from typing import Dict, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ class RefConfig:
     mode: str = "union"
     sigma: float = 0.5
     omega: float = 10.0
-    fill: Union[float, Sequence[float]] = 0.0
+    fill: float | Sequence[float] = 0.0
     grads_off: bool = False
     max_labels: int = 4
     cl_weight: float = 1.0
@@ -106,8 +106,8 @@ def _attention_mining_logits(model: nn.Module, masked: torch.Tensor, grads_off: 
     return torch.func.functional_call(model, params, (masked,))
 
 
-def gain_forward(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor],
-                 cfg: RefConfig, train: bool = True) -> Dict[str, torch.Tensor]:
+def gain_forward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
+                 cfg: RefConfig, train: bool = True) -> dict[str, torch.Tensor]:
     """Both GAIN streams on a batch; see the module docstring and DESIGN.md steps 1-6.
 
     images [B,3,H,W]; labels [B,C] multi-hot (ignored, may be None, when train=False).
@@ -227,9 +227,9 @@ def _ex_targets(slot_labels, attended, gt_masks, mode):
     return (gt[:, None] == (slot_labels + 1)[:, :, None, None]) & valid[:, :, None, None]
 
 
-def gain_losses(out: Dict[str, torch.Tensor], labels: torch.Tensor, cfg: RefConfig,
-                gt_masks: Optional[torch.Tensor] = None,
-                has_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+def gain_losses(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg: RefConfig,
+                gt_masks: torch.Tensor | None = None,
+                has_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """cl, am, ex, total (0-dim, differentiable); DESIGN.md step 7.
 
     Union mode scores (am) and targets (ex) the classes the map attended to, out["selector"]:
@@ -275,6 +275,6 @@ def gain_losses(out: Dict[str, torch.Tensor], labels: torch.Tensor, cfg: RefConf
     return {"cl": cl, "am": am, "ex": ex, "total": total}
 
 
-def upstream_per_label_total(losses: Dict[str, torch.Tensor], n_labels) -> torch.Tensor:
+def upstream_per_label_total(losses: dict[str, torch.Tensor], n_labels) -> torch.Tensor:
     """Upstream's batch-1 per-label script: n_labels * L_cl + L_am."""
     return n_labels * losses["cl"] + losses["am"]

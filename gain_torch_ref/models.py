@@ -4,7 +4,7 @@
 Linear replaced by one with `num_classes` outputs, as upstream does before fine-tuning.
 `split_model` cuts a model at the Grad-CAM layer: `head_fn(feats_fn(x)) == model(x)`.
 """
-from typing import Callable, Tuple
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -36,7 +36,7 @@ def build_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
     return model
 
 
-def split_model(model: nn.Module) -> Tuple[Callable[[torch.Tensor], torch.Tensor],
+def split_model(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor],
                                            Callable[[torch.Tensor], torch.Tensor]]:
     """(feats_fn, head_fn): features up to the Grad-CAM layer, and the rest of the network.
 

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
-
-import numpy as np
-import torch
-
-import gain_torch_ref as ref
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import torch
 from flax import traverse_util
 
 import gain_jax as gj
+import gain_torch_ref as ref
 from gain_jax.convert import from_torchvision
 
 NUM_CLASSES = 6
@@ -187,7 +186,7 @@ class Inputs:
     gt_masks: torch.Tensor | None  # [B,H,W] int64, VOC encoding
     has_mask: torch.Tensor | None  # [B] bool
 
-    def to(self, dtype) -> "Inputs":
+    def to(self, dtype) -> Inputs:
         return dataclasses.replace(self, images=self.images.to(dtype), labels=self.labels.to(dtype))
 
     def jax_batch(self, dtype) -> dict:

@@ -2,7 +2,6 @@
 statistics updated by the classification stream only) and in evaluation mode; the attention-mining stream
 runs BN frozen in both. Images of 64 pixels make layer4 (the Grad-CAM layer) 2x2 or 2x3."""
 import pytest
-
 from parity_harness import FLOAT32_TOL, NORMALIZED_BLACK, Case, ModelPair, check_float32, check_float64
 
 UNION_TRAIN = Case("resnet18", (64, 64), ((0, 2), (5,), (1, 3, 4, 5)), mode="union", train=True,

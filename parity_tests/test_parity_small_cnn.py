@@ -1,6 +1,5 @@
 """Parity of gain_jax and gain_torch_ref on small_cnn (BatchNorm after every conv; Grad-CAM layer at 1/8)."""
 import pytest
-
 from parity_harness import NORMALIZED_BLACK, Case, ModelPair, check_adam, check_float32, check_float64
 
 UNION_TRAIN = Case("small_cnn", (32, 40), ((0, 2), (5,), (1, 3, 4, 5)), mode="union", train=True,

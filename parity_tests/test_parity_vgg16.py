@@ -6,7 +6,6 @@ replicates. A 1x1 layer (32x32 images) is avoided: its upsampled map is constant
 divides by eps, and the mask's gradient is roundoff amplified by 1/eps on both sides, which tests neither.
 """
 import pytest
-
 from parity_harness import NORMALIZED_BLACK, Case, ModelPair, check_float32, check_float64
 
 # float32 needs 5e-5 here: measured 3.9e-5 on the heatmap (the rest <= 6e-6). Both frameworks are that far

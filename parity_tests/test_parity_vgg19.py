@@ -1,7 +1,6 @@
 """Parity of gain_jax and gain_torch_ref on vgg19, in evaluation mode with dropout 0.5 (inactive there);
 48x64 images give a 1x2 Grad-CAM layer (see test_parity_vgg16.py on sizes and cost)."""
 import pytest
-
 from parity_harness import Case, ModelPair, check_float32, check_float64
 
 PER_LABEL_EVAL = Case("vgg19", (48, 64), ((2, 4),), mode="per_label", train=False, grads_off=True, fill=0.7,

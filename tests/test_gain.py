@@ -42,7 +42,8 @@ def tree_rel_diffs(got, want):
 
 
 def to_float64(tree):
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+    return jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 # ---------------------------------------------------------------- attention primitives
@@ -128,7 +129,8 @@ def test_gain_forward_shapes_dtypes_under_jit(small, mode, num_slots):
 
 def test_per_label_slot_equals_union_with_that_one_hot_label(small):
     model, variables, images = small
-    per_label = gj.gain_forward(model, variables, images, jnp.asarray(LABELS), gj.GainConfig(mode="per_label", max_labels=3))
+    per_label = gj.gain_forward(model, variables, images, jnp.asarray(LABELS),
+                                gj.GainConfig(mode="per_label", max_labels=3))
     for slot in range(3):
         classes = np.asarray(per_label.slot_labels[:, slot])
         valid = classes >= 0

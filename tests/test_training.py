@@ -30,7 +30,8 @@ def manual_step(model, variables, batch, cfg, tx, attention_on):
             return terms["total"], out.model_state
         out = gj.gain_forward(model, {**variables, "params": params}, batch["image"], batch["labels"], cfg,
                               rngs={"dropout": jax.random.PRNGKey(0)})
-        logits, state = model.apply({**variables, "params": params}, batch["image"], train=True, mutable=["batch_stats"])
+        logits, state = model.apply({**variables, "params": params}, batch["image"], train=True,
+                                    mutable=["batch_stats"])
         return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean() * cfg.cl_weight, out.model_state
 
     (value, state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
