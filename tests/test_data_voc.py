@@ -44,10 +44,19 @@ def expected_mask(image_id):
 
 
 def expected_image(image_id):
+    """Gradients under strong noise: saved at quality 90, a JPEG whose fast and accurate IDCTs differ."""
     height, width, _, _ = IMAGES[image_id]
     y, x = np.mgrid[:height, :width]
     seed = int(image_id[-1])
-    return np.stack([(x * 6 + seed * 40) % 256, (y * 7) % 256, ((x + y) * 3) % 256], -1).astype(np.uint8)
+    smooth = np.stack([(x * 6 + seed * 40) % 256, (y * 7) % 256, ((x + y) * 3) % 256], -1)
+    noise = np.random.default_rng(seed).integers(-60, 61, smooth.shape)
+    return np.clip(smooth + noise, 0, 255).astype(np.uint8)
+
+
+def pil_pixels(path):
+    """What PIL (hence torchvision's PIL loader and the original PyTorch code) decodes."""
+    with PIL.Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def _annotation_xml(image_id):
@@ -67,7 +76,7 @@ def write_voc(root):
     for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Main"):
         (voc_root / sub).mkdir(parents=True)
     for image_id, (_, _, _, has_mask) in IMAGES.items():
-        PIL.Image.fromarray(expected_image(image_id)).save(voc_root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        PIL.Image.fromarray(expected_image(image_id)).save(voc_root / "JPEGImages" / f"{image_id}.jpg", quality=90)
         (voc_root / "Annotations" / f"{image_id}.xml").write_text(_annotation_xml(image_id))
         if has_mask:
             _palette_png(voc_root / "SegmentationClass" / f"{image_id}.png", expected_mask(image_id))
@@ -84,7 +93,9 @@ def _build(manual_dir, data_dir):
 
 
 def _read_split(builder, split):
-    return {e["filename"].decode(): e for e in tfds.as_numpy(builder.as_dataset(split=split))}
+    """The stored examples, the image as its stored (encoded) bytes."""
+    dataset = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    return {e["filename"].decode(): e for e in tfds.as_numpy(dataset)}
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +121,9 @@ def test_splits_labels_objects_masks(built):
         for image_id in ids:
             example = examples[f"{image_id}.jpg"]
             height, width, objects, has_mask = IMAGES[image_id]
-            # JPEG bytes stored unchanged: the pixels are exactly the file's, decoded
-            assert example["image"].shape == (height, width, 3) and example["image"].dtype == np.uint8
+            # the JPEG file's bytes stored unchanged (the pipeline's decoding: test_pipeline_decodes_like_pil)
             jpeg_path = manual_dir / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{image_id}.jpg"
-            np.testing.assert_array_equal(example["image"], tf.io.decode_jpeg(jpeg_path.read_bytes()).numpy())
+            assert example["image"] == jpeg_path.read_bytes()
             all_labels = np.zeros(20, np.float32)
             all_labels[[CLASSES.index(name) for name, _, _ in objects]] = 1
             easy_labels = np.zeros(20, np.float32)
@@ -271,6 +281,51 @@ def test_input_pipeline_on_voc(built):
     for position, filename in enumerate(train["filename"]):
         if filename == b"2007_000003.jpg":
             assert np.all(train["mask"][position] == 255)
+
+
+def test_pipeline_decodes_like_pil(built):
+    """The pipeline's pixels are PIL's, bit for bit, where TensorFlow's default (fast IDCT) decoder is not."""
+    manual_dir, data_dir, _ = built
+    jpeg_dir = manual_dir / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    fast_differs = []
+    for split, ids in (("train", TRAIN_IDS), ("validation", VAL_IDS)):
+        decoded = {e["filename"].decode(): e["image"] for e in tfds.as_numpy(
+            pipeline.decoded_examples("gain_voc2012", split, data_dir=data_dir, manual_dir=manual_dir))}
+        assert sorted(decoded) == sorted(f"{i}.jpg" for i in ids)
+        for filename, image in decoded.items():
+            reference = pil_pixels(jpeg_dir / filename)
+            assert image.dtype == np.uint8 and image.shape == reference.shape == IMAGES[filename[:-4]][:2] + (3,)
+            np.testing.assert_array_equal(image, reference, err_msg=filename)
+            fast = tf.io.decode_jpeg((jpeg_dir / filename).read_bytes(), channels=3).numpy()
+            fast_differs.append(not np.array_equal(fast, reference))
+    assert all(fast_differs)  # the images are such that a fast-IDCT decoder fails the comparison above
+
+    # end to end at an identity setting: 2008_000005 is 28x28, eval (no augmentation), image_size 28
+    batches = gd.input_pipeline("gain_voc2012", "validation", data_dir=data_dir, manual_dir=manual_dir,
+                                image_size=28, batch_size=1, train=False)
+    batch = next(b for b in batches if b["filename"][0] == b"2008_000005.jpg")
+    pixels = (batch["image"][0].astype(np.float64) * gd.IMAGENET_STD + gd.IMAGENET_MEAN) * 255.0
+    assert np.abs(pixels - np.round(pixels)).max() < 1e-3
+    np.testing.assert_array_equal(np.round(pixels).astype(np.uint8), pil_pixels(jpeg_dir / "2008_000005.jpg"))
+
+
+def test_decode_image_matches_pil_on_noise_and_reads_png(tmp_path):
+    """`pipeline.decode_image` on JPEGs written here (random noise, quality 90, 4:2:0 and 4:4:4, grey)."""
+    rng = np.random.default_rng(7)
+    cases = [("noise_420.jpg", rng.integers(0, 256, (45, 61, 3), dtype=np.uint8), {"subsampling": 2}),
+             ("noise_444.jpg", rng.integers(0, 256, (32, 48, 3), dtype=np.uint8), {"subsampling": 0}),
+             ("noise_grey.jpg", rng.integers(0, 256, (40, 40), dtype=np.uint8), {})]
+    for name, pixels, options in cases:
+        path = tmp_path / name
+        PIL.Image.fromarray(pixels).save(path, quality=90, **options)
+        reference = pil_pixels(path)
+        decoded = pipeline.decode_image(path.read_bytes()).numpy()
+        np.testing.assert_array_equal(decoded, reference, err_msg=name)
+        fast = tf.io.decode_jpeg(path.read_bytes(), channels=3).numpy()
+        assert not np.array_equal(fast, reference), name  # TensorFlow's default would fail this test
+    png = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    PIL.Image.fromarray(png).save(tmp_path / "lossless.png")
+    np.testing.assert_array_equal(pipeline.decode_image((tmp_path / "lossless.png").read_bytes()).numpy(), png)
 
 
 def test_tfds_voc2012_features_map_onto_ours(tmp_path):

@@ -141,3 +141,53 @@ def test_bad_arguments(data_dir):
         gd.input_pipeline("gain_shapes", "train", data_dir=data_dir, batch_size=0)
     with pytest.raises(ValueError, match="process_index 3 not in"):
         gd.input_pipeline("gain_shapes", "train", data_dir=data_dir, process_index=3, process_count=3)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_nothing_cached(data_dir, train):
+    """tfds auto-caches small sets; a training epoch (an endless stream left part-way) or an evaluation
+    stopped early would leave the cache partly read: TensorFlow then discards it with a warning."""
+    dataset = gd.make_dataset("gain_shapes", "validation", data_dir=data_dir, batch_size=8, train=train)
+    assert b"CacheDataset" not in dataset._as_serialized_graph().numpy()
+
+
+QUIET_SCRIPT = """
+import itertools, sys
+{prelude}
+import gain_jax.data as gd
+from gain_jax.data import shapes
+shapes.SPLIT_SIZES.update(train=64, validation=48, test_unbiased=16)  # a small build, still in the pipeline
+data_dir = sys.argv[1]
+# like train.py: the pipeline (built here on first use) re-created per epoch and left part-way
+for epoch in range(2):
+    for batch in itertools.islice(gd.input_pipeline("gain_shapes", "train", data_dir=data_dir, batch_size=16,
+                                                    seed=epoch), 2):
+        pass
+names = [n for b in gd.input_pipeline("gain_shapes", "validation", data_dir=data_dir, batch_size=64,
+                                      train=False) for n in b["filename"]]
+print("program output", len(names))
+"""
+LIBRARY_NOISE = ("absl::InitializeLog", "oneDNN", "cpu_feature_guard", "is deprecated", "Generating",
+                 "Shuffling", "Downloading and preparing", "downloaded and prepared", "did not fully read",
+                 "WARNING", "I0000", "W0000")
+
+
+def _run_script(prelude, data_dir):
+    import os
+    import subprocess
+    import sys
+    env = {key: value for key, value in os.environ.items() if key not in ("TF_CPP_MIN_LOG_LEVEL",)}
+    return subprocess.run([sys.executable, "-c", QUIET_SCRIPT.format(prelude=prelude), str(data_dir)],
+                          capture_output=True, text=True, env=env, timeout=600, check=True)
+
+
+def test_quiet_console_and_verbose(tmp_path):
+    """Importing gain_jax.data, building gain_shapes and reading it prints only what the program prints;
+    `quiet_libraries(verbose=True)` before the import brings the libraries' messages back."""
+    quiet = _run_script("", tmp_path / "tfds")
+    assert quiet.stdout == "program output 48\n"
+    assert not [noise for noise in LIBRARY_NOISE if noise in quiet.stderr], quiet.stderr[-3000:]
+    verbose = _run_script("from gain_jax import quiet; quiet.quiet_libraries(verbose=True)", tmp_path / "tfds")
+    assert verbose.stdout.endswith("program output 48\n")
+    assert "`FeatureConnector.dtype` is deprecated" in verbose.stderr  # tfds' warning, shown again
+    assert "did not fully read" not in verbose.stderr  # nothing cached, even with nothing filtered

@@ -6,8 +6,17 @@ and "gain_voc2012" (PASCAL VOC 2012 from local files in `manual_dir`; splits tra
 
     import gain_jax.data as gd
     batches = gd.input_pipeline("gain_voc2012", "train", manual_dir=..., image_size=224, batch_size=8)
+
+TensorFlow's and tfds' start-up logs, progress bars and deprecation warnings are silenced unless the program
+called `gain_jax.quiet.quiet_libraries(verbose=True)` before importing this package (see gain_jax.quiet).
 """
-import tensorflow as tf
+from gain_jax import quiet as _quiet
+
+_quiet.quiet_unless_chosen()
+with _quiet.filtered_import_stderr():
+    import tensorflow as tf
+    import tensorflow_datasets as _tfds  # noqa: F401  (imported here, inside the filter)
+_quiet.after_import()
 
 # JAX owns the accelerators: keep TensorFlow (a full, non-CPU build included) off them.
 try:

@@ -1,7 +1,8 @@
 """The tf.data input pipeline: tfds examples -> resized, augmented, normalized numpy batches.
 
-Per example: decode, resize to `image_size` x `image_size` (bilinear with antialiasing for the image, like
-torchvision's Resize; nearest for the mask), then in training AutoAugment (CIFAR10 policy) and a random
+Per example: decode (a JPEG with libjpeg's accurate integer IDCT: PIL's pixels, bit for bit), resize to
+`image_size` x `image_size` (bilinear with antialiasing for the image, like torchvision's Resize; nearest
+for the mask), then in training AutoAugment (CIFAR10 policy) and a random
 horizontal flip that move the mask with the image, then ImageNet mean/std normalization. Random draws are
 stateless, seeded by (seed, position in the stream): the same arguments give the same batches.
 """
@@ -14,6 +15,7 @@ from typing import Iterator, Optional
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from gain_jax import quiet
 from gain_jax.data import autoaugment as aa
 from gain_jax.data import shapes, voc
 
@@ -64,6 +66,26 @@ def _process_slot(process_index: Optional[int], process_count: Optional[int]) ->
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
     return int(process_index), int(process_count)
+
+
+def decode_image(encoded, channels: int = 3):
+    """Encoded image bytes -> uint8 [H, W, channels]. A JPEG is decoded with libjpeg's accurate integer IDCT
+    (and its default fancy upsampling), which gives PIL's `Image.open(path).convert("RGB")` pixels bit for
+    bit; TensorFlow's default (fast) IDCT is off by up to several grey levels. PNG, GIF, BMP as
+    `tf.io.decode_image` decodes them (first frame)."""
+    encoded = tf.convert_to_tensor(encoded, tf.string)
+    return tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.decode_jpeg(encoded, channels=channels, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(encoded, channels=channels, dtype=tf.uint8, expand_animations=False))
+
+
+@tfds.decode.make_decoder(output_dtype=tf.uint8)
+def _image_decoder(encoded, feature):
+    """tfds decoder of an Image feature through `decode_image` (tfds' own uses the fast IDCT)."""
+    image = decode_image(encoded, channels=feature.shape[-1])
+    image.set_shape(feature.shape)
+    return image
 
 
 def _common_features(name: str, num_classes: int):
@@ -120,18 +142,8 @@ def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image
     if num_epochs is None:
         num_epochs = -1 if train else 1  # -1: repeat forever
 
-    builder = tfds.builder(name, data_dir=data_dir)
-    if prepare:
-        own_builder = name in ("gain_shapes", "gain_voc2012")
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir, try_download_gcs=not own_builder))
-    index, count = _process_slot(process_index, process_count)
-    if count > 1:
-        split = tfds.split_for_jax_process(split, process_index=index, process_count=count)
-
-    dataset = builder.as_dataset(split=split, shuffle_files=train,
-                                 read_config=tfds.ReadConfig(shuffle_seed=seed))
-    dataset = dataset.map(_common_features(name, info.num_classes), num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = decoded_examples(name, split, data_dir=data_dir, manual_dir=manual_dir, train=train, seed=seed,
+                               process_index=process_index, process_count=process_count, prepare=prepare)
     if train:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.repeat(num_epochs).enumerate()
@@ -146,6 +158,32 @@ def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image
     dataset = dataset.map(prepare_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def decoded_examples(name: str, split: str, *, data_dir=None, manual_dir=None, train: bool = False,
+                     seed: int = 0, process_index: Optional[int] = None, process_count: Optional[int] = None,
+                     prepare: bool = True) -> tf.data.Dataset:
+    """The first stage of `make_dataset`: this process's examples of the split, one pass, decoded
+    (uint8 images at their stored size) and mapped onto image, labels, mask, has_mask, filename. In the
+    stored order unless `train`, which shuffles the files (seeded by `seed`)."""
+    info = dataset_info(name)
+    builder = tfds.builder(name, data_dir=data_dir)
+    if prepare:
+        own_builder = name in ("gain_shapes", "gain_voc2012")
+        with quiet.quiet_stdout():  # tfds prints "Downloading and preparing dataset ..." (shown if verbose)
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                manual_dir=manual_dir, try_download_gcs=not own_builder))
+    index, count = _process_slot(process_index, process_count)
+    if count > 1:
+        split = tfds.split_for_jax_process(split, process_index=index, process_count=count)
+
+    # No tfds auto-cache: it caches small data sets, and this stream is read past one pass only when it
+    # repeats; a training epoch stops part-way through an endless stream, an evaluation may stop early,
+    # and a partly read cache is thrown away with a warning ("did not fully read the dataset being
+    # cached") without ever being used. Each `make_dataset` is a new dataset, so no cache outlives it.
+    dataset = builder.as_dataset(split=split, shuffle_files=train, decoders={"image": _image_decoder()},
+                                 read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False))
+    return dataset.map(_common_features(name, info.num_classes), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_size: Optional[int] = None,

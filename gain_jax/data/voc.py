@@ -3,7 +3,9 @@
 `manual_dir` holds `VOCtrainval_11-May-2012.tar`, or the extracted `VOCdevkit/VOC2012` (manual_dir may
 also be `VOCdevkit` or `VOC2012` itself). Splits: train and validation, the ids of
 `ImageSets/Main/train.txt` and `val.txt`. Per example:
-  image     uint8 [H,W,3], the original JPEG bytes (validated by decoding them once at build time)
+  image     uint8 [H,W,3], the original JPEG bytes (validated by decoding them once at build time); the
+            input pipeline decodes them as PIL does (`pipeline.decode_image`), not with tfds' default
+            decoder, whose fast IDCT is off by a few grey levels
   labels    float32 multi-hot [20] of every annotated object, difficult ones included
   labels_no_difficult  float32 multi-hot [20] without the difficult objects
   objects   label, bbox (normalized ymin, xmin, ymax, xmax), is_difficult, is_truncated
