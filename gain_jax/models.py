@@ -42,6 +42,8 @@ __all__ = [
     "Bottleneck",
     "SmallCNN",
     "adaptive_avg_pool",
+    "cam_layer_size",
+    "min_image_size",
     "build_model",
     "torch_linear_init",
     "VGG_CFGS",
@@ -374,6 +376,30 @@ class SmallCNN(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+
+def cam_layer_size(name: str, image_size: int) -> int:
+    """Side of the Grad-CAM layer (`features` output) for a square `image_size` input; 0 when the input is
+    too small for the backbone (VGG's five 2x2 max-pools floor to nothing below 32 pixels)."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(MODEL_NAMES)}")
+    if name in VGG_CFGS:
+        return image_size // 32
+    if name in RESNET_CFGS:
+        size = image_size
+        for _ in range(5):  # the stem conv, the max-pool and three strided stages each halve, rounding up
+            size = -(-size // 2)
+        return size
+    return image_size // 2 ** (len(SMALL_CNN_WIDTHS) - 1)
+
+
+def min_image_size(name: str) -> int:
+    """The smallest square input whose Grad-CAM layer is at least 2x2: below it the min-max scaled map of a
+    single cell is 0 everywhere, and GAIN's mask is constant."""
+    size = 1
+    while cam_layer_size(name, size) < 2:
+        size += 1
+    return size
+
 
 def build_model(name: str, num_classes: int, dropout_rate: float = 0.5, *,
                 param_dtype: Dtype = jnp.float32) -> nn.Module:

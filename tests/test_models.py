@@ -268,3 +268,18 @@ def test_frozen_train_mode_needs_no_mutable_state_and_no_rng_without_dropout():
     variables = _variables(model, images, "small_cnn")
     frozen = model.apply(variables, images, train=True, freeze_bn=True)
     np.testing.assert_allclose(frozen, model.apply(variables, images), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_cam_layer_size_matches_the_model_and_min_image_size_gives_two_cells(name):
+    from gain_jax.models import cam_layer_size, min_image_size
+
+    model = build_model(name, num_classes=3)
+    for size in (min_image_size(name) - 1, min_image_size(name), 70):
+        if cam_layer_size(name, size) == 0:
+            continue  # too small to build; train.py refuses such sizes by min_image_size
+        feats = jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x, method="features")[0],
+                               jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+        assert feats.shape[1:3] == (cam_layer_size(name, size),) * 2, (size, feats.shape)
+    assert cam_layer_size(name, min_image_size(name)) == 2
+    assert cam_layer_size(name, min_image_size(name) - 1) < 2
