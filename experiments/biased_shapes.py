@@ -7,8 +7,9 @@ instead of a background that correlates with the class?
 
 Data: the embedded "gain_shapes" set (64x64, 6 shape classes; in train and validation each image's background
 texture is that of its first object's class 90% of the time, in test_unbiased it is independent of the classes).
-Methods, each trained by `train.py` in a subprocess (the single source of truth for the training loop) with the
-same seeds, so that the runs of one seed share their initialization, data order and classification-only epochs:
+Methods, each trained in this process by `gain_jax.train_loop.train_and_evaluate` (the loop train.py runs), one
+run at a time, with the same seeds, so that the runs of one seed share their initialization, data order and
+classification-only epochs:
 
     baseline   classification only: --am_weight 0 --ex_weight 0 (attention mining never switched on:
                --pretrain_epochs = --epochs, which skips computing a stream whose weight is 0)
@@ -18,28 +19,29 @@ same seeds, so that the runs of one seed share their initialization, data order 
 
 Reported per method: mean and sample standard deviation (ddof=1) over the seeds of validation mAP (biased, like
 train), test_unbiased mAP, and on test_unbiased the CAM mIoU and pointing-game accuracy of the ground-truth
-classes' Grad-CAMs. Each run's metrics.json is read back; the summary goes to <out>/biased_shapes.json and
+classes' Grad-CAMs. Each run's history (its metrics.json) is kept; the summary goes to <out>/biased_shapes.json and
 <out>/biased_shapes.md, the figure (bars with error bars, and the first seed's heatmaps on unbiased test images)
 to <out>/biased_shapes.png.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import platform
+import resource
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
 
+from gain_jax import config as run_config
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_PY = os.path.join(REPO_ROOT, "train.py")
-sys.path.insert(0, REPO_ROOT)  # gain_jax from this checkout, for the figure
 METHODS = ("baseline", "GAIN", "GAIN_ext")
 # (key in the summary, split in metrics.json, metric in that split, column title)
 METRICS = (
@@ -70,21 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the runs (logs, metrics.json, checkpoints) go")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "experiments", "results"),
                    help="where the summary (json, md) and the figure go")
-    p.add_argument("--jobs", type=int, default=2,
-                   help="train.py runs at a time: 2 overlaps one run's single-threaded parts (start-up, compilation, "
-                        "evaluation bookkeeping) with another's training on a 2-core machine")
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs whose settings match instead of training them again")
     p.add_argument("--heatmap_images", type=int, default=6, help="unbiased test images in the figure")
     p.add_argument("--train_arg", action="append", default=[], metavar="FLAG",
-                   help="extra flag passed to every train.py run (repeat; e.g. --train_arg=--autoaugment)")
+                   help="extra train.py flag for every run (repeat; e.g. --train_arg=--autoaugment, "
+                        "--train_arg=--cam=gradcam_pp)")
     return p
 
 
 def check_args(args, parser) -> None:
     if not args.seeds:
         parser.error("--seeds needs at least one seed")
-    for flag in ("epochs", "steps_per_epoch", "batch_size", "jobs"):
+    for flag in ("epochs", "steps_per_epoch", "batch_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not 0 <= args.pretrain_epochs < args.epochs:
@@ -93,8 +93,10 @@ def check_args(args, parser) -> None:
         parser.error(f"--ex_fraction must be in (0, 1], got {args.ex_fraction}")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         parser.error(f"--data_dir {args.data_dir} does not exist")
-    if not os.path.isfile(TRAIN_PY):
-        parser.error(f"{TRAIN_PY} not found: run from a gain-jax checkout")
+    try:
+        extra_train_flags(args)
+    except run_config.ConfigError as error:
+        parser.error(f"--train_arg: {error}")
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -108,17 +110,37 @@ def method_flags(method: str, args) -> list[str]:
     return flags + ["--ex_weight", f"{args.ex_weight:g}", "--ex_fraction", f"{args.ex_fraction:g}"]
 
 
-def run_command(method: str, seed: int, args) -> list[str]:
-    command = [sys.executable, TRAIN_PY, "--dataset", "gain_shapes", "--backbone", "small_cnn",
-               "--logdir", args.logdir, "--run_name", run_name(method, seed), "--seed", str(seed),
-               "--epochs", str(args.epochs), "--steps_per_epoch", str(args.steps_per_epoch),
-               "--batch_size", str(args.batch_size), "--lr", f"{args.lr:g}",
-               # checkpoint only the end (the figure reads it); no per-epoch heatmap PNGs (the figure makes its own)
-               "--checkpoint_every", str(args.epochs), "--keep", "1", "--num_heatmaps", "0"]
-    command += method_flags(method, args)
+def run_flags(method: str, seed: int, args) -> list[str]:
+    """The train.py flags of one run (the record shows them as commands that rerun it)."""
+    flags = ["--dataset", "gain_shapes", "--backbone", "small_cnn", "--logdir", args.logdir,
+             "--run_name", run_name(method, seed), "--seed", str(seed), "--epochs", str(args.epochs),
+             "--steps_per_epoch", str(args.steps_per_epoch), "--batch_size", str(args.batch_size),
+             "--lr", f"{args.lr:g}",
+             # checkpoint only the end (the figure reads it); no per-epoch heatmap PNGs (the figure makes its own)
+             "--checkpoint_every", str(args.epochs), "--keep", "1", "--num_heatmaps", "0"]
+    flags += method_flags(method, args)
     if args.data_dir:
-        command += ["--data_dir", args.data_dir]
-    return command + list(args.train_arg)
+        flags += ["--data_dir", args.data_dir]
+    return flags + list(args.train_arg)
+
+
+def flags_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="--train_arg", add_help=False, exit_on_error=False)
+    run_config.add_flags(parser)
+    return parser
+
+
+def extra_train_flags(args) -> None:
+    """Check the --train_arg flags early (they must be train.py's config flags)."""
+    try:
+        flags_parser().parse_args(args.train_arg)
+    except argparse.ArgumentError as error:
+        raise run_config.ConfigError(str(error)) from None
+
+
+def run_config_of(method: str, seed: int, args) -> run_config.Config:
+    """The run's config, from the same flags as train.py would parse."""
+    return run_config.config_from_flags(flags_parser().parse_args(run_flags(method, seed, args)))
 
 
 def run_name(method: str, seed: int) -> str:
@@ -130,7 +152,8 @@ def run_dir(method: str, seed: int, args) -> str:
 
 
 def finished_metrics(method: str, seed: int, args) -> dict | None:
-    """The run's metrics.json when it finished with the flags this invocation asks for, else None."""
+    """The run's metrics.json when it finished with the settings this invocation asks for, else None.
+    Settings the run resolved (image size) and where things are (data dir, log paths) are not compared."""
     path = os.path.join(run_dir(method, seed, args), "metrics.json")
     if not os.path.isfile(path):
         return None
@@ -138,13 +161,18 @@ def finished_metrics(method: str, seed: int, args) -> dict | None:
         metrics = json.load(handle)
     if metrics.get("status") != "finished":
         return None
-    expected = parse_train_flags(run_command(method, seed, args)[2:])
-    config = metrics.get("config", {})
-    for key, value in expected.items():
-        if key in ("logdir",):
+    wanted = run_config.config_to_dict(run_config_of(method, seed, args))
+    saved = metrics.get("config", {})
+    for section, values in wanted.items():
+        if section == "log":
             continue
-        if key in config and str(config[key]) != value and not _same_number(config[key], value):
-            return None
+        if not isinstance(saved.get(section), dict):
+            return None  # an earlier layout: train again
+        for key, value in values.items():
+            if key in ("data_dir", "manual_dir") or value is None:
+                continue
+            if saved[section].get(key) != value and not _same_number(saved[section].get(key), value):
+                return None
     return metrics
 
 
@@ -155,97 +183,55 @@ def _same_number(a, b) -> bool:
         return False
 
 
-def parse_train_flags(flags: list[str]) -> dict:
-    parsed, i = {}, 0
-    while i < len(flags):
-        name = flags[i].lstrip("-")
-        if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
-            parsed[name], i = flags[i + 1], i + 2
-        else:
-            parsed[name], i = "True", i + 1
-    return parsed
+def process_cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
-def prepare_dataset(args) -> None:
-    """Build the tfds set once before parallel runs would race to build it."""
-    code = ("import gain_jax.data as gd; "
-            f"gd.make_dataset('gain_shapes', 'train', data_dir={args.data_dir!r}, batch_size=1, train=False)")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True,
-                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+def train_one(method: str, seed: int, args) -> tuple[dict, float, float]:
+    """Train one run in this process, its output in <logdir>/<run name>.log; (history, wall s, CPU s)."""
+    from gain_jax.train_loop import train_and_evaluate
 
-
-def launch(method: str, seed: int, args):
     directory = run_dir(method, seed, args)
     if os.path.isdir(directory):
         print(f"  removing the unfinished or different earlier run {directory}", flush=True)
         shutil.rmtree(directory)
     os.makedirs(args.logdir, exist_ok=True)
     log_path = os.path.join(args.logdir, f"{run_name(method, seed)}.log")
-    log = open(log_path, "w")
-    command = run_command(method, seed, args)
-    log.write(" ".join(command) + "\n")
-    log.flush()
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    return process, log, log_path, time.time()
-
-
-def tail(path: str, lines: int = 15) -> str:
-    with open(path, errors="replace") as handle:
-        text = handle.read().replace("\r", "\n")
-    kept = [line for line in text.splitlines() if line.strip() and "it/s" not in line and "s/it" not in line]
-    return "\n".join(kept[-lines:])
+    config = run_config_of(method, seed, args)
+    started, cpu_started = time.time(), process_cpu_seconds()
+    with open(log_path, "w") as log:
+        log.write(" ".join(["python", "train.py"] + run_flags(method, seed, args)) + "\n")
+        log.flush()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                _, history = train_and_evaluate(config)
+        except run_config.RunError as error:
+            raise SystemExit(f"biased_shapes: {method} seed {seed} failed: {error}; log {log_path}") from None
+    if history["status"] != "finished":
+        raise SystemExit(f"biased_shapes: {method} seed {seed} {history['status']}; log {log_path}")
+    return history, time.time() - started, process_cpu_seconds() - cpu_started
 
 
 def run_all(args) -> tuple[dict, dict, dict]:
     """{(method, seed): metrics}, {(method, seed): wall seconds} and {(method, seed): CPU seconds (user + system
-    of the train.py process)}; both None for reused runs."""
-    results, seconds, cpu_seconds = {}, {}, {}
-    pending = []
+    of this process during the run)}; both None for reused runs. One run at a time."""
+    results, seconds, cpu = {}, {}, {}
     for seed in args.seeds:
         for method in args.methods:
+            key = (method, seed)
             metrics = finished_metrics(method, seed, args) if args.reuse else None
             if metrics is not None:
-                results[(method, seed)], seconds[(method, seed)], cpu_seconds[(method, seed)] = metrics, None, None
+                results[key], seconds[key], cpu[key] = metrics, None, None
                 print(f"  reusing {run_dir(method, seed, args)}", flush=True)
-            else:
-                pending.append((method, seed))
-    if pending and args.jobs > 1:
-        prepare_dataset(args)
-    running = []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            method, seed = pending.pop(0)
-            print(f"  training {method}, seed {seed}: {' '.join(run_command(method, seed, args)[1:])}", flush=True)
-            running.append(((method, seed),) + launch(method, seed, args))
-        time.sleep(2)
-        for entry in list(running):
-            (method, seed), process, log, log_path, started = entry
-            # os.wait4 instead of poll(): the child's CPU time is a load-independent measure of its cost
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid == 0:
                 continue
-            process.returncode = os.waitstatus_to_exitcode(status)
-            running.remove(entry)
-            log.close()
-            elapsed = time.time() - started
-            cpu_seconds[(method, seed)] = usage.ru_utime + usage.ru_stime
-            if process.returncode != 0:
-                for _, other, other_log, _, _ in running:
-                    other.terminate()
-                    other.wait()
-                    other_log.close()
-                raise SystemExit(f"biased_shapes: train.py failed for {method} seed {seed} (exit "
-                                 f"{process.returncode}); log {log_path}, last lines:\n{tail(log_path)}")
-            metrics = finished_metrics(method, seed, args)
-            if metrics is None:
-                raise SystemExit(f"biased_shapes: {method} seed {seed} exited 0 but left no finished metrics.json "
-                                 f"with the requested settings in {run_dir(method, seed, args)}")
-            results[(method, seed)], seconds[(method, seed)] = metrics, elapsed
-            values = ", ".join(f"{title} {metric_value(metrics, key):.3f}" for key, *_, title in METRICS)
-            print(f"  done {method}, seed {seed} in {elapsed:.0f} s ({cpu_seconds[(method, seed)]:.0f} CPU s): "
-                  f"{values}", flush=True)
-    return results, seconds, cpu_seconds
+            print(f"  training {method}, seed {seed}: train.py {' '.join(run_flags(method, seed, args))}", flush=True)
+            results[key], seconds[key], cpu[key] = train_one(method, seed, args)
+            values = ", ".join(f"{title} {metric_value(results[key], name):.3f}" for name, *_, title in METRICS)
+            print(f"  done {method}, seed {seed} in {seconds[key]:.0f} s ({cpu[key]:.0f} CPU s): {values}",
+                  flush=True)
+    return results, seconds, cpu
 
 
 def metric_value(metrics: dict, key: str) -> float:
@@ -305,12 +291,13 @@ def machine_line() -> str:
 
 def example_heatmaps(args, count: int):
     """Unbiased test images (one per class of their first label, as far as possible) and, per method, the
-    first seed's normalized Grad-CAM of each image's first ground-truth class."""
-    import jax  # noqa: PLC0415 - only for the figure, after the runs
+    first seed's normalized CAM (the run's method, Grad-CAM by default) of each image's first ground-truth
+    class."""
+    import jax  # only for the figure
 
-    import gain_jax as gj  # noqa: PLC0415
-    import gain_jax.data as gd  # noqa: PLC0415 - TensorFlow (no torch in this process)
-    from gain_jax import checkpoint  # noqa: PLC0415
+    import gain_jax as gj
+    import gain_jax.data as gd  # TensorFlow (no torch in this process)
+    from gain_jax import checkpoint
 
     info = gd.dataset_info("gain_shapes")
     batch = next(gd.input_pipeline("gain_shapes", "test_unbiased", data_dir=args.data_dir, batch_size=64,
@@ -334,7 +321,8 @@ def example_heatmaps(args, count: int):
         if step is None:
             raise SystemExit(f"biased_shapes: no checkpoint in {run_dir(method, seed, args)}/checkpoints")
         variables = checkpoint.restore_variables(checkpoint.open_manager(checkpoint_dir), step)
-        _, cams = jax.jit(lambda v, x: gj.class_cams(model, v, x))(variables, images)
+        gain_cfg = run_config_of(method, seed, args).gain  # the run's CAM method
+        _, cams = gj.class_cams(model, variables, jax.numpy.asarray(images), gain_cfg)
         maps[method] = np.asarray(cams)[np.arange(len(chosen)), classes]
     captions = [" + ".join(info.class_names[c] for c in np.flatnonzero(row > 0))
                 for row in np.asarray(batch["labels"])[chosen]]
@@ -342,12 +330,12 @@ def example_heatmaps(args, count: int):
 
 
 def make_figure(summary: dict, args, path: str) -> int:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # only for the figure (checked at the start)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
-    from gain_jax import viz  # noqa: PLC0415
+    from gain_jax import viz
 
     images, maps, cam_classes, captions = example_heatmaps(args, args.heatmap_images)
     columns = len(images)
@@ -437,7 +425,7 @@ def main(argv=None) -> int:
         "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]) if argv is None else None,
         "machine": machine_line(),
         "settings": {key: value for key, value in vars(args).items() if key not in ("logdir", "out")},
-        "train_commands": {run_name(m, s): " ".join(["python", "train.py"] + run_command(m, s, args)[2:])
+        "train_commands": {run_name(m, s): " ".join(["python", "train.py"] + run_flags(m, s, args))
                            for m in args.methods for s in args.seeds},
         "summary": summary,
         "per_run": {run_name(m, s): {"seconds": seconds[(m, s)], "cpu_seconds": cpu_seconds[(m, s)],

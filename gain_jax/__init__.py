@@ -12,3 +12,4 @@ from gain_jax.variants import AM_FORWARDS, AM_SCORES, CAM_METHODS, MASK_FUNCTION
 from gain_jax.training import TrainState, class_cams, create_train_state, make_eval_step, make_train_step
 
 __version__ = "0.1.0"
+from gain_jax.config import Config, ConfigError, RunError  # a training run's settings (gain_jax.config)

@@ -8,7 +8,8 @@ A checkpoint step (the global train step) holds two items:
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np

@@ -1,11 +1,12 @@
-"""Look at what a trained model attends to: Grad-CAM heatmap overlays for your own images.
+"""Look at what a trained model attends to: class activation map (CAM) overlays for your own images.
 
     python -m gain_jax.explain --checkpoint runs/<run>/checkpoints photo.jpg other.png
     python -m gain_jax.explain --checkpoint runs/<run> --classes cat,dog --out_dir cams photo.jpg
 
 Loads the newest checkpoint of a train.py run (or --step) and the config saved with it (backbone, classes,
-image size, normalization), and writes one PNG per image and class: the class's min-max normalized
-Grad-CAM, jet-coloured and blended with the original picture (at the picture's own resolution).
+image size, normalization, CAM method), and writes one PNG per image and class: the class's min-max normalized
+CAM (the run's method; Grad-CAM by default), jet-coloured and blended with the original picture (at the
+picture's own resolution).
 Without --classes, the --top classes by predicted probability are shown.
 
 No TensorFlow here: images are read and resized with PIL (bilinear, antialiased, like the training
@@ -17,7 +18,7 @@ import argparse
 import os
 import re
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -81,10 +82,11 @@ def safe_name(text: str) -> str:
 
 
 def explain(args) -> list[str]:
-    import jax  # noqa: PLC0415 - keep `--help` fast
+    import jax  # deferred: keeps `--help` fast
 
-    import gain_jax as gj  # noqa: PLC0415
-    from gain_jax import checkpoint, viz  # noqa: PLC0415
+    import gain_jax as gj
+    from gain_jax import checkpoint, viz
+    from gain_jax.config import ConfigError, config_from_dict
 
     if args.top < 1:
         raise ExplainError(f"--top must be >= 1, got {args.top}")
@@ -97,18 +99,25 @@ def explain(args) -> list[str]:
     step = max(steps) if args.step is None else args.step
     if step not in steps:
         raise ExplainError(f"no checkpoint step {step} in {directory}; steps: {', '.join(map(str, sorted(steps)))}")
-    config = checkpoint.read_meta(manager, step)["config"]
-    class_names = list(config["class_names"])
+    record = checkpoint.read_meta(manager, step)["config"]
+    try:
+        config = config_from_dict(record)  # the nested layout of train_loop, or the flat one of earlier runs
+    except ConfigError as error:
+        raise ExplainError(f"checkpoint {directory} step {step}: {error}") from None
+    class_names = list(record["class_names"])
     wanted = [name.strip() for name in args.classes.split(",") if name.strip()] if args.classes else None
     if wanted:
         choose_classes(np.zeros(len(class_names)), class_names, wanted, args.top)  # check the names early
-    size = int(config["image_size"])
-    model = gj.build_model(config["backbone"], num_classes=len(class_names), dropout_rate=config.get("dropout", 0.0))
+    size = config.data.image_size
+    if size is None:
+        raise ExplainError(f"checkpoint {directory} step {step} does not record its image size")
+    model = gj.build_model(config.train.backbone, num_classes=len(class_names), dropout_rate=config.train.dropout)
     variables = checkpoint.restore_variables(manager, step)
 
-    logits_and_cams = jax.jit(lambda batch: gj.class_cams(model, variables, batch))
-    mean = config.get("image_mean") or viz.IMAGENET_MEAN
-    std = config.get("image_std") or viz.IMAGENET_STD
+    # the run's CAM method (config.gain.cam), as in its evaluation
+    logits_and_cams = jax.jit(lambda batch: gj.class_cams(model, variables, batch, config.gain))
+    mean = record.get("image_mean") or viz.IMAGENET_MEAN
+    std = record.get("image_std") or viz.IMAGENET_STD
     os.makedirs(args.out_dir, exist_ok=True)
     written = []
     for path, image in zip(args.images, images):

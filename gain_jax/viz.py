@@ -5,7 +5,7 @@ numpy + PIL only: runs wherever the core runs (no TF, no torch, no matplotlib ne
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -93,3 +93,17 @@ def save_png(path: str, image_uint8: np.ndarray) -> None:
     temporary = path + ".tmp"
     Image.fromarray(np.asarray(image_uint8, np.uint8)).save(temporary, format="PNG")
     os.replace(temporary, path)
+
+
+def prediction_captions(labels: np.ndarray, logits: np.ndarray, class_names: Sequence[str]) -> list[str]:
+    """One caption per image for a heatmap grid: its ground-truth classes, the class its attention map
+    shows (the top-scoring one, attended in evaluation) and as many top predictions (with sigmoid
+    probabilities) as it has labels."""
+    probabilities = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+    captions = []
+    for row_labels, row_probabilities in zip(np.asarray(labels), probabilities):
+        truth = [class_names[c] for c in np.flatnonzero(row_labels > 0)]
+        top = np.argsort(-row_probabilities, kind="stable")[:max(1, len(truth))]
+        predicted = [f"{class_names[c]} {row_probabilities[c]:.2f}" for c in top]
+        captions.append(f"gt: {', '.join(truth)} | cam: {class_names[top[0]]}\npred: {', '.join(predicted)}")
+    return captions

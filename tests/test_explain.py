@@ -12,6 +12,7 @@ from PIL import Image
 
 import gain_jax as gj
 from gain_jax import checkpoint, explain, viz
+from gain_jax.config import Config, DataConfig, TrainConfig, config_to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = ["circle", "square", "triangle"]
@@ -53,18 +54,29 @@ def test_save_png_leaves_no_temporary_file(tmp_path):
     assert np.asarray(Image.open(path)).max() == 7
 
 
-@pytest.fixture(scope="module")
-def run_checkpoint(tmp_path_factory):
-    """A small_cnn checkpoint with the meta record train.py writes."""
-    directory = tmp_path_factory.mktemp("run") / "checkpoints"
+def save_run_checkpoint(directory, config: dict):
+    """A small_cnn checkpoint (step 5) with `config` as the meta record's config."""
     model = gj.build_model("small_cnn", num_classes=len(CLASS_NAMES), dropout_rate=0.0)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     state = gj.create_train_state(variables, optax.adam(1e-3))
     manager = checkpoint.open_manager(str(directory))
-    config = {"backbone": "small_cnn", "class_names": CLASS_NAMES, "image_size": 32, "dropout": 0.0,
-              "image_mean": list(viz.IMAGENET_MEAN), "image_std": list(viz.IMAGENET_STD)}
     checkpoint.save(manager, 5, state, {"epoch": 1, "step_in_epoch": 0, "global_step": 5, "config": config})
     manager.wait_until_finished()
+    return model, variables
+
+
+def run_config_record(cam: str = "gradcam") -> dict:
+    """The config record of gain_jax.train_loop: the config by section, then the derived facts."""
+    config = Config(gain=gj.GainConfig(cam=cam), data=DataConfig(image_size=32), train=TrainConfig(dropout=0.0))
+    return {**config_to_dict(config), "num_classes": len(CLASS_NAMES), "class_names": CLASS_NAMES,
+            "image_mean": list(viz.IMAGENET_MEAN), "image_std": list(viz.IMAGENET_STD)}
+
+
+@pytest.fixture(scope="module")
+def run_checkpoint(tmp_path_factory):
+    """A small_cnn checkpoint with the meta record the training loop writes."""
+    directory = tmp_path_factory.mktemp("run") / "checkpoints"
+    model, variables = save_run_checkpoint(directory, run_config_record())
     return directory, model, variables
 
 
@@ -92,6 +104,27 @@ def test_explain_top_classes_match_the_model(run_checkpoint, photo, tmp_path, ca
     assert f"{CLASS_NAMES[top[0]]} p=" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("layout", ["nested, gradcam_pp", "flat (earlier runs)"])
+def test_explain_uses_the_runs_config_layout_and_cam_method(layout, photo, tmp_path):
+    if layout.startswith("nested"):
+        record, gain_cfg = run_config_record(cam="gradcam_pp"), gj.GainConfig(cam="gradcam_pp")
+    else:
+        record = {"backbone": "small_cnn", "class_names": CLASS_NAMES, "image_size": 32, "dropout": 0.0,
+                  "fill": "0", "image_mean": list(viz.IMAGENET_MEAN), "image_std": list(viz.IMAGENET_STD)}
+        gain_cfg = gj.GainConfig()
+    model, variables = save_run_checkpoint(tmp_path / "checkpoints", record)
+    written = explain.explain(explain.build_parser().parse_args(
+        ["--checkpoint", str(tmp_path), "--classes", "square", "--out_dir", str(tmp_path / "out"), str(photo)]))
+    image = explain.load_image(str(photo))
+    batch = viz.normalize(explain.resize_image(image, 32))[None]
+    _, cams = gj.class_cams(model, variables, jnp.asarray(batch), gain_cfg)
+    if gain_cfg.cam != "gradcam":  # the method matters for this image: the check below tells them apart
+        _, grad_cams = gj.class_cams(model, variables, jnp.asarray(batch), gj.GainConfig())
+        assert np.abs(np.asarray(cams)[0, 1] - np.asarray(grad_cams)[0, 1]).max() > 0.05
+    expected = viz.overlay(image, explain.resize_map(np.asarray(cams)[0, 1], *image.shape[:2]))
+    assert np.abs(np.asarray(Image.open(written[0])).astype(int) - expected).max() <= 1
+
+
 def test_explain_cli_errors_are_one_line(run_checkpoint, photo, tmp_path, capsys):
     directory = str(run_checkpoint[0])
 
@@ -108,6 +141,7 @@ def test_explain_cli_errors_are_one_line(run_checkpoint, photo, tmp_path, capsys
 
 
 def test_explain_imports_no_tensorflow_or_torch():
-    code = "import sys, gain_jax.explain, gain_jax.checkpoint; print('tensorflow' in sys.modules, 'torch' in sys.modules)"
+    code = ("import sys, gain_jax.explain, gain_jax.checkpoint; "
+            "print('tensorflow' in sys.modules, 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["False", "False"], result.stderr[-2000:]

@@ -55,7 +55,8 @@ def run_train(args, compile_cache, devices=1, timeout=400):
 
 
 def check_ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
+                                    f"stderr:\n{result.stderr[-3000:]}")
 
 
 def read_metrics(logdir, run_name):
@@ -102,7 +103,9 @@ def test_tiny_run_writes_metrics_checkpoints_events_and_heatmaps(uninterrupted):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
     assert sorted(os.listdir(os.path.join(run_dir, "heatmaps"))) == ["step_0000002.png", "step_0000004.png"]
     with open(os.path.join(run_dir, "config.json")) as handle:
-        assert json.load(handle)["backbone"] == "small_cnn"
+        config = json.load(handle)
+    assert config["train"]["backbone"] == "small_cnn" and config["data"]["image_size"] == 32
+    assert config == metrics["config"]
     # the closing table names both splits and where everything went
     assert "test_unbiased (pre-trained)" in result.stdout
     assert "CAM mIoU@0.5" in result.stdout
@@ -175,7 +178,11 @@ def test_non_finite_loss_stops_with_the_step_named(shapes_data_dir, compile_cach
     message = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(message) == 1 and "loss is nan at step 2 (epoch 1)" in message[0], result.stderr[-2000:]
     assert "last good checkpoint: none" in message[0]
-    assert read_metrics(tmp_path, "nan")["status"] == "non-finite loss at step 2"
+    metrics = read_metrics(tmp_path, "nan")
+    assert metrics["status"] == "non-finite loss at step 2"
+    # metrics read back every --log_every (10) steps: the NaN is still found at its own step, and the
+    # steps before it are kept
+    assert [r["step"] for r in metrics["steps"]] == [1]
 
 
 def test_explain_writes_overlays_from_the_run_checkpoint(uninterrupted, compile_cache, tmp_path):
@@ -191,6 +198,36 @@ def test_explain_writes_overlays_from_the_run_checkpoint(uninterrupted, compile_
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(os.listdir(out_dir)) == ["photo_cross.png", "photo_ring.png"]
     assert Image.open(out_dir / "photo_ring.png").size == (50, 40)  # the picture's own resolution
+
+
+def test_config_file_with_overrides_reruns_a_saved_run(uninterrupted, compile_cache, tmp_path):
+    ref_dir = os.path.join(uninterrupted[0], "ref")
+    result = run_train(["--config", os.path.join(ref_dir, "config.json"), "--logdir", str(tmp_path),
+                        "--run_name", "again", "--epochs", "1", "--stop_after", "1"], compile_cache)
+    check_ok(result)
+    with open(os.path.join(tmp_path, "again", "config.json")) as handle:
+        config = json.load(handle)
+    # the flags given override the file, the rest comes from it
+    assert config["train"]["epochs"] == 1 and config["log"]["run_name"] == "again"
+    assert config["train"]["batch_size"] == 8 and config["eval"]["eval_examples"] == 16
+    metrics = read_metrics(tmp_path, "again")
+    assert metrics["status"] == "stopped after 1 steps"
+    reference = step_losses(read_metrics(uninterrupted[0], "ref"))
+    np.testing.assert_array_equal(step_losses(metrics), reference[:1])
+
+
+def test_help_lists_every_flag_with_its_help_and_default():
+    from gain_jax.config import Config, sections
+
+    result = subprocess.run([sys.executable, TRAIN, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())
+    for section in sections(Config()).values():
+        for field in section.__dataclass_fields__.values():
+            assert f"--{field.name}" in text and " ".join(field.metadata["help"].split()) in text, field.name
+    for flag in ("--config JSON", "--resume", "--stop_after", "--coordinator_address"):
+        assert flag in text
+    assert "(default: 0.001)" in text and "(default: small_cnn)" in text
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -211,9 +248,19 @@ def test_error_missing_data_dir(compile_cache, tmp_path):
     assert_clean_error(result, tmp_path, "data dir", missing, "does not exist")
 
 
+def test_error_invalid_value_names_the_flag(shapes_data_dir, compile_cache, tmp_path):
+    result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--sigma", "-1"], compile_cache)
+    assert_clean_error(result, tmp_path, "train.py: error: --sigma must be in [0, 1], got -1.0")
+    assert result.returncode == 1
+    missing = str(tmp_path / "none.json")
+    result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--config", missing], compile_cache)
+    assert_clean_error(result, tmp_path, f"--config {missing}")
+
+
 def test_error_unknown_backbone(shapes_data_dir, compile_cache, tmp_path):
     result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--backbone", "vgg99"], compile_cache)
-    assert_clean_error(result, tmp_path, "unknown backbone 'vgg99'", "small_cnn")
+    assert_clean_error(result, tmp_path, "--backbone", "invalid choice: 'vgg99'", "small_cnn")
+    assert result.returncode == 2  # argparse's status for a bad flag, as before
 
 
 def test_error_batch_size_not_divisible_by_devices(shapes_data_dir, compile_cache, tmp_path):

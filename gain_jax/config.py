@@ -1,0 +1,413 @@
+"""The configuration of a training run, single-sourced: dataclasses whose field metadata generates the
+command-line flags, the `--help` text, the JSON layout of config.json and the checks.
+
+    from gain_jax.config import Config, TrainConfig
+    config = Config(train=TrainConfig(epochs=3)).validate()
+    config_to_dict(config)          # {"gain": {...}, "data": {...}, "train": {...}, "eval": {...}, "log": {...}}
+
+A `Config` has five sections: `gain` (`gain_jax.GainConfig`: what GAIN computes), `data`, `train`, `eval`
+and `log`. Every field carries `metadata["help"]`; optional metadata: "choices" (a tuple, or a registry
+dict whose keys are the names), "range" ((low, high), either None for no bound), "metavar", and
+"resume": "must_match" for the fields a resumed run must share with the checkpoint it continues.
+Flag names are the field names (`--lr`, `--sigma`): they are unique across sections.
+
+No TensorFlow and no torch here: this module belongs to the core.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from gain_jax.gain import GainConfig
+from gain_jax.models import MODEL_NAMES
+
+MUST_MATCH = "must_match"
+# GainConfig lives in gain.py; these of its fields change the program or the batches of a run, so a
+# resumed run must keep them (used when GainConfig's own metadata does not say "resume").
+GAIN_RESUME_MUST_MATCH = ("mode", "max_labels")
+DATASETS = ("gain_shapes", "gain_voc2012")
+
+
+class RunError(Exception):
+    """A one-line reason why a run cannot go on, caused by its settings or its files (train.py prints it
+    as `train.py: error: ...` and exits 1)."""
+
+
+class ConfigError(RunError, ValueError):
+    """A setting that is invalid on its own; the message names the flag (`--sigma must be ...`)."""
+
+
+def _field(default, help: str, **metadata):
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which data set, where it is, and how training images are prepared."""
+
+    dataset: str = _field("gain_shapes", "tfds builder: the embedded synthetic set, or VOC 2012 from local files",
+                          choices=DATASETS, resume=MUST_MATCH)
+    data_dir: str | None = _field(None, "tfds data dir (must exist; the prepared data set is written there). "
+                                        "Default: tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR)")
+    manual_dir: str | None = _field(None, "gain_voc2012: folder with VOCtrainval_11-May-2012.tar or "
+                                          "VOCdevkit/VOC2012")
+    image_size: int | None = _field(None, "square input size; default 64 for gain_shapes, 224 for gain_voc2012",
+                                    range=(8, None), resume=MUST_MATCH)
+    autoaugment: bool = _field(False, "AutoAugment (torchvision's CIFAR10 policy, as upstream) + horizontal flip "
+                                      "on training images", resume=MUST_MATCH)
+    ex_fraction: float = _field(1.0, "fraction of training images whose masks feed the extra-supervision loss "
+                                     "(GAIN_ext); selected per image from a hash of (seed, filename), the same "
+                                     "in every epoch", range=(0.0, 1.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Model, initialization, optimizer and schedule."""
+
+    backbone: str = _field("small_cnn", "network: vgg16, vgg19, resnet18, resnet50 or small_cnn",
+                           choices=MODEL_NAMES, resume=MUST_MATCH)
+    dropout: float = _field(0.5, "dropout rate of the classifier head (VGG, small_cnn)", range=(0.0, None))
+    init: str | None = _field(None, "torchvision state dict (.pth) to start from, e.g. ImageNet VGG19 weights for "
+                                    "upstream's fine-tuning; a final layer with another class count is "
+                                    "re-initialized", metavar="PTH")
+    lr: float = _field(1e-3, "Adam learning rate (upstream: 1e-5 at batch size 1, 1e-4 for larger batches, "
+                             "fine-tuning VGG19; the default suits small_cnn from scratch)", range=(0.0, None))
+    batch_size: int = _field(32, "global batch size, split over all devices", range=(1, None), resume=MUST_MATCH)
+    epochs: int = _field(5, "epochs in total, pre-training included", range=(1, None))
+    steps_per_epoch: int | None = _field(None, "train steps per epoch; default: one pass over the train split",
+                                         range=(1, None))
+    pretrain_epochs: int = _field(2, "epochs of classification alone before attention mining (and GAIN_ext) "
+                                     "switch on", range=(0, None))
+    seed: int = _field(0, "seed of initialization, dropout and data order", resume=MUST_MATCH)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What is evaluated, on how much, and the localization metrics' parameters."""
+
+    test_first: bool = _field(False, "evaluate on the validation split before training")
+    eval_examples: int = _field(0, "evaluate on the first N examples of each split only (quick runs); "
+                                   "0 = the whole split", range=(0, None))
+    cam_threshold: float = _field(0.5, "CAM mIoU: a pixel is background where the largest ground-truth class "
+                                       "map is below this", range=(0.0, 1.0))
+    pointing_tolerance: float | None = _field(None, "pointing game tolerance in input pixels; default 15 px at "
+                                                    "224 (the literature's), scaled to --image_size",
+                                              range=(0.0, None))
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Where a run writes, and how often."""
+
+    logdir: str = _field("runs", "root of the run folders")
+    run_name: str | None = _field(None, "run folder name under --logdir; default <dataset>_<backbone>_<date-time>")
+    checkpoint_dir: str | None = _field(None, "default: <logdir>/<run_name>/checkpoints")
+    checkpoint_every: int = _field(1, "save a checkpoint every N epochs (and at the end)", range=(1, None))
+    keep: int = _field(3, "keep the newest N checkpoints", range=(1, None))
+    heatmap_every: int = _field(0, "record heatmap grids every N train steps; 0 = at the end of every epoch",
+                                range=(0, None))
+    num_heatmaps: int = _field(8, "validation images per heatmap grid (at most --batch_size); 0 = none",
+                               range=(0, None))
+    log_every: int = _field(10, "read the train steps' metrics back from the accelerator (and check them for "
+                                "NaN) every N steps and at the end of each epoch, and write their mean to "
+                                "TensorBoard (metrics.json keeps every step); 1 = after every step, which "
+                                "makes the host wait for each step", range=(1, None))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole training run. `validate()` checks every value and returns the config."""
+
+    gain: GainConfig = dataclasses.field(default_factory=GainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+    def validate(self) -> Config:
+        """Raise ConfigError naming the flag of the first invalid value; return self when all are valid."""
+        for section in sections(self).values():
+            hints = _field_types(type(section))
+            for field in dataclasses.fields(section):
+                _check_type(field, hints[field.name], getattr(section, field.name))
+                _check_value(field, getattr(section, field.name))
+        if self.log.num_heatmaps > self.train.batch_size:
+            raise ConfigError(f"--num_heatmaps {self.log.num_heatmaps} exceeds --batch_size {self.train.batch_size}")
+        if self.data.dataset == "gain_voc2012" and self.data.manual_dir is None and self.data.data_dir is None:
+            raise ConfigError("gain_voc2012 needs --manual_dir (the VOC 2012 files) or a --data_dir where it is "
+                              "prepared")
+        return self
+
+
+SECTION_TYPES = {field.name: field.default_factory for field in dataclasses.fields(Config)}
+
+
+def sections(config: Config) -> dict[str, Any]:
+    """{section name: section dataclass} in declaration order."""
+    return {name: getattr(config, name) for name in SECTION_TYPES}
+
+
+def _choice_names(choices) -> tuple:
+    return tuple(sorted(choices)) if isinstance(choices, Mapping) else tuple(choices)
+
+
+def _check_type(field: dataclasses.Field, annotation, value) -> None:
+    """A value of the annotated type (an int where a float is expected; None only where allowed)."""
+    if value is None and type(None) in _type_parts(annotation, keep_none=True):
+        return
+    plain = _type_parts(annotation)
+    allowed = tuple(plain | ({int} if float in plain else set()))
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in plain):
+        names = " or ".join(sorted(kind.__name__ for kind in plain))
+        raise ConfigError(f"--{field.name} must be {names}, got {value!r}")
+
+
+def _check_value(field: dataclasses.Field, value) -> None:
+    choices = field.metadata.get("choices")
+    if choices is not None and value not in _choice_names(choices):
+        raise ConfigError(f"--{field.name} must be one of {', '.join(map(str, _choice_names(choices)))}, "
+                          f"got {value!r}")
+    bounds = field.metadata.get("range")
+    if bounds is None or value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"--{field.name} must be finite, got {value}")
+    low, high = bounds
+    if low is not None and high is not None and not low <= value <= high:
+        raise ConfigError(f"--{field.name} must be in [{low:g}, {high:g}], got {value}")
+    if low is not None and value < low:
+        raise ConfigError(f"--{field.name} must be >= {low:g}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"--{field.name} must be <= {high:g}, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------- types
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_parts(annotation, keep_none: bool = False) -> set:
+    """The plain types of an annotation such as `int | None` or `float | tuple[float, ...]` ({int},
+    {float, tuple}), NoneType included only with `keep_none`."""
+    origin = typing.get_origin(annotation)
+    parts = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
+    plain = {typing.get_origin(part) or part for part in parts}
+    return plain if keep_none else plain - {type(None)}
+
+
+def parse_numbers(text: str) -> float | tuple[float, ...]:
+    """"0" -> 0.0; "0.1,0.2,0.3" -> (0.1, 0.2, 0.3) (a number, or one per channel)."""
+    try:
+        values = tuple(float(part) for part in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"expected one number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _coerce(annotation, value):
+    """A JSON value (or a flag string) as the field's type: lists become tuples, "0.1,0.2" numbers."""
+    plain = _type_parts(annotation)
+    if value is None:
+        return None
+    if tuple in plain:
+        if isinstance(value, str):
+            return parse_numbers(value)
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    if float in plain and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- dicts
+
+def _to_json(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}}, JSON-ready (tuples as lists)."""
+    return {name: {field.name: _to_json(getattr(section, field.name)) for field in dataclasses.fields(section)}
+            for name, section in sections(config).items()}
+
+
+def _section_of_field() -> dict[str, str]:
+    owner = {}
+    for section_name, section_type in SECTION_TYPES.items():
+        for field in dataclasses.fields(section_type):
+            owner[field.name] = section_name
+    return owner
+
+
+def _replace_section(section, changes: Mapping[str, Any]):
+    """dataclasses.replace with GainConfig's own ValueErrors re-worded to name the flag."""
+    try:
+        return dataclasses.replace(section, **changes)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(re.sub(r"\bGainConfig\.(\w+)", r"--\1", str(error)).splitlines()[0]) from None
+
+
+def config_from_dict(payload: Mapping[str, Any], base: Config | None = None) -> Config:
+    """A Config from `config_to_dict`'s layout (missing fields keep `base`'s values, default: the defaults).
+
+    Also reads the flat layout of earlier config.json files ({"backbone": ..., "lr": ...}); other
+    top-level keys (the derived facts of a run: class_names, device_count, ...) are ignored. An unknown
+    key inside a section raises ConfigError. Does not validate: call `.validate()`.
+    """
+    config = base or Config()
+    owner = _section_of_field()
+    changes: dict[str, dict[str, Any]] = {name: {} for name in SECTION_TYPES}
+    for key, value in payload.items():
+        if key in SECTION_TYPES:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config section {key!r} must be a mapping, got {type(value).__name__}")
+            known = {field.name for field in dataclasses.fields(SECTION_TYPES[key])}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ConfigError(f"unknown setting {unknown[0]!r} in config section {key!r}; "
+                                  f"known: {', '.join(sorted(known))}")
+            changes[key].update(value)
+        elif key in owner:  # the flat layout
+            changes[owner[key]][key] = value
+    updated = {}
+    for name, section_changes in changes.items():
+        section = getattr(config, name)
+        hints = _field_types(type(section))
+        coerced = {key: _coerce(hints[key], value) for key, value in section_changes.items()}
+        updated[name] = _replace_section(section, coerced) if coerced else section
+    return Config(**updated)
+
+
+def load_config(path: str) -> Config:
+    """The config of a saved run (its config.json), not validated."""
+    try:
+        with open(path) as handle:
+            payload = json.load(handle)
+    except OSError as error:
+        raise ConfigError(f"--config {path}: {error.strerror or error}") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--config {path} is not JSON: {error}") from None
+    if not isinstance(payload, Mapping):
+        raise ConfigError(f"--config {path} holds no JSON object")
+    return config_from_dict(payload)
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+def _numbers_flag(text: str):
+    try:
+        return parse_numbers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _default_text(value) -> str:
+    if isinstance(value, tuple):
+        value = ",".join(f"{v:g}" for v in value)
+    return str(value).replace("%", "%%")
+
+
+def add_flags(parser: argparse.ArgumentParser, defaults: Config | None = None) -> None:
+    """One flag per field of every section, in one argument group per section: `--name`, its help, its
+    default (shown in the help; the parsed namespace holds only the flags given, see `config_from_flags`),
+    its type, `choices` from the metadata, `--name/--no-name` for booleans."""
+    defaults = defaults or Config()
+    seen: dict[str, str] = {}
+    for section_name, section in sections(defaults).items():
+        group = parser.add_argument_group(section_name, (type(section).__doc__ or "").strip().split("\n")[0])
+        hints = _field_types(type(section))
+        for field in dataclasses.fields(section):
+            if field.name in seen:
+                raise ValueError(f"flag --{field.name} of section {section_name!r} repeats one of section "
+                                 f"{seen[field.name]!r}")
+            seen[field.name] = section_name
+            default = getattr(section, field.name)
+            help_text = field.metadata.get("help", "(no help)").replace("%", "%%")
+            if default is not None:
+                help_text += f" (default: {_default_text(default)})"
+            options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": field.name}
+            plain = _type_parts(hints[field.name])
+            choices = field.metadata.get("choices")
+            if plain == {bool}:
+                options["action"] = argparse.BooleanOptionalAction
+            elif tuple in plain:
+                options["type"] = _numbers_flag
+                options["metavar"] = "X[,X,X]"
+            else:
+                options["type"] = next(iter(plain & {int, float}), str)
+            if choices is not None:
+                options["choices"] = _choice_names(choices)
+            if "metavar" in field.metadata:
+                options["metavar"] = field.metadata["metavar"]
+            group.add_argument(f"--{field.name}", **options)
+
+
+def config_from_flags(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """`base` (default: the defaults) with the flags given on the command line applied, validated.
+
+    `args` comes from a parser set up by `add_flags`: it holds exactly the flags that were given, so
+    `python train.py --config runs/x/config.json --lr 1e-4` keeps everything of the file but lr.
+    """
+    given = vars(args)
+    owner = _section_of_field()
+    payload: dict[str, dict[str, Any]] = {}
+    for key, value in given.items():
+        if key in owner:
+            payload.setdefault(owner[key], {})[key] = value
+    return config_from_dict(payload, base).validate()
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+def must_match_fields() -> list[tuple[str, str]]:
+    """(section, field) of every setting a resumed run must share with its checkpoint."""
+    fields = []
+    for section_name, section_type in SECTION_TYPES.items():
+        for field in dataclasses.fields(section_type):
+            marked = field.metadata.get("resume") == MUST_MATCH
+            if marked or (section_type is GainConfig and field.name in GAIN_RESUME_MUST_MATCH):
+                fields.append((section_name, field.name))
+    return fields
+
+
+def resume_mismatches(saved: Mapping[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
+    """[(field, saved value, this run's value)] for the must-match settings that differ between a
+    checkpoint's config (nested or the earlier flat layout) and `config`."""
+    current = config_to_dict(config)
+    mismatches = []
+    for section_name, name in must_match_fields():
+        if isinstance(saved.get(section_name), Mapping):
+            section = saved[section_name]
+        else:
+            section = saved
+        if name in section and section[name] != current[section_name][name]:
+            mismatches.append((name, section[name], current[section_name][name]))
+    return mismatches
+
+
+def config_flags(config: Config, base: Config | None = None) -> list[str]:
+    """The command-line flags that turn `base` (default: the defaults) into `config`, e.g. for printing
+    the `train.py` command that reruns a run: ["--lr", "0.0001", "--autoaugment", ...]."""
+    flags = []
+    for name, section in sections(config).items():
+        base_section = getattr(base or Config(), name)
+        for field in dataclasses.fields(section):
+            value, base_value = getattr(section, field.name), getattr(base_section, field.name)
+            if value == base_value:
+                continue
+            if isinstance(value, bool):
+                flags.append(f"--{field.name}" if value else f"--no-{field.name}")
+            elif value is None:
+                raise ValueError(f"--{field.name} cannot be set back to None by a flag")
+            else:
+                text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+                flags += [f"--{field.name}", text]
+    return flags

@@ -1,0 +1,261 @@
+"""gain_jax.config and gain_jax.train_loop in-process: the config's JSON and flags, its checks, and tiny
+training runs on the embedded gain_shapes set (batch 8, 2 steps per epoch, 2 epochs, 32x32 images)."""
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gain_jax as gj
+from gain_jax import config as run_config
+from gain_jax import metrics
+from gain_jax.config import Config, ConfigError, DataConfig, EvalConfig, LogConfig, TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_KEYS = ("loss", "cl", "am", "ex", "topk_accuracy")
+
+
+def parse(argv, base=None):
+    parser = argparse.ArgumentParser()
+    run_config.add_flags(parser)
+    return run_config.config_from_flags(parser.parse_args(argv), base)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def test_config_round_trips_through_json():
+    config = Config(gain=gj.GainConfig(mode="per_label", fill=(0.1, 0.2, 0.3), cam="gradcam_pp", sigma=0.25),
+                    data=DataConfig(image_size=48, autoaugment=True), train=TrainConfig(lr=1e-4, steps_per_epoch=7),
+                    eval=EvalConfig(pointing_tolerance=3.0), log=LogConfig(run_name="x", log_every=4))
+    payload = json.loads(json.dumps(run_config.config_to_dict(config)))
+    assert list(payload) == ["gain", "data", "train", "eval", "log"]
+    assert payload["gain"]["fill"] == [0.1, 0.2, 0.3] and payload["train"]["lr"] == 1e-4
+    assert run_config.config_from_dict(payload) == config
+    # derived facts beside the sections (config.json) are ignored; so is the flat layout of earlier runs read
+    assert run_config.config_from_dict({**payload, "class_names": ["a"], "device_count": 2}) == config
+    flat = run_config.config_from_dict({"backbone": "vgg16", "fill": "0", "image_size": 224, "class_names": ["a"]})
+    assert (flat.train.backbone, flat.gain.fill, flat.data.image_size) == ("vgg16", 0.0, 224)
+
+
+def test_every_field_of_every_section_is_a_flag_with_help_and_default(capsys):
+    parser = argparse.ArgumentParser()
+    run_config.add_flags(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for section in run_config.sections(Config()).values():
+        for field in dataclasses.fields(section):
+            assert f"--{field.name}" in text, field.name
+            assert " ".join(field.metadata["help"].split()) in text, field.name
+    assert "--lr LR Adam learning rate" in text and "(default: 0.001)" in text
+    assert "--autoaugment, --no-autoaugment" in text
+    assert "{gradcam,gradcam_pp," in text  # a registry's names as choices
+
+
+def test_flags_override_only_what_is_given():
+    base = Config(train=TrainConfig(lr=0.5, epochs=9), gain=gj.GainConfig(sigma=0.3))
+    config = parse(["--lr", "1e-4", "--fill", "0.1,0.2,0.3", "--autoaugment", "--max_labels", "2"], base)
+    assert config.train.lr == 1e-4 and config.train.epochs == 9 and config.gain.sigma == 0.3
+    assert config.gain.fill == (0.1, 0.2, 0.3) and config.data.autoaugment and config.gain.max_labels == 2
+    assert parse([]) == Config()
+    assert parse(["--fill", "0.5"]).gain.fill == 0.5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sigma", "-1"], "--sigma must be in [0, 1], got -1.0"),
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--ex_fraction", "2"], "--ex_fraction must be in [0, 1], got 2.0"),
+    (["--steps_per_epoch", "0"], "--steps_per_epoch must be >= 1, got 0"),
+    (["--log_every", "0"], "--log_every must be >= 1, got 0"),
+    (["--num_heatmaps", "9", "--batch_size", "8"], "--num_heatmaps 9 exceeds --batch_size 8"),
+    (["--fill", "1,2"], "--fill must be a scalar or 3 values"),
+    (["--dataset", "gain_voc2012"], "gain_voc2012 needs --manual_dir"),
+])
+def test_invalid_values_raise_config_error_naming_the_flag(argv, message):
+    with pytest.raises(ConfigError) as raised:
+        parse(argv)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_config_from_dict_checks_names_and_validate_checks_choices():
+    with pytest.raises(ConfigError, match="unknown setting 'lr_typo' in config section 'train'"):
+        run_config.config_from_dict({"train": {"lr_typo": 1}})
+    with pytest.raises(ConfigError, match="--backbone must be one of .*small_cnn.*, got 'vgg99'"):
+        run_config.config_from_dict({"train": {"backbone": "vgg99"}}).validate()
+    with pytest.raises(ConfigError, match="--batch_size must be int, got '8'"):
+        run_config.config_from_dict({"train": {"batch_size": "8"}}).validate()
+    with pytest.raises(ConfigError, match="--cam must be one of"):
+        run_config.config_from_dict({"gain": {"cam": "nope"}})
+
+
+def test_resume_must_match_fields_come_from_metadata():
+    must_match = {name for _, name in run_config.must_match_fields()}
+    assert must_match == {"dataset", "backbone", "image_size", "batch_size", "mode", "max_labels", "seed",
+                          "autoaugment"}
+    saved = run_config.config_to_dict(Config())
+    assert run_config.resume_mismatches(saved, Config(train=TrainConfig(lr=0.1))) == []
+    assert run_config.resume_mismatches(saved, Config(train=TrainConfig(seed=3))) == [("seed", 0, 3)]
+    assert run_config.resume_mismatches({"seed": 1}, Config()) == [("seed", 1, 0)]  # the flat layout
+
+
+def test_device_topk_accuracy_matches_the_host_metric():
+    from gain_jax.train_loop import topk_accuracy
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, (64, 6)).astype(np.float32)  # many ties: the stable ranking decides
+    targets = (rng.random((64, 6)) < 0.3).astype(np.float32)
+    targets[:5] = 0  # images without labels count for nothing
+    assert float(topk_accuracy(jnp.asarray(scores), jnp.asarray(targets))) == pytest.approx(
+        metrics.topk_accuracy(scores, targets), abs=1e-6)
+    assert np.isnan(float(topk_accuracy(jnp.asarray(scores), jnp.zeros_like(jnp.asarray(targets)))))
+
+
+def test_a_second_signal_waits_for_a_checkpoint_being_written(capsys):
+    from gain_jax.train_loop import StopRequest
+
+    stop = StopRequest()
+    stop(signal.SIGTERM, None)
+    assert stop.signal_name == "SIGTERM"
+    with pytest.raises(KeyboardInterrupt):
+        with stop.protect():
+            stop(signal.SIGINT, None)  # deferred: the block goes on
+            finished = True
+    assert finished and "interrupting when it is complete" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        stop(signal.SIGINT, None)  # outside a protected block: at once
+
+
+def test_prefetch_to_device_transfers_ahead_and_keeps_the_order():
+    from gain_jax.train_loop import data_parallel_placement, prefetch_to_device
+
+    pulled = []
+
+    def batches():
+        for index in range(5):
+            pulled.append(index)
+            yield {"image": np.full((2, 4, 4, 3), index, np.float32), "labels": np.zeros((2, 3), np.float32),
+                   "mask": np.zeros((2, 4, 4), np.uint8), "has_mask": np.zeros(2, bool)}
+
+    stream = prefetch_to_device(data_parallel_placement(), batches(), depth=2)
+    first = next(stream)
+    assert pulled == [0, 1]  # the next batch is on its way while the first is used
+    assert [int(first["image"][0, 0, 0, 0])] + [int(b["image"][0, 0, 0, 0]) for b in stream] == [0, 1, 2, 3, 4]
+
+
+def test_library_modules_import_neither_tensorflow_nor_torch():
+    code = ("import sys, gain_jax.config, gain_jax.train_loop, gain_jax.evaluate, gain_jax.explain\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'torch'))[:3])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+@pytest.fixture(scope="module")
+def shapes_data_dir(tmp_path_factory):
+    import gain_jax.data as gd
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    gd.make_dataset("gain_shapes", "train", data_dir=data_dir, batch_size=1, train=False)
+    return data_dir
+
+
+def tiny_config(data_dir, logdir, run_name, **log_changes) -> Config:
+    return Config(data=DataConfig(data_dir=data_dir, image_size=32),
+                  train=TrainConfig(batch_size=8, steps_per_epoch=2, epochs=2, pretrain_epochs=1),
+                  eval=EvalConfig(eval_examples=16),
+                  log=LogConfig(logdir=str(logdir), run_name=run_name, num_heatmaps=2, **log_changes))
+
+
+@pytest.fixture(scope="module")
+def every_step_run(shapes_data_dir, tmp_path_factory):
+    """Step metrics read back after every step."""
+    from gain_jax.train_loop import train_and_evaluate
+
+    config = tiny_config(shapes_data_dir, tmp_path_factory.mktemp("runs"), "every_step", log_every=1)
+    return train_and_evaluate(config)
+
+
+def test_history_is_metrics_json_and_config_json_holds_the_resolved_config(every_step_run):
+    state, history = every_step_run
+    assert int(state.step) == 4
+    assert history["status"] == "finished" and history["global_step"] == 4
+    assert [r["step"] for r in history["steps"]] == [1, 2, 3, 4]
+    assert [r["attention"] for r in history["steps"]] == [False, False, True, True]
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2]
+    assert history["epochs"][0]["steps_per_second"] > 0
+    assert sorted(history["final"]) == ["test_unbiased", "validation"]
+    run_dir = history["paths"]["run_dir"]
+    with open(os.path.join(run_dir, "metrics.json")) as handle:
+        assert json.dumps(json.load(handle), sort_keys=True) == json.dumps(history, sort_keys=True)
+    with open(os.path.join(run_dir, "config.json")) as handle:
+        record = json.load(handle)
+    assert record == history["config"]
+    assert record["class_names"] == ["circle", "square", "triangle", "cross", "ring", "diamond"]
+    assert record["device_count"] == 1 and record["pointing_tolerance_px"] == 2
+    resolved = run_config.config_from_dict(record)
+    assert resolved.train.steps_per_epoch == 2 and resolved.data.image_size == 32 and resolved.log.log_every == 1
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["2", "4"]
+    assert sorted(os.listdir(os.path.join(run_dir, "heatmaps"))) == ["step_0000002.png", "step_0000004.png"]
+
+
+def test_metrics_read_back_every_n_steps_equal_the_per_step_values(every_step_run, shapes_data_dir, tmp_path):
+    from gain_jax.train_loop import train_and_evaluate
+
+    workdir = tmp_path / "every_3rd"
+    _, history = train_and_evaluate(tiny_config(shapes_data_dir, "ignored", None, log_every=3), str(workdir))
+    assert history["paths"]["run_dir"] == str(workdir)
+    assert history["config"]["log"]["run_name"] == "every_3rd"
+    reference = every_step_run[1]["steps"]
+    # the same program and batches: bit-identical, whenever they are read back
+    assert [{k: r[k] for k in STEP_KEYS} for r in history["steps"]] == [{k: r[k] for k in STEP_KEYS}
+                                                                          for r in reference]
+
+
+def test_evaluate_from_a_notebook_matches_the_runs_final_validation(every_step_run, shapes_data_dir):
+    import gain_jax.data as gd
+    from gain_jax.evaluate import evaluate
+
+    state, history = every_step_run
+    config = run_config.config_from_dict(history["config"])
+    model = gj.build_model("small_cnn", num_classes=6, dropout_rate=config.train.dropout)
+    batches = gd.input_pipeline("gain_shapes", "validation[:16]", data_dir=shapes_data_dir, image_size=32,
+                                batch_size=8, train=False)
+    result = evaluate(model, state.variables, batches, config.gain, history["config"]["class_names"],
+                      cam_threshold=0.5, pointing_tolerance=2)
+    final = history["final"]["validation"]
+    for key in ("num_examples", "mAP", "topk_accuracy", "cam_mIoU", "pointing_game", "pointing_trials"):
+        assert result[key] == pytest.approx(final[key], abs=1e-6), key
+    for key in ("loss", "cl", "am", "ex"):
+        assert result[key] == pytest.approx(final[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_stop_request_saves_at_the_step_boundary(shapes_data_dir, tmp_path):
+    from gain_jax.train_loop import StopRequest, train_and_evaluate
+
+    stop = StopRequest()
+    stop.request("a test")
+    _, history = train_and_evaluate(tiny_config(shapes_data_dir, tmp_path, "stopped"), stop_request=stop)
+    assert history["status"] == "interrupted by a test" and history["global_step"] == 0
+    assert os.listdir(os.path.join(tmp_path, "stopped", "checkpoints")) == ["0"]
+
+
+def test_run_errors_are_raised_before_anything_is_written(shapes_data_dir, tmp_path):
+    from gain_jax.train_loop import train_and_evaluate
+
+    config = tiny_config(shapes_data_dir, tmp_path, "bad")
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(run_config.RunError, match="data dir .*nowhere does not exist"):
+        train_and_evaluate(dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=missing)))
+    with pytest.raises(ConfigError, match="--keep must be >= 1, got 0"):
+        train_and_evaluate(dataclasses.replace(config, log=dataclasses.replace(config.log, keep=0)))
+    with pytest.raises(run_config.RunError, match="--resume needs the --run_name"):
+        train_and_evaluate(dataclasses.replace(config, log=dataclasses.replace(config.log, run_name=None)),
+                           resume=True)
+    assert not os.path.exists(os.path.join(tmp_path, "bad"))
