@@ -26,12 +26,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from gain_jax.gain import GainConfig
-from gain_jax.models import MODEL_NAMES
+from gain_jax.models import MODEL_NAMES, cam_layer_size, min_image_size
 
-MUST_MATCH = "must_match"
-# GainConfig lives in gain.py; these of its fields change the program or the batches of a run, so a
-# resumed run must keep them (used when GainConfig's own metadata does not say "resume").
-GAIN_RESUME_MUST_MATCH = ("mode", "max_labels")
+MUST_MATCH = "must_match"  # metadata["resume"] of the fields a resumed run must keep
 DATASETS = ("gain_shapes", "gain_voc2012")
 
 
@@ -119,6 +116,7 @@ class LogConfig:
                                 "NaN) every N steps and at the end of each epoch, and write their mean to "
                                 "TensorBoard (metrics.json keeps every step); 1 = after every step, which "
                                 "makes the host wait for each step", range=(1, None))
+    verbose: bool = _field(False, "show TensorFlow's, absl's and tfds' logs and progress bars (hidden by default)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +136,11 @@ class Config:
             for field in dataclasses.fields(section):
                 _check_type(field, hints[field.name], getattr(section, field.name))
                 _check_value(field, getattr(section, field.name))
+        size, backbone = self.data.image_size, self.train.backbone
+        if size is not None and size < min_image_size(backbone):
+            raise ConfigError(f"--image_size {size} is too small for --backbone {backbone}: its Grad-CAM layer "
+                              f"would be {cam_layer_size(backbone, size)} cells wide; use at least "
+                              f"{min_image_size(backbone)}")
         if self.log.num_heatmaps > self.train.batch_size:
             raise ConfigError(f"--num_heatmaps {self.log.num_heatmaps} exceeds --batch_size {self.train.batch_size}")
         if self.data.dataset == "gain_voc2012" and self.data.manual_dir is None and self.data.data_dir is None:
@@ -372,8 +375,7 @@ def must_match_fields() -> list[tuple[str, str]]:
     fields = []
     for section_name, section_type in SECTION_TYPES.items():
         for field in dataclasses.fields(section_type):
-            marked = field.metadata.get("resume") == MUST_MATCH
-            if marked or (section_type is GainConfig and field.name in GAIN_RESUME_MUST_MATCH):
+            if field.metadata.get("resume") == MUST_MATCH:
                 fields.append((section_name, field.name))
     return fields
 

@@ -33,12 +33,13 @@ class GainConfig:
 
     Each field's `metadata["help"]` documents it (train.py's flags are generated from them); fields with a
     fixed set of values list it in `metadata["choices"]` (a tuple, or a registry of `gain_jax.variants`,
-    whose names are looked up when the config is built, so register your own variants first).
+    whose names are looked up when the config is built, so register your own variants first);
+    `metadata["resume"] == "must_match"` marks what a resumed run must keep (gain_jax.config).
     """
 
     mode: str = _field("union", "union: one attention map per image from all its labels (upstream's "
                        "batch_GAIN_VOC); per_label: one map per positive label, up to max_labels slots "
-                       "(upstream's multi-heatmap model)", choices=MODES)
+                       "(upstream's multi-heatmap model)", choices=MODES, resume="must_match")
     cam: str = _field("gradcam", "CAM method of the attention maps, in training and evaluation "
                       "(gain_jax.CAM_METHODS); gradcam is upstream's", choices=CAM_METHODS)
     mask: str = _field("sigmoid", "soft-mask function (gain_jax.MASK_FUNCTIONS); sigmoid is upstream's "
@@ -58,7 +59,9 @@ class GainConfig:
                            choices=CAM_GRADS)
     grads_off: bool = _field(False, "the attention-mining forward sees stop_gradient(params): L_am reaches "
                              "the weights only through the mask")
-    max_labels: int = _field(4, "label slots per image in per_label mode")
+    max_labels: int = _field(4, "label slots per image in the padded per_label path (gain_forward without "
+                             "`packing`; train.py packs, so that no image is refused, on one host)",
+                             resume="must_match")
     cl_weight: float = _field(1.0, "weight of the classification loss")
     am_weight: float = _field(1.0, "weight of the attention-mining loss (the paper's alpha)")
     ex_weight: float = _field(0.0, "weight of the extra-supervision (mask) loss of GAIN_ext; 0 = off (the "

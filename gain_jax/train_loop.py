@@ -45,11 +45,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from gain_jax import checkpoint, viz
+from gain_jax import checkpoint, quiet, viz
 from gain_jax import evaluate as evaluation
 from gain_jax.config import Config, RunError, config_to_dict, resume_mismatches
 from gain_jax.convert import from_torchvision
-from gain_jax.gain import GainConfig, check_max_labels
+from gain_jax.gain import GainConfig, check_max_labels, pack_labels
 from gain_jax.models import build_model
 from gain_jax.training import TrainState, make_eval_step, make_train_step
 from gain_jax.training import create_train_state as new_train_state
@@ -144,6 +144,8 @@ def batch_to_device(placement: Placement, batch: Mapping[str, np.ndarray], globa
             per_process = rows.shape[0] // count
             rows = rows[index * per_process:(index + 1) * per_process]
         device_batch[key] = jax.make_array_from_process_local_data(placement.batch_sharding, rows)
+    if "packing" in batch:  # indices into the whole batch: every device holds all of them
+        device_batch["packing"] = jax.device_put(batch["packing"], placement.replicated)
     return device_batch
 
 
@@ -406,15 +408,21 @@ def _as_text(value) -> str:
 
 
 def prepare_train_batch(batch: Mapping[str, np.ndarray], config: Config) -> dict:
-    """Check per-label slots, and keep only the selected images' masks for extra supervision."""
+    """Per-label mode: pack the batch's (image, label) pairs (one host; several hosts each hold only their
+    own rows' labels, so they pad to --max_labels and refuse an image with more); keep only the selected
+    images' masks for extra supervision."""
     filenames = [_as_text(name) for name in batch["filename"]]
+    extra = {}
     if config.gain.mode == "per_label":
-        try:
-            check_max_labels(np.asarray(batch["labels"]), config.gain.max_labels, filenames)
-        except ValueError as error:
-            raise RunError(f"{error} (--max_labels)") from None
+        if jax.process_count() == 1:
+            extra["packing"] = pack_labels(np.asarray(batch["labels"]), multiple=jax.device_count())
+        else:
+            try:
+                check_max_labels(np.asarray(batch["labels"]), config.gain.max_labels, filenames)
+            except ValueError as error:
+                raise RunError(f"{error} (--max_labels; one host packs the labels instead)") from None
     selected = selected_for_extra_supervision(filenames, config.train.seed, config.data.ex_fraction)
-    return {**batch, "has_mask": np.asarray(batch["has_mask"], bool) & selected}
+    return {**batch, **extra, "has_mask": np.asarray(batch["has_mask"], bool) & selected}
 
 
 def train_batches(run: Run, epoch: int, skip: int = 0) -> Iterator[dict]:
@@ -668,6 +676,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, *, resume: bo
       ConfigError, RunError: a setting, file or data set that does not work (one-line message).
       NonFiniteLossError: a train step's loss was not finite.
     """
+    quiet.quiet_libraries(verbose=config.log.verbose)  # before TensorFlow is imported
     torch_state_dict = load_torch_state_dict(config.train.init) if config.train.init else None
     run = create_run(config, workdir, resume=resume)
     state, dropout_key = create_train_state(run, torch_state_dict)

@@ -12,7 +12,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import autoaugment as tv_autoaugment
 
-import tensorflow as tf  # noqa: E402  (after torchvision, see conftest.py)
+# isort: split
+import tensorflow as tf  # after torchvision (see conftest.py)
 
 from gain_jax.data import autoaugment as aa
 

@@ -282,15 +282,3 @@ def test_error_init_file_that_does_not_fit(shapes_data_dir, compile_cache, tmp_p
     result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--init", str(path)], compile_cache)
     assert_clean_error(result, tmp_path, str(path), "does not fit backbone small_cnn", "features.4.weight",
                        "(32, 16, 3, 3)", "(32, 8, 3, 3)")
-
-
-def test_error_per_label_mode_with_too_few_label_slots(shapes_data_dir, compile_cache, tmp_path):
-    flags = tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--mode", "per_label", "--max_labels", "1"]
-    result = run_train(flags, compile_cache)
-    assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert "image shapes_train_" in errors[0] and "but max_labels is 1" in errors[0]
-    # found on the first batch, before any step: nothing trained, nothing saved
-    assert not os.path.exists(os.path.join(tmp_path, "bad", "checkpoints")) or not os.listdir(
-        os.path.join(tmp_path, "bad", "checkpoints"))

@@ -76,6 +76,9 @@ def test_flags_override_only_what_is_given():
     (["--num_heatmaps", "9", "--batch_size", "8"], "--num_heatmaps 9 exceeds --batch_size 8"),
     (["--fill", "1,2"], "--fill must be a scalar or 3 values"),
     (["--dataset", "gain_voc2012"], "gain_voc2012 needs --manual_dir"),
+    (["--backbone", "vgg16", "--image_size", "16"],
+     "--image_size 16 is too small for --backbone vgg16: its Grad-CAM layer would be 0 cells wide; use at least 64"),
+    (["--fill", "nan"], "--fill must be finite"),
 ])
 def test_invalid_values_raise_config_error_naming_the_flag(argv, message):
     with pytest.raises(ConfigError) as raised:
@@ -259,3 +262,15 @@ def test_run_errors_are_raised_before_anything_is_written(shapes_data_dir, tmp_p
         train_and_evaluate(dataclasses.replace(config, log=dataclasses.replace(config.log, run_name=None)),
                            resume=True)
     assert not os.path.exists(os.path.join(tmp_path, "bad"))
+
+
+def test_per_label_runs_pack_images_with_more_labels_than_max_labels(shapes_data_dir, tmp_path):
+    """gain_shapes images carry up to 3 labels; packed per-label training refuses none at --max_labels 1."""
+    from gain_jax.train_loop import train_and_evaluate
+
+    config = tiny_config(shapes_data_dir, tmp_path, "per_label")
+    config = dataclasses.replace(config, gain=dataclasses.replace(config.gain, mode="per_label", max_labels=1))
+    _, history = train_and_evaluate(config)
+    assert history["status"] == "finished"
+    attention_steps = [record for record in history["steps"] if record["attention"]]
+    assert attention_steps and all(np.isfinite(record["am"]) and record["am"] > 0 for record in attention_steps)

@@ -25,8 +25,15 @@ except (RuntimeError, ValueError):  # devices already initialized by the caller:
     pass
 
 from gain_jax.data import autoaugment  # noqa: E402
-from gain_jax.data.pipeline import (DATASET_NAMES, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo,  # noqa: E402
-                                    dataset_info, input_pipeline, make_dataset)
+from gain_jax.data.pipeline import (  # noqa: E402
+    DATASET_NAMES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetInfo,
+    dataset_info,
+    input_pipeline,
+    make_dataset,
+)
 from gain_jax.data.shapes import CLASS_NAMES as SHAPES_CLASS_NAMES  # noqa: E402
 from gain_jax.data.shapes import GainShapes  # noqa: E402
 from gain_jax.data.voc import CLASS_NAMES as VOC_CLASS_NAMES  # noqa: E402

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -54,7 +54,7 @@ def dataset_info(name: str) -> DatasetInfo:
         raise ValueError(f"unknown data set {name!r}; known: {DATASET_NAMES}") from None
 
 
-def _process_slot(process_index: Optional[int], process_count: Optional[int]) -> tuple:
+def _process_slot(process_index: int | None, process_count: int | None) -> tuple:
     """(index, count) of this process; by default JAX's, when the caller has imported JAX, else (0, 1)."""
     if process_index is None and process_count is None:
         jax = sys.modules.get("jax")  # never import JAX from the data package
@@ -122,11 +122,11 @@ def normalize(image):
     return (pixels - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
 
 
-def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image_size: Optional[int] = None,
+def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image_size: int | None = None,
                  batch_size: int = 8, train: bool = True, seed: int = 0, autoaugment: bool = True,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: Optional[bool] = None,
-                 num_epochs: Optional[int] = None, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None, prepare: bool = True) -> tf.data.Dataset:
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: bool | None = None,
+                 num_epochs: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None, prepare: bool = True) -> tf.data.Dataset:
     """The batched tf.data.Dataset behind `input_pipeline` (same arguments)."""
     info = dataset_info(name)
     size = info.image_size if image_size is None else image_size
@@ -161,7 +161,7 @@ def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image
 
 
 def decoded_examples(name: str, split: str, *, data_dir=None, manual_dir=None, train: bool = False,
-                     seed: int = 0, process_index: Optional[int] = None, process_count: Optional[int] = None,
+                     seed: int = 0, process_index: int | None = None, process_count: int | None = None,
                      prepare: bool = True) -> tf.data.Dataset:
     """The first stage of `make_dataset`: this process's examples of the split, one pass, decoded
     (uint8 images at their stored size) and mapped onto image, labels, mask, has_mask, filename. In the
@@ -186,11 +186,11 @@ def decoded_examples(name: str, split: str, *, data_dir=None, manual_dir=None, t
     return dataset.map(_common_features(name, info.num_classes), num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_size: Optional[int] = None,
+def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_size: int | None = None,
                    batch_size: int = 8, train: bool = True, seed: int = 0, autoaugment: bool = True,
-                   shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: Optional[bool] = None,
-                   num_epochs: Optional[int] = None, process_index: Optional[int] = None,
-                   process_count: Optional[int] = None) -> Iterator[dict]:
+                   shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: bool | None = None,
+                   num_epochs: int | None = None, process_index: int | None = None,
+                   process_count: int | None = None) -> Iterator[dict]:
     """Batches of numpy dicts from a tfds data set, prepared (built) first when needed.
 
     name: "gain_shapes", "gain_voc2012" (from `manual_dir`) or "voc/2012" (tfds' download, no masks).
