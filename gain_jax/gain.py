@@ -1,4 +1,4 @@
-"""GAIN's two streams and three losses as pure functions (DESIGN.md, "The algorithm").
+"""GAIN's two streams and three losses as pure functions (docs/design.md, section 1, "The algorithm").
 
 `gain_forward` runs the classification stream, Grad-CAM (union or per-label), the soft mask and the
 attention-mining stream; `gain_losses` turns its output into the classification, attention-mining and

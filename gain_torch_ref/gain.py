@@ -1,4 +1,4 @@
-"""GAIN forward pass and losses with upstream (GAIN-pytorch) semantics; see shared DESIGN.md.
+"""GAIN forward pass and losses with upstream (GAIN-pytorch) semantics; see docs/design.md.
 
 Differences from upstream, all deliberate:
 - per-label mode runs on any batch size (slots padded to `max_labels`) and every map uses the
@@ -108,7 +108,7 @@ def _attention_mining_logits(model: nn.Module, masked: torch.Tensor, grads_off: 
 
 def gain_forward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
                  cfg: RefConfig, train: bool = True) -> dict[str, torch.Tensor]:
-    """Both GAIN streams on a batch; see the module docstring and DESIGN.md steps 1-6.
+    """Both GAIN streams on a batch; see the module docstring and docs/design.md steps 1-6.
 
     images [B,3,H,W]; labels [B,C] multi-hot (ignored, may be None, when train=False).
     Returns logits_cl [B,C], heatmap/scaled/mask [B,K,H,W], masked_images [B,K,3,H,W],
@@ -230,7 +230,7 @@ def _ex_targets(slot_labels, attended, gt_masks, mode):
 def gain_losses(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg: RefConfig,
                 gt_masks: torch.Tensor | None = None,
                 has_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """cl, am, ex, total (0-dim, differentiable); DESIGN.md step 7.
+    """cl, am, ex, total (0-dim, differentiable); docs/design.md step 7.
 
     Union mode scores (am) and targets (ex) the classes the map attended to, out["selector"]:
     the labels in training, the argmax class in evaluation (whose masked image logits_am scores);

@@ -34,10 +34,10 @@ ADAM = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
 ADAM_STEPS = 3
 USER_PROPERTY = "parity"  # key of the measured differences in each test report's user_properties
 
-# float64: an exact re-implementation agrees to ~1e-14 (DESIGN.md); 1e-9 leaves room for summation order
+# float64: an exact re-implementation agrees to ~1e-14 (docs/design.md, section 3); 1e-9 leaves room for summation order
 # in long reductions (VGG's 25088-wide classifier) and nothing for a semantic difference.
 FLOAT64_TOL = 1e-9
-# float32 forward quantities and losses: the measured worst is printed by the suite (docs/parity.md).
+# float32 forward quantities and losses: the measured worst is printed by the suite (docs/design.md, section 3).
 FLOAT32_TOL = 1e-5
 
 # The change Adam makes to a parameter, lr * m / (sqrt(v) + eps), is ill-conditioned where a gradient entry

@@ -1,4 +1,4 @@
-"""gain_jax's attention, GAIN forward and losses: the properties DESIGN.md promises, on small models."""
+"""gain_jax's attention, GAIN forward and losses: the properties docs/design.md promises, on small models."""
 import functools
 
 import jax
@@ -166,7 +166,7 @@ def _param_grads(model, variables, images, labels, cfg, terms=("total",), gt_mas
 
 
 def test_padded_slot_changes_no_loss_and_no_gradient(small):
-    """In float64: the attention-mining gradient is ill-conditioned in float32 (DESIGN.md), where a
+    """In float64: the attention-mining gradient is ill-conditioned in float32 (docs/design.md), where a
     different batch size alone moves it by ~1.5e-5 (measured)."""
     model, variables, images = small
     gt_masks = jnp.asarray(np.random.default_rng(0).integers(0, NUM_CLASSES + 1, images.shape[:3]), jnp.uint8)

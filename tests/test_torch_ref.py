@@ -418,7 +418,7 @@ def test_per_label_matches_fixed_upstream_mechanics_and_total():
 
 
 def test_hook_bug_of_upstream_per_label_model_is_not_reproduced():
-    """DESIGN.md: upstream's multi-heatmap model overwrites its forward hook with the previous
+    """docs/design.md, section 4: upstream's multi-heatmap model overwrites its forward hook with the previous
     label's attention-mining forward, so map k>=1 uses the previous masked image's features.
     The reference computes every map from the original image's features."""
     x = images_like(1, 64, 64, seed=7)
@@ -453,7 +453,7 @@ def test_hook_bug_of_upstream_per_label_model_is_not_reproduced():
           f"heatmap {heatmap_diffs}, scaled {scaled_diffs}")
     # Measured (small_cnn seed 2, random init, 64x64, float64): heatmap [0, 1.0, 0.876],
     # scaled [0, 1.0, 0.958]: map 1 is right; map 2 is all zero (the relu of the wrong features)
-    # and map 3 is far off. DESIGN.md quotes 27% for map 3 on its own model and image.
+    # and map 3 is far off. docs/design.md (section 4) quotes these figures.
     assert heatmap_diffs[0] < FLOAT64_TOL
     assert heatmap_diffs[1] > 0.05 and heatmap_diffs[2] > 0.05
 

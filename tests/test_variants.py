@@ -141,10 +141,9 @@ def test_unknown_names_are_refused_with_the_choices():
         gj.GainConfig(fill=float("nan"))
 
 
-def test_readme_example_registers_a_cam_method_without_editing_the_package(small):
+def test_a_registered_cam_method_is_used_and_a_clashing_name_refused(small):
     model, variables, images = small
 
-    # --8<-- README: register a CAM method
     import jax.numpy as jnp
 
     import gain_jax as gj
@@ -158,7 +157,6 @@ def test_readme_example_registers_a_cam_method_without_editing_the_package(small
     cfg = gj.GainConfig(cam="abs_gradcam", score="sigmoid")
     out = gj.gain_forward(model, variables, images, jnp.asarray(LABELS), cfg)
     losses = gj.gain_losses(out, jnp.asarray(LABELS), cfg)
-    # --8<--
     try:
         assert np.isfinite(float(losses["total"]))
         assert "abs_gradcam" in gj.CAM_METHODS
