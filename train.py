@@ -9,20 +9,26 @@
 Every flag is listed by `python train.py --help`; the flags are generated from gain_jax.config and the loop is
 gain_jax.train_loop.train_and_evaluate. A run writes, under <logdir>/<run_name>/: config.json, metrics.json
 (per-step losses, per-epoch evaluations, final results), TensorBoard events, heatmaps/*.png and checkpoints/.
-Exit status: 0 done (or stopped by --stop_after), 1 error, 130 interrupted (a checkpoint is saved).
+Exit status: 0 done (or stopped by --stop_after), 1 error, 130 interrupted (a checkpoint is saved when
+training had started; Ctrl-C during the start-up writes nothing). A first Ctrl-C stops at the next step
+boundary after saving, a second one only says so, a third quits at once (never while a checkpoint is
+being written).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
-
-from gain_jax import config as run_config
+import threading
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gain_jax import config as run_config  # imports jax: after main() installs its signal handler
+
     parser = argparse.ArgumentParser(
         prog="train.py", description="Train GAIN (Guided Attention Inference Network, CVPR 2018) with gain_jax.")
     group = parser.add_argument_group("run")
@@ -30,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from a saved run's config.json; flags given on the command line override it")
     group.add_argument("--resume", action="store_true",
                        help="continue the run from its newest checkpoint (same --run_name or --checkpoint_dir); "
-                            "losses match an uninterrupted run")
+                            "losses match an uninterrupted run. An unreadable newest checkpoint (truncated or "
+                            "missing files) is reported in one line, moved aside to <step>.corrupt, and the "
+                            "newest intact one is restored instead")
     group.add_argument("--stop_after", type=int, default=0,
                        help="save a checkpoint and exit after N train steps of this invocation (time-limited jobs; "
                             "--resume continues); 0 = run to the end (default: 0)")
@@ -43,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resume_hint(config, status: str, history: dict) -> str:
+    """The line an interrupted or stopped run ends with: how many steps are saved, and how to go on."""
     where = f"--logdir {config.log.logdir} --run_name {config.log.run_name}"
     if config.log.checkpoint_dir:
         where += f" --checkpoint_dir {config.log.checkpoint_dir}"
@@ -50,7 +59,31 @@ def resume_hint(config, status: str, history: dict) -> str:
             f"{history['paths']['checkpoint_dir']}; continue with --resume {where}")
 
 
-def run(args) -> int:
+class EarlySignals:
+    """SIGINT/SIGTERM while the libraries load (before gain_jax.train_loop's handler takes over): noted,
+    never raised inside an import; a third one quits at once."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def __call__(self, signum, frame):
+        self.names.append(signal.Signals(signum).name)
+        if len(self.names) == 1:
+            print(f"train.py: {self.names[0]}: stopping at the next safe point, before anything is written",
+                  file=sys.stderr, flush=True)
+        elif len(self.names) >= 3:
+            print("train.py: quitting at once; nothing written", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+
+    def install(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def run(args, early: EarlySignals | None = None) -> int:
+    from gain_jax import config as run_config
+
     base = run_config.load_config(args.config) if args.config else None
     config = run_config.config_from_flags(args, base)
     if args.stop_after < 0:
@@ -64,7 +97,11 @@ def run(args) -> int:
         raise run_config.RunError("--num_processes > 1 needs --coordinator_address")
     from gain_jax import train_loop  # imports TensorFlow only when a run starts (after torch, for --init)
 
-    _, history = train_loop.train_and_evaluate(config, resume=args.resume, stop_after=args.stop_after)
+    names = early.names if early is not None else []
+    stop = train_loop.StopRequest(signals_before=len(names), signal_name=names[0] if names else None)
+    with train_loop.handle_signals(stop):
+        _, history = train_loop.train_and_evaluate(config, resume=args.resume, stop_after=args.stop_after,
+                                                   stop_request=stop)
     status = history["status"]
     if status == "finished":
         return 0
@@ -75,15 +112,25 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    early = EarlySignals()  # first: a Ctrl-C while jax, orbax and TensorFlow load must not raise inside them
+    previous = early.install()
     try:
-        return run(args)
+        from gain_jax import config as run_config
+
+        args = build_parser().parse_args(argv)
+        return run(args, early)
+    except run_config.RunInterrupted as interruption:
+        print(f"train.py: {interruption}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except run_config.RunError as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
+        print(f"train.py: error: {error}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("train.py: interrupted; the newest checkpoint (if any) is complete", file=sys.stderr)
+        print("train.py: interrupted; the checkpoints already written are complete", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ class RunError(Exception):
     as `train.py: error: ...` and exits 1)."""
 
 
+class RunInterrupted(Exception):
+    """A stop signal arrived during the start-up, before anything was written (train.py exits 130)."""
+
+
 class ConfigError(RunError, ValueError):
     """A setting that is invalid on its own; the message names the flag (`--sigma must be ...`)."""
 

@@ -48,6 +48,40 @@ def find_checkpoint_dir(path: str) -> str:
     return nested if os.path.isdir(nested) else path
 
 
+def check_out_dir(path: str) -> None:
+    """--out_dir is a folder that exists or can be created; checked early, creating nothing (a probe folder
+    is made in its nearest existing ancestor and removed at once)."""
+    import tempfile
+
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ExplainError(f"--out_dir {path} is not a directory")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ExplainError(f"--out_dir {path}: {existing} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".explain_write_probe_", dir=existing))
+    except OSError as error:
+        what = "write in" if existing == path else "create folders in"
+        raise ExplainError(f"--out_dir {path}: cannot {what} {existing} ({error.strerror or error})") from None
+
+
+def intact_hint(manager, others) -> str:
+    """Which other step restores ("use --step N"), trying the newest first; or that none does."""
+    from gain_jax import checkpoint
+
+    for step in sorted(others, reverse=True):
+        try:
+            checkpoint.read_meta(manager, step)
+            checkpoint.restore_variables(manager, step)
+        except checkpoint.CheckpointError:
+            continue
+        return f"the newest intact one is step {step}: use --step {step}"
+    return "no other step is intact" if others else "it is the only one"
+
+
 def load_image(path: str) -> np.ndarray:
     try:
         with Image.open(path) as picture:
@@ -99,7 +133,15 @@ def explain(args) -> list[str]:
     step = max(steps) if args.step is None else args.step
     if step not in steps:
         raise ExplainError(f"no checkpoint step {step} in {directory}; steps: {', '.join(map(str, sorted(steps)))}")
-    record = checkpoint.read_meta(manager, step)["config"]
+    check_out_dir(args.out_dir)
+    try:
+        record = checkpoint.read_meta(manager, step).get("config")
+        if not isinstance(record, dict) or "class_names" not in record:
+            raise ExplainError(f"checkpoint step {step} in {directory} records no run config (not a train.py "
+                               f"checkpoint?)")
+        variables = checkpoint.restore_variables(manager, step)
+    except checkpoint.CheckpointError as error:
+        raise ExplainError(f"{error}; {intact_hint(manager, [s for s in steps if s != step])}") from None
     try:
         config = config_from_dict(record)  # the nested layout of train_loop, or the flat one of earlier runs
     except ConfigError as error:
@@ -112,13 +154,15 @@ def explain(args) -> list[str]:
     if size is None:
         raise ExplainError(f"checkpoint {directory} step {step} does not record its image size")
     model = gj.build_model(config.train.backbone, num_classes=len(class_names), dropout_rate=config.train.dropout)
-    variables = checkpoint.restore_variables(manager, step)
 
     # the run's CAM method (config.gain.cam), as in its evaluation
     logits_and_cams = jax.jit(lambda batch: gj.class_cams(model, variables, batch, config.gain))
     mean = record.get("image_mean") or viz.IMAGENET_MEAN
     std = record.get("image_std") or viz.IMAGENET_STD
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as error:
+        raise ExplainError(f"--out_dir {args.out_dir}: {error.strerror or error}") from None
     written = []
     for path, image in zip(args.images, images):
         batch = viz.normalize(resize_image(image, size), mean, std)[None]

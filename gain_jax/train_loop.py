@@ -13,10 +13,16 @@ read back every `log.log_every` steps, the next batch is transferred while the c
 nothing in a step waits for the host. Data parallelism: the global batch is split over every device of
 every process (one `Mesh` axis), the state is replicated.
 
-Stopping: SIGINT/SIGTERM (or `StopRequest.request()`) set a flag checked between steps; the run saves a
-checkpoint and returns with status "interrupted by SIGINT". A second signal interrupts at once, except
-while a checkpoint is being written. A non-finite loss stops the run with `NonFiniteLossError`, without
-saving the state after it.
+Stopping: SIGINT/SIGTERM (or `StopRequest.request()`) set a flag checked between steps and at safe points
+of the start-up; the run saves a checkpoint and returns with status "interrupted by SIGINT" (during the
+start-up, before anything is written, it raises `RunInterrupted`). No signal ever raises inside native
+code (XLA compilation, TensorFlow, Orbax): a second signal only says that the run is stopping, a third one
+ends the process at once (exit 130) unless a checkpoint is being written, which always completes first.
+A non-finite loss stops the run with `NonFiniteLossError`, without saving the state after it.
+
+Resuming: the newest checkpoint is restored; when it is unreadable (truncated or missing files) the run
+says so in one line, restores the newest intact one instead and moves the unreadable ones aside
+(<step>.corrupt).
 
 TensorFlow (the input pipeline, TensorBoard) is imported only when a run starts, through gain_jax.data,
 and torch (for `train.init` .pth files) before it: the other order crashes with some wheels.
@@ -32,6 +38,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -47,7 +54,7 @@ from tqdm import tqdm
 
 from gain_jax import checkpoint, quiet, viz
 from gain_jax import evaluate as evaluation
-from gain_jax.config import Config, RunError, config_to_dict, resume_mismatches
+from gain_jax.config import Config, RunError, RunInterrupted, config_to_dict, resume_mismatches
 from gain_jax.convert import from_torchvision
 from gain_jax.gain import GainConfig, check_max_labels, pack_labels
 from gain_jax.models import build_model
@@ -68,39 +75,78 @@ class NonFiniteLossError(RunError):
 # ---------------------------------------------------------------------------------------------- stopping
 
 class StopRequest:
-    """A flag the loop checks between steps, so the state is never caught mid-update (the train step
-    donates its input state). As a signal handler: the first signal sets the flag, a second one raises
-    KeyboardInterrupt, except inside `protect()` (a checkpoint being written), which defers it."""
+    """A flag the loop checks between steps (and the start-up at safe points), so the state is never
+    caught mid-update (the train step donates its input state) and no exception is raised inside native
+    code. As a signal handler: the first signal sets the flag, a second one says the run is stopping, a
+    third one ends the process at once (exit 130), except inside `protect()` (a checkpoint being
+    written), which the process never leaves half-done."""
 
-    def __init__(self):
-        self.signal_name: str | None = None
+    EXIT_STATUS = 130
+
+    def __init__(self, signals_before: int = 0, signal_name: str | None = None):
+        self.signal_name: str | None = signal_name
+        self.count = signals_before  # signals received (those before the handler was installed included)
         self._protected = 0
         self._deferred = False
+        self.training = False  # set once the run writes its folder (a stop then saves a checkpoint)
 
     def request(self, reason: str = "request") -> None:
         """Ask the run to save and stop at the next step boundary (from any thread)."""
         self.signal_name = self.signal_name or reason
 
+    @property
+    def protected(self) -> bool:
+        return self._protected > 0
+
     def __call__(self, signum, frame):
+        name = signal.Signals(signum).name
+        self.count += 1
         if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
+            self.signal_name = name
+            if self.training:
+                _say(f"{name}: stopping at the next step boundary (a checkpoint is saved there first); "
+                     f"a third signal quits at once without saving")
+            else:
+                _say(f"{name}: stopping at the next safe point of the start-up, before anything is written")
         elif self._protected:
             self._deferred = True
-            print("writing a checkpoint: interrupting when it is complete", file=sys.stderr, flush=True)
+            _say(f"{name}: writing a checkpoint; stopping once it is complete")
+        elif self.count < 3:
+            _say(f"{name}: already stopping, at the next step boundary; a third signal quits at once without "
+                 f"saving")
         else:
-            raise KeyboardInterrupt
+            _say(f"{name} a third time: quitting at once; the checkpoints already written are complete, "
+                 f"the steps since the newest one are lost")
+            os._exit(self.EXIT_STATUS)  # no exception unwinding through native code
 
     @contextlib.contextmanager
     def protect(self):
-        """A second signal waits until the block is done (then raises KeyboardInterrupt)."""
+        """Signals inside the block never end the process: the block completes, then the run stops at the
+        next step boundary (the flag is set)."""
         self._protected += 1
         try:
             yield
         finally:
             self._protected -= 1
-            if not self._protected and self._deferred:
-                self._deferred = False
-                raise KeyboardInterrupt
+            if not self._protected:
+                self._deferred = False  # the run is stopping anyway: the flag is set
+
+
+def _say(message: str) -> None:
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # a closed or broken stderr must not turn a signal into a traceback
+        pass
+
+
+def check_stop(stop: StopRequest | None, where: str, manager=None) -> None:
+    """At a safe point of the start-up: raise RunInterrupted when a stop was requested."""
+    if stop is None or stop.signal_name is None:
+        return
+    message = f"interrupted by {stop.signal_name} {where}, before training: nothing written"
+    if manager is not None and manager.latest_step() is not None:
+        message += f"; the run's checkpoints are unchanged (newest: step {manager.latest_step()})"
+    raise RunInterrupted(message)
 
 
 @contextlib.contextmanager
@@ -273,11 +319,60 @@ def check_environment(config: Config, workdir: str | None = None, resume: bool =
         raise RunError("multi-host runs need an explicit --run_name (every process must write to the same run)")
     for flag, path in (("data_dir", config.data.data_dir), ("manual_dir", config.data.manual_dir)):
         if path is not None and not os.path.isdir(path):
-            raise RunError(f"{flag.replace('_', ' ')} {path} does not exist (--{flag})")
+            problem = "is not a directory" if os.path.exists(path) else "does not exist"
+            raise RunError(f"{flag.replace('_', ' ')} {path} {problem} (--{flag})")
     if config.train.init is not None and not os.path.isfile(config.train.init):
-        raise RunError(f"--init file {config.train.init} does not exist")
+        problem = "is not a file" if os.path.exists(config.train.init) else "does not exist"
+        raise RunError(f"--init file {config.train.init} {problem}")
     if resume and config.log.run_name is None and config.log.checkpoint_dir is None and workdir is None:
         raise RunError("--resume needs the --run_name (or --checkpoint_dir) of the run to continue")
+    if workdir is not None:
+        check_writable_dir(workdir, "the run folder")
+    else:
+        check_writable_dir(config.log.logdir, "--logdir")
+        if config.log.run_name is not None:
+            check_writable_dir(os.path.join(config.log.logdir, config.log.run_name), "--run_name")
+    if config.log.checkpoint_dir is not None:
+        check_writable_dir(config.log.checkpoint_dir, "--checkpoint_dir")
+    if resume:
+        check_run_exists(config, workdir)
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """`path` is a folder this process can write in, or one it can create: its nearest existing ancestor
+    is a folder where a probe folder can be made (and is removed at once). RunError otherwise."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunError(f"{flag} {path} is not a directory")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise RunError(f"{flag} {path}: {existing} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=".gain_jax_write_probe_", dir=existing)
+        os.rmdir(probe)
+    except OSError as error:
+        what = "write in" if existing == path else "create folders in"
+        raise RunError(f"{flag} {path}: cannot {what} {existing} ({error.strerror or error})") from None
+
+
+def check_run_exists(config: Config, workdir: str | None = None) -> None:
+    """--resume: the run folder (or --checkpoint_dir) exists and holds a checkpoint; RunError naming the
+    path and the runs under --logdir otherwise."""
+    run_dir = workdir if workdir is not None else os.path.join(config.log.logdir, config.log.run_name or "")
+    checkpoint_dir = config.log.checkpoint_dir or os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(checkpoint_dir) and any(name.isdigit() for name in os.listdir(checkpoint_dir)):
+        return
+    logdir = os.path.dirname(os.path.abspath(run_dir))
+    runs = sorted(name for name in os.listdir(logdir)
+                  if os.path.isdir(os.path.join(logdir, name, "checkpoints"))) if os.path.isdir(logdir) else []
+    shown = ", ".join(runs[:10]) + (f" (and {len(runs) - 10} more)" if len(runs) > 10 else "")
+    hint = f"; runs under {logdir}: {shown}" if runs else f"; {logdir} holds no runs"
+    if not os.path.isdir(run_dir) and config.log.checkpoint_dir is None:
+        raise RunError(f"--resume: there is no run {run_dir}{hint}")
+    raise RunError(f"--resume: no checkpoint in {checkpoint_dir}, nothing to resume (start the run without "
+                   f"--resume){hint if not os.path.isdir(run_dir) else ''}")
 
 
 def _data():
@@ -565,33 +660,81 @@ def save_checkpoint(run: Run, manager, state: TrainState, dropout_key: jax.Array
     checkpoint.save(manager, position.global_step, state, meta)
 
 
+def read_previous_history(run: Run) -> dict | None:
+    """The run's metrics.json before a resume (None if there is none); RunError if it is not readable."""
+    path = run.paths.metrics_path
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as handle:
+            previous = json.load(handle)
+    except OSError as error:
+        raise RunError(f"--resume: cannot read {path} ({error.strerror or error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunError(f"--resume: {path} is not valid JSON ({error}); it holds the run's step and epoch "
+                       f"records: repair it, or move it away to resume without them") from None
+    if not isinstance(previous, dict) or not all(isinstance(previous.get(key, []), list)
+                                                 for key in ("steps", "epochs")):
+        raise RunError(f"--resume: {path} is not a metrics.json of a run (no steps/epochs lists); "
+                       f"move it away to resume without it")
+    return previous
+
+
 def restore_run(run: Run, manager, state: TrainState, dropout_key: jax.Array
                 ) -> tuple[TrainState, jax.Array, Position, dict]:
-    """The newest checkpoint's state, dropout key and position, and the history up to it (from the run's
-    metrics.json); a fresh start when there is no checkpoint."""
+    """The newest intact checkpoint's state, dropout key and position, and the history up to it (from the
+    run's metrics.json). Unreadable newer checkpoints are reported in one line and moved aside (once the
+    older one is restored); RunError if none can be restored or the settings differ from the run's."""
     history = new_history(run)
-    step = manager.latest_step()
-    if step is None:
-        print(f"--resume: no checkpoint in {run.paths.checkpoint_dir}; starting from scratch", flush=True)
-        return state, dropout_key, Position(), history
-    saved = checkpoint.read_meta(manager, step).get("config", {})
-    mismatches = resume_mismatches(saved, run.config)
-    if mismatches:
-        name, saved_value, value = mismatches[0]
-        raise RunError(f"--resume: checkpoint {run.paths.checkpoint_dir} was trained with --{name} "
-                       f"{saved_value!r}, this run has {value!r}")
-    state, meta = checkpoint.restore(manager, step, state)
-    position = Position(int(meta["epoch"]), int(meta["step_in_epoch"]), int(meta["global_step"]))
-    if os.path.exists(run.paths.metrics_path):
-        with open(run.paths.metrics_path) as handle:
-            previous = json.load(handle)
+    directory = run.paths.checkpoint_dir
+    previous = read_previous_history(run)  # before anything changes on disk
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise RunError(f"--resume: no checkpoint in {directory}, nothing to resume (start the run without "
+                       f"--resume)")
+    unreadable: list[checkpoint.CheckpointError] = []
+    for step in steps:
+        try:
+            saved = checkpoint.read_meta(manager, step).get("config", {})
+        except checkpoint.CheckpointError as error:
+            unreadable.append(error)
+            continue
+        mismatches = resume_mismatches(saved, run.config)
+        if mismatches:
+            name, saved_value, value = mismatches[0]
+            raise RunError(f"--resume: checkpoint {directory} was trained with --{name} "
+                           f"{saved_value!r}, this run has {value!r}")
+        try:
+            state, meta = checkpoint.restore(manager, step, state)
+            position = Position(int(meta["epoch"]), int(meta["step_in_epoch"]), int(meta["global_step"]))
+            restored_key = checkpoint.key_from_json(meta["dropout_key"])
+        except checkpoint.CheckpointError as error:
+            unreadable.append(error)
+            continue
+        except (KeyError, TypeError, ValueError) as error:
+            unreadable.append(checkpoint.CheckpointError(directory, step, f"its meta record lacks {error}"))
+            continue
+        break
+    else:
+        first = unreadable[0]
+        raise RunError(f"--resume: no checkpoint in {directory} can be restored: step {first.step} "
+                       f"({first.reason})" + (f" and {len(unreadable) - 1} older ones" if len(unreadable) > 1 else "")
+                       + "; start the run again without --resume under another --run_name")
+    if unreadable and run.is_main:
+        names = ", ".join(str(error.step) for error in unreadable)
+        moved = [checkpoint.set_aside(manager, error.step) for error in unreadable]
+        print(f"WARNING: --resume: checkpoint step {unreadable[0].step} in {directory} is unreadable "
+              f"({unreadable[0].reason}); resuming from step {position.global_step}, the newest intact one "
+              f"(step{'s' if len(moved) > 1 else ''} {names} moved aside to {', '.join(moved)})",
+              file=sys.stderr, flush=True)
+    if previous is not None:
         # records past the checkpoint belong to steps the resumed run repeats
         history["steps"] = [r for r in previous.get("steps", []) if r["step"] <= position.global_step]
         history["epochs"] = [r for r in previous.get("epochs", []) if r["epoch"] <= position.epoch]
     history["global_step"] = position.global_step
-    print(f"resumed {run.paths.checkpoint_dir} at step {position.global_step} (epoch {position.epoch + 1}, "
+    print(f"resumed {directory} at step {position.global_step} (epoch {position.epoch + 1}, "
           f"{position.step_in_epoch} steps into it)", flush=True)
-    return state, checkpoint.key_from_json(meta["dropout_key"]), position, history
+    return state, restored_key, position, history
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -664,41 +807,64 @@ def train_and_evaluate(config: Config, workdir: str | None = None, *, resume: bo
       workdir: the run folder; default <config.log.logdir>/<config.log.run_name> (a run name from the data
         set, backbone and time when there is none).
       resume: continue from the run's newest checkpoint (same run folder or checkpoint dir); the losses
-        are those of an uninterrupted run.
+        are those of an uninterrupted run. An unreadable newest checkpoint is reported (one line on
+        stderr), moved aside to <step>.corrupt, and the newest intact one restored.
       stop_after: save and stop after this many train steps of this call (0: run to the end).
-      stop_request: a `StopRequest` the caller controls; by default SIGINT/SIGTERM stop the run while it
-        trains (the handlers are restored afterwards).
+      stop_request: a `StopRequest` the caller controls (and whose signal handlers it installs, see
+        `handle_signals`); by default SIGINT/SIGTERM stop the run from the very start of this call (the
+        handlers are restored afterwards).
     Returns:
       (final state, history): history is what metrics.json holds; history["status"] is "finished",
       "interrupted by SIGINT" (or another signal, or the reason given to `StopRequest.request`) or
       "stopped after N steps".
     Raises:
-      ConfigError, RunError: a setting, file or data set that does not work (one-line message).
+      ConfigError, RunError: a setting, file, folder, data set or checkpoint that does not work (a one-line
+        message, raised before anything is written).
+      RunInterrupted: a stop was requested during the start-up, before anything was written.
       NonFiniteLossError: a train step's loss was not finite.
     """
+    stop = stop_request if stop_request is not None else StopRequest()
+    with handle_signals(stop) if stop_request is None else contextlib.nullcontext():
+        return _start_and_train(config, workdir, resume, stop_after, stop)
+
+
+def _start_and_train(config: Config, workdir: str | None, resume: bool, stop_after: int,
+                     stop: StopRequest) -> tuple[TrainState, dict]:
+    """The start-up (checked for a stop request at each safe point, nothing written before the last one),
+    then the loop."""
     quiet.quiet_libraries(verbose=config.log.verbose)  # before TensorFlow is imported
+    check_stop(stop, "while starting")
     torch_state_dict = load_torch_state_dict(config.train.init) if config.train.init else None
+    check_stop(stop, "while loading --init")
     run = create_run(config, workdir, resume=resume)
+    check_stop(stop, "while preparing the data set")
     state, dropout_key = create_train_state(run, torch_state_dict)
     del torch_state_dict
+    check_stop(stop, "while compiling")
+    history, position = new_history(run), Position()
+    if resume:
+        reader = checkpoint.open_manager(run.paths.checkpoint_dir, create=False)
+        try:
+            check_stop(stop, "while compiling", reader)
+            state, dropout_key, position, history = restore_run(run, reader, state, dropout_key)
+        finally:
+            reader.close()
+    check_stop(stop, "while restoring" if resume else "while compiling")
+    # from here on the run writes its folder
+    stop.training = True
+    if run.is_main:
+        os.makedirs(run.paths.heatmap_dir, exist_ok=True)
+        write_json_atomic(run.paths.config_path, run_record(run))
     manager = checkpoint.open_manager(run.paths.checkpoint_dir, max_to_keep=run.config.log.keep)
-    stop = stop_request if stop_request is not None else StopRequest()
     try:
-        history, position = new_history(run), Position()
-        if resume:
-            state, dropout_key, position, history = restore_run(run, manager, state, dropout_key)
-        if run.is_main:
-            os.makedirs(run.paths.heatmap_dir, exist_ok=True)
-            write_json_atomic(run.paths.config_path, run_record(run))
         writer = open_summary_writer(run)
-        with handle_signals(stop) if stop_request is None else contextlib.nullcontext():
-            try:
-                return _train(run, manager, state, dropout_key, position, history, writer, stop, stop_after)
-            finally:
-                with stop.protect():
-                    manager.wait_until_finished()
-                if writer is not None:
-                    writer.flush()
+        try:
+            return _train(run, manager, state, dropout_key, position, history, writer, stop, stop_after)
+        finally:
+            with stop.protect():
+                manager.wait_until_finished()
+            if writer is not None:
+                writer.flush()
     finally:
         manager.close()
 
@@ -795,7 +961,8 @@ def _train(run: Run, manager, state: TrainState, dropout_key: jax.Array, positio
             grid_batch = grid_batch if grid_batch is not None else heatmap_batch(run)
             record_heatmaps(run, state, grid_batch, global_step, writer)
         if (epoch + 1) % log.checkpoint_every == 0 or epoch + 1 == train.epochs:
-            save_checkpoint(run, manager, state, dropout_key, Position(epoch + 1, 0, global_step))
+            with stop.protect():  # the synchronous part (the commit goes on in the background)
+                save_checkpoint(run, manager, state, dropout_key, Position(epoch + 1, 0, global_step))
         write_history(run, history)
         summary = epoch_record["train"]
         if run.is_main:

@@ -119,19 +119,26 @@ def test_device_topk_accuracy_matches_the_host_metric():
     assert np.isnan(float(topk_accuracy(jnp.asarray(scores), jnp.zeros_like(jnp.asarray(targets)))))
 
 
-def test_a_second_signal_waits_for_a_checkpoint_being_written(capsys):
-    from gain_jax.train_loop import StopRequest
+def test_signals_never_raise_and_a_third_waits_for_a_checkpoint_being_written(capsys, monkeypatch):
+    from gain_jax import train_loop
 
-    stop = StopRequest()
+    exits = []
+    monkeypatch.setattr(train_loop.os, "_exit", exits.append)
+    stop = train_loop.StopRequest()
+    stop.training = True
     stop(signal.SIGTERM, None)
     assert stop.signal_name == "SIGTERM"
-    with pytest.raises(KeyboardInterrupt):
-        with stop.protect():
-            stop(signal.SIGINT, None)  # deferred: the block goes on
-            finished = True
-    assert finished and "interrupting when it is complete" in capsys.readouterr().err
-    with pytest.raises(KeyboardInterrupt):
-        stop(signal.SIGINT, None)  # outside a protected block: at once
+    with stop.protect():
+        stop(signal.SIGINT, None)
+        stop(signal.SIGINT, None)  # a third signal: deferred, the block goes on
+        finished = True
+    assert finished and exits == [] and "stopping once it is complete" in capsys.readouterr().err
+    stop(signal.SIGINT, None)  # outside a protected block: the process ends at once, no exception
+    assert exits == [130] and "quitting at once" in capsys.readouterr().err
+    second = train_loop.StopRequest()
+    second(signal.SIGINT, None)
+    second(signal.SIGINT, None)
+    assert exits == [130] and "already stopping" in capsys.readouterr().err
 
 
 def test_prefetch_to_device_transfers_ahead_and_keeps_the_order():
@@ -244,9 +251,14 @@ def test_a_stop_request_saves_at_the_step_boundary(shapes_data_dir, tmp_path):
 
     stop = StopRequest()
     stop.request("a test")
-    _, history = train_and_evaluate(tiny_config(shapes_data_dir, tmp_path, "stopped"), stop_request=stop)
-    assert history["status"] == "interrupted by a test" and history["global_step"] == 0
-    assert os.listdir(os.path.join(tmp_path, "stopped", "checkpoints")) == ["0"]
+    with pytest.raises(run_config.RunInterrupted, match="before training: nothing written"):
+        train_and_evaluate(tiny_config(shapes_data_dir, tmp_path, "stopped"), stop_request=stop)
+    assert not os.path.exists(os.path.join(tmp_path, "stopped"))
+    stop = StopRequest()
+    _, history = train_and_evaluate(tiny_config(shapes_data_dir, tmp_path, "stopped"), stop_request=stop,
+                                    stop_after=1)
+    assert history["status"] == "stopped after 1 steps" and history["global_step"] == 1
+    assert os.listdir(os.path.join(tmp_path, "stopped", "checkpoints")) == ["1"]
 
 
 def test_run_errors_are_raised_before_anything_is_written(shapes_data_dir, tmp_path):
