@@ -19,7 +19,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
+import tempfile
 import types
 import typing
 from collections.abc import Mapping
@@ -43,6 +45,26 @@ class RunInterrupted(Exception):
 
 class ConfigError(RunError, ValueError):
     """A setting that is invalid on its own; the message names the flag (`--sigma must be ...`)."""
+
+
+def output_folder_problem(path: str) -> str | None:
+    """Why `path` cannot be an output folder, as "<path>: <reason>" (None when it can): it must be a folder
+    this process can write in, or one it can create. Creates nothing: a probe folder is made in the nearest
+    existing ancestor and removed at once (os.access answers yes to root even on /proc)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is not a directory"
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{path}: {existing} is not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gain_jax_write_probe_", dir=existing))
+    except OSError as error:
+        what = "write in" if existing == path else "create folders in"
+        return f"{path}: cannot {what} {existing} ({error.strerror or error})"
+    return None
 
 
 def _field(default, help: str, **metadata):

@@ -49,23 +49,12 @@ def find_checkpoint_dir(path: str) -> str:
 
 
 def check_out_dir(path: str) -> None:
-    """--out_dir is a folder that exists or can be created; checked early, creating nothing (a probe folder
-    is made in its nearest existing ancestor and removed at once)."""
-    import tempfile
+    """--out_dir is a folder that exists or can be created; checked early, creating nothing."""
+    from gain_jax.config import output_folder_problem
 
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ExplainError(f"--out_dir {path} is not a directory")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ExplainError(f"--out_dir {path}: {existing} is not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".explain_write_probe_", dir=existing))
-    except OSError as error:
-        what = "write in" if existing == path else "create folders in"
-        raise ExplainError(f"--out_dir {path}: cannot {what} {existing} ({error.strerror or error})") from None
+    problem = output_folder_problem(path)
+    if problem is not None:
+        raise ExplainError(f"--out_dir {problem}")
 
 
 def intact_hint(manager, others) -> str:

@@ -38,7 +38,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -54,7 +53,14 @@ from tqdm import tqdm
 
 from gain_jax import checkpoint, quiet, viz
 from gain_jax import evaluate as evaluation
-from gain_jax.config import Config, RunError, RunInterrupted, config_to_dict, resume_mismatches
+from gain_jax.config import (
+    Config,
+    RunError,
+    RunInterrupted,
+    config_to_dict,
+    output_folder_problem,
+    resume_mismatches,
+)
 from gain_jax.convert import from_torchvision
 from gain_jax.gain import GainConfig, check_max_labels, pack_labels
 from gain_jax.models import build_model
@@ -339,22 +345,10 @@ def check_environment(config: Config, workdir: str | None = None, resume: bool =
 
 
 def check_writable_dir(path: str, flag: str) -> None:
-    """`path` is a folder this process can write in, or one it can create: its nearest existing ancestor
-    is a folder where a probe folder can be made (and is removed at once). RunError otherwise."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise RunError(f"{flag} {path} is not a directory")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise RunError(f"{flag} {path}: {existing} is not a directory")
-    try:
-        probe = tempfile.mkdtemp(prefix=".gain_jax_write_probe_", dir=existing)
-        os.rmdir(probe)
-    except OSError as error:
-        what = "write in" if existing == path else "create folders in"
-        raise RunError(f"{flag} {path}: cannot {what} {existing} ({error.strerror or error})") from None
+    """`path` is a folder this process can write in, or one it can create; RunError naming `flag` otherwise."""
+    problem = output_folder_problem(path)
+    if problem is not None:
+        raise RunError(f"{flag} {problem}")
 
 
 def check_run_exists(config: Config, workdir: str | None = None) -> None:

@@ -18,30 +18,14 @@ import time
 
 import pytest
 from test_train_cli import ROOT, TRAIN, environment, read_metrics, tiny_flags
+from test_train_loop import tiny_config as train_loop_tiny_config
 
 from gain_jax import checkpoint, explain
-from gain_jax.config import Config, DataConfig, EvalConfig, LogConfig, RunError, RunInterrupted, TrainConfig
+from gain_jax.config import RunError, RunInterrupted
 
 
-@pytest.fixture(scope="session")
-def shapes_data_dir(tmp_path_factory):
-    import gain_jax.data as gd
-
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    gd.make_dataset("gain_shapes", "train", data_dir=data_dir, batch_size=1, train=False)
-    return data_dir
-
-
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-def tiny_config(data_dir, logdir, run_name, **log_changes) -> Config:
-    return Config(data=DataConfig(data_dir=data_dir, image_size=32),
-                  train=TrainConfig(batch_size=8, steps_per_epoch=2, epochs=2, pretrain_epochs=1),
-                  eval=EvalConfig(eval_examples=16),
-                  log=LogConfig(logdir=str(logdir), run_name=run_name, num_heatmaps=0, **log_changes))
+def tiny_config(data_dir, logdir, run_name, **log_changes):
+    return train_loop_tiny_config(data_dir, logdir, run_name, **{"num_heatmaps": 0, **log_changes})
 
 
 @pytest.fixture(scope="module")

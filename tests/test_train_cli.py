@@ -19,21 +19,6 @@ TRAIN = os.path.join(ROOT, "train.py")
 LOSS_KEYS = ("loss", "cl", "am", "ex")
 
 
-@pytest.fixture(scope="session")
-def shapes_data_dir(tmp_path_factory):
-    """gain_shapes prepared once for the whole session."""
-    import gain_jax.data as gd
-
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    gd.make_dataset("gain_shapes", "train", data_dir=data_dir, batch_size=1, train=False)
-    return data_dir
-
-
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
 def environment(compile_cache, devices=1):
     env = dict(os.environ)
     env.update(JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

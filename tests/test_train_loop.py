@@ -167,20 +167,11 @@ def test_library_modules_import_neither_tensorflow_nor_torch():
 
 # ---------------------------------------------------------------------------------------------- runs
 
-@pytest.fixture(scope="module")
-def shapes_data_dir(tmp_path_factory):
-    import gain_jax.data as gd
-
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    gd.make_dataset("gain_shapes", "train", data_dir=data_dir, batch_size=1, train=False)
-    return data_dir
-
-
 def tiny_config(data_dir, logdir, run_name, **log_changes) -> Config:
     return Config(data=DataConfig(data_dir=data_dir, image_size=32),
                   train=TrainConfig(batch_size=8, steps_per_epoch=2, epochs=2, pretrain_epochs=1),
                   eval=EvalConfig(eval_examples=16),
-                  log=LogConfig(logdir=str(logdir), run_name=run_name, num_heatmaps=2, **log_changes))
+                  log=LogConfig(**{"logdir": str(logdir), "run_name": run_name, "num_heatmaps": 2, **log_changes}))
 
 
 @pytest.fixture(scope="module")
