@@ -381,6 +381,11 @@ def prepare_dataset(config: Config) -> dict[str, int]:
     gd = _data()
     import tensorflow_datasets as tfds  # loaded by gain_jax.data already
 
+    builder = tfds.builder(config.data.dataset, data_dir=config.data.data_dir)
+    if not builder.is_prepared() and jax.process_index() == 0:
+        # tfds' own build messages are hidden (gain_jax.quiet): say why the first run waits
+        print(f"preparing the {config.data.dataset} data set in {builder.data_dir} (first use only; "
+              f"{'a minute or so' if config.data.dataset == 'gain_shapes' else 'several minutes'})", flush=True)
     try:
         gd.make_dataset(config.data.dataset, "train", data_dir=config.data.data_dir,
                         manual_dir=config.data.manual_dir, batch_size=1, train=False)
