@@ -144,8 +144,40 @@ def _conv(features, kernel_size, *, strides=1, padding=0, use_bias=True, kernel_
 
 
 def _max_pool_2x2(x):
-    """torch MaxPool2d(2): floor mode, i.e. a trailing odd row/column is dropped."""
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    """torch MaxPool2d(2): floor mode, i.e. a trailing odd row/column is dropped (the slice's gradient is 0)."""
+    height, width = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    return _max_pool_2x2_even(x[:, :height, :width])
+
+
+def _pool_windows(x):
+    """[B, H, W, C] with even H, W -> [B, H/2, W/2, C, 4], each window's pixels in row-major order."""
+    batch, height, width, channels = x.shape
+    windows = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+    return windows.transpose(0, 1, 3, 5, 2, 4).reshape(batch, height // 2, width // 2, channels, 4)
+
+
+# A reshape-and-max pool with its own backward. flax's max_pool lowers to reduce-window, whose gradient
+# XLA:CPU builds from four activation-sized index arrays and a scatter: about 45% of a small_cnn step
+# (bench/profiles/per_label_cpu.md). The gradient goes to the first maximum of each window in row-major
+# order, as in torch (and in XLA's select-and-scatter), so ties (ReLU zeros) give identical gradients.
+@jax.custom_vjp
+def _max_pool_2x2_even(x):
+    return _pool_windows(x).max(axis=-1)
+
+
+def _max_pool_2x2_even_forward(x):
+    windows = _pool_windows(x)
+    return windows.max(axis=-1), jnp.argmax(windows, axis=-1)
+
+
+def _max_pool_2x2_even_backward(first_max, pooled_grad):
+    batch, half_height, half_width, channels = pooled_grad.shape
+    window_grads = jax.nn.one_hot(first_max, 4, dtype=pooled_grad.dtype) * pooled_grad[..., None]
+    grads = window_grads.reshape(batch, half_height, half_width, channels, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    return (grads.reshape(batch, 2 * half_height, 2 * half_width, channels),)
+
+
+_max_pool_2x2_even.defvjp(_max_pool_2x2_even_forward, _max_pool_2x2_even_backward)
 
 
 def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:

@@ -283,3 +283,27 @@ def test_cam_layer_size_matches_the_model_and_min_image_size_gives_two_cells(nam
         assert feats.shape[1:3] == (cam_layer_size(name, size),) * 2, (size, feats.shape)
     assert cam_layer_size(name, min_image_size(name)) == 2
     assert cam_layer_size(name, min_image_size(name) - 1) < 2
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3), (1, 5, 5, 2)])
+def test_max_pool_2x2_matches_reduce_window_values_and_gradients_with_ties(shape):
+    """The reshape pool with its own backward equals flax's max_pool (torch's MaxPool2d(2)) exactly, ties
+    (the zeros after a ReLU) and odd sizes (the trailing row/column dropped) included."""
+    import flax.linen as nn
+
+    from gain_jax.models import _max_pool_2x2
+
+    rng = np.random.default_rng(0)
+    x = jnp.maximum(jnp.asarray(rng.normal(size=shape).astype(np.float32)), 0.0)
+
+    def reference(inputs):
+        return nn.max_pool(inputs, (2, 2), strides=(2, 2), padding="VALID")
+
+    np.testing.assert_array_equal(_max_pool_2x2(x), reference(x))
+    weights = jnp.asarray(rng.normal(size=reference(x).shape).astype(np.float32))
+    ours = jax.jit(jax.grad(lambda inputs: (_max_pool_2x2(inputs) * weights).sum()))(x)
+    theirs = jax.grad(lambda inputs: (reference(inputs) * weights).sum())(x)
+    np.testing.assert_array_equal(ours, theirs)
+    assert int((x == 0).sum()) > 0 and float(jnp.abs(ours).sum()) > 0
+    batched = jax.vmap(lambda one: _max_pool_2x2(one[None])[0])(x)
+    np.testing.assert_array_equal(batched, reference(x))
