@@ -111,7 +111,10 @@ def run(args, early: EarlySignals | None = None) -> int:
     return 0 if status.startswith("stopped after") else EXIT_INTERRUPTED
 
 
-def main(argv=None) -> int:
+def main(argv=None, exiting: bool = False) -> int:
+    """The program; with `exiting` (when run as a script) SIGINT/SIGTERM are ignored once it returns: the run's
+    files are complete by then, and a late Ctrl-C must not kill the interpreter's shutdown (exit -2 instead
+    of the status). Python keeps SIG_IGN through finalization, unlike a Python-level handler."""
     early = EarlySignals()  # first: a Ctrl-C while jax, orbax and TensorFlow load must not raise inside them
     previous = early.install()
     try:
@@ -130,8 +133,8 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if exiting else handler)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exiting=True))

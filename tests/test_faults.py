@@ -326,3 +326,20 @@ def test_metrics_json_is_written_atomically(finished_run):
     with open(os.path.join(finished_run, "base", "metrics.json")) as handle:
         assert json.load(handle)["status"] == "finished"
     assert not glob.glob(os.path.join(finished_run, "base", "*.tmp"))
+
+
+def test_a_signal_during_the_shutdown_changes_nothing(shapes_data_dir, compile_cache, tmp_path):
+    """Once the run's last line is printed its files are complete; a Ctrl-C while the interpreter shuts down
+    (JAX, TensorFlow and orbax tear down for a while) must not turn the exit status into a kill (-2)."""
+    process, stderr_lines, reader = start_train(
+        tiny_flags(shapes_data_dir, tmp_path, "late") + ["--stop_after", "1"], compile_cache)
+    deadline = time.time() + 200
+    while time.time() < deadline and not any("stopped after 1 steps" in line for line in stderr_lines):
+        if process.poll() is not None:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    returncode, stderr = finish(process, reader, stderr_lines)
+    assert returncode == 0, (returncode, stderr[-3000:])
+    assert "stopped after 1 steps at step 1" in stderr
+    no_noise(stderr)
