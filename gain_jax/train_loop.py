@@ -69,7 +69,7 @@ from gain_jax.training import create_train_state as new_train_state
 
 # splits evaluated at the end of a run (validation is also evaluated after every epoch)
 FINAL_SPLITS = {"gain_shapes": ("validation", "test_unbiased"), "gain_voc2012": ("validation",)}
-LOSS_KEYS = ("loss", "cl", "am", "ex")
+LOSS_KEYS = evaluation.LOSS_KEYS
 STEP_KEYS = LOSS_KEYS + ("topk_accuracy",)
 IMAGENET_MEAN, IMAGENET_STD = viz.IMAGENET_MEAN, viz.IMAGENET_STD
 
@@ -351,12 +351,17 @@ def check_writable_dir(path: str, flag: str) -> None:
         raise RunError(f"{flag} {problem}")
 
 
+def holds_checkpoints(directory: str) -> bool:
+    """Whether `directory` holds a checkpoint step folder (orbax names them by step number)."""
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def check_run_exists(config: Config, workdir: str | None = None) -> None:
     """--resume: the run folder (or --checkpoint_dir) exists and holds a checkpoint; RunError naming the
     path and the runs under --logdir otherwise."""
     run_dir = workdir if workdir is not None else os.path.join(config.log.logdir, config.log.run_name or "")
     checkpoint_dir = config.log.checkpoint_dir or os.path.join(run_dir, "checkpoints")
-    if os.path.isdir(checkpoint_dir) and any(name.isdigit() for name in os.listdir(checkpoint_dir)):
+    if holds_checkpoints(checkpoint_dir):
         return
     logdir = os.path.dirname(os.path.abspath(run_dir))
     runs = sorted(name for name in os.listdir(logdir)
@@ -433,8 +438,7 @@ def create_run(config: Config, workdir: str | None = None, *, resume: bool = Fal
     split_sizes = prepare_dataset(config)
     config = resolve_config(config, info.image_size, split_sizes["train"], workdir)
     paths = run_paths(config, workdir)
-    if not resume and os.path.isdir(paths.checkpoint_dir) and any(
-            name.isdigit() for name in os.listdir(paths.checkpoint_dir)):
+    if not resume and holds_checkpoints(paths.checkpoint_dir):
         raise RunError(f"checkpoint dir {paths.checkpoint_dir} already holds checkpoints: pass --resume to "
                        f"continue that run, or choose another --run_name / --checkpoint_dir")
     image_size = config.data.image_size
