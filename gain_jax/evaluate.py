@@ -6,7 +6,8 @@ From a notebook:
     from gain_jax.evaluate import evaluate
     batches = gd.input_pipeline("gain_shapes", "validation", batch_size=32, train=False)
     result = evaluate(model, state, batches, gain_cfg, class_names)     # state: a TrainState or variables
-    result["mAP"], result["cam_mIoU"], result["pointing_game"]
+    result["mAP"], result["cam_mIoU"], result["cam_object_mIoU"], result["pointing_game"]
+    result["floors"]["zero"]["cam_mIoU"]    # the same metric for an all-zero map (and "centre", "random")
 
 or, compiling once for repeated use (big_vision's evaluator style):
 
@@ -31,6 +32,9 @@ from gain_jax.training import TrainState, make_eval_step
 
 LOSS_KEYS = ("loss", "cl", "am", "ex")
 BATCH_KEYS = ("image", "labels", "mask", "has_mask")
+CONFLICTING_KEY = "bias_conflicting"  # per-example bool some data sets carry (gain_shapes); stays on the host
+CAM_KEYS = ("cam_mIoU", "cam_object_mIoU", "pointing_game")
+RANDOM_FLOOR_SEED = 0  # the random floor of the batch starting at example n draws from default_rng([seed, n])
 
 
 def as_state(state_or_variables) -> TrainState:
@@ -54,35 +58,91 @@ def pad_to_multiple(batch: Mapping[str, np.ndarray], multiple: int) -> tuple[dic
             for key, value in batch.items()}, valid
 
 
+def _new_counts() -> dict:
+    return {"intersection": 0, "union": 0, "hits": 0, "trials": 0}
+
+
 def new_totals() -> dict:
-    """Running sums of one evaluation (see `accumulate` and `summarize`)."""
-    return {"terms": dict.fromkeys(LOSS_KEYS, 0.0), "scores": [], "targets": [], "num_examples": 0,
-            "intersection": 0, "union": 0, "hits": 0, "trials": 0}
+    """Running sums of one evaluation (see `accumulate` and `summarize`). "cam" holds the CAM counts of
+    the model's maps ("model"), of each floor of `metrics.FLOOR_NAMES` on the same images, and of the
+    model on the bias-conflicting images ("conflicting"); "conflicting" the per-batch flags, when given."""
+    return {"terms": dict.fromkeys(LOSS_KEYS, 0.0), "scores": [], "targets": [], "conflicting": [],
+            "num_examples": 0,
+            "cam": {name: _new_counts() for name in ("model", *metrics.FLOOR_NAMES, "conflicting")}}
+
+
+def cam_counts(class_cams: np.ndarray, labels: np.ndarray, gt_masks: np.ndarray, num_classes: int,
+               cam_threshold: float, pointing_tolerance: float) -> dict:
+    """IoU counts (`metrics.iou_counts` of `metrics.cam_segmentation`) and pointing-game hits and trials
+    of `[B, C, H, W]` maps against `[B, H, W]` masks."""
+    predicted = metrics.cam_segmentation(class_cams, labels, cam_threshold)
+    intersection, union = metrics.iou_counts(predicted, gt_masks, num_classes)
+    hits, trials = metrics.pointing_game(class_cams, labels, gt_masks, pointing_tolerance)
+    return {"intersection": intersection, "union": union, "hits": hits, "trials": trials}
+
+
+def _add_counts(total: dict, counts: dict) -> dict:
+    return {key: total[key] + counts[key] for key in total}
 
 
 def accumulate(totals: dict, out: Mapping[str, Any], batch: Mapping[str, np.ndarray], valid: int,
                num_classes: int, cam_threshold: float, pointing_tolerance: float) -> dict:
-    """Add one batch's eval-step output (host arrays; the first `valid` rows are real) to `totals`."""
+    """Add one batch's eval-step output (host arrays; the first `valid` rows are real) to `totals`.
+
+    The floors' maps are scored on the same images, masks, threshold and tolerance as the model's; the
+    random floor of the batch whose first example is the split's n-th draws from
+    `np.random.default_rng([RANDOM_FLOOR_SEED, n])` (the same figures on every run). When the batch has
+    `CONFLICTING_KEY`, its flags are kept (for the classification metrics of that subset) and the model's
+    maps are also scored on that subset.
+    """
     terms = {key: totals["terms"][key] + float(out[key]) * valid for key in LOSS_KEYS}
     labels = np.asarray(batch["labels"])[:valid]
     updated = dict(totals, terms=terms, scores=totals["scores"] + [np.asarray(out["logits"])[:valid]],
                    targets=totals["targets"] + [labels], num_examples=totals["num_examples"] + valid)
+    conflicting = None
+    if CONFLICTING_KEY in batch:
+        conflicting = np.asarray(batch[CONFLICTING_KEY], bool)[:valid]
+        updated["conflicting"] = totals["conflicting"] + [conflicting]
     with_mask = np.asarray(batch["has_mask"], bool)[:valid]
     if with_mask.any():
         cams = np.asarray(out["class_cams"])[:valid][with_mask]
         gt_masks = np.asarray(batch["mask"])[:valid][with_mask]
-        predicted = metrics.cam_segmentation(cams, labels[with_mask], cam_threshold)
-        intersection, union = metrics.iou_counts(predicted, gt_masks, num_classes)
-        hits, trials = metrics.pointing_game(cams, labels[with_mask], gt_masks, pointing_tolerance)
-        updated.update(intersection=totals["intersection"] + intersection, union=totals["union"] + union,
-                       hits=totals["hits"] + hits, trials=totals["trials"] + trials)
+        mask_labels = labels[with_mask]
+
+        def score(maps, rows=slice(None)):
+            return cam_counts(maps[rows], mask_labels[rows], gt_masks[rows], num_classes, cam_threshold,
+                              pointing_tolerance)
+
+        cam = dict(totals["cam"])
+        cam["model"] = _add_counts(cam["model"], score(cams))
+        rng = np.random.default_rng([RANDOM_FLOOR_SEED, totals["num_examples"]])
+        for name in metrics.FLOOR_NAMES:
+            cam[name] = _add_counts(cam[name], score(metrics.floor_maps(name, cams.shape, rng)))
+        if conflicting is not None and conflicting[with_mask].any():
+            cam["conflicting"] = _add_counts(cam["conflicting"], score(cams, conflicting[with_mask]))
+        updated["cam"] = cam
     return updated
+
+
+def _cam_summary(counts: dict) -> dict:
+    """cam_mIoU, cam_object_mIoU and pointing_game of accumulated counts (nan without any trial)."""
+    if not counts["trials"]:
+        return dict.fromkeys(CAM_KEYS, float("nan"))
+    return {"cam_mIoU": metrics.mean_iou(counts["intersection"], counts["union"]),
+            "cam_object_mIoU": metrics.object_mean_iou(counts["intersection"], counts["union"]),
+            "pointing_game": counts["hits"] / counts["trials"]}
 
 
 def summarize(totals: dict, class_names: Sequence[str], cam_threshold: float, pointing_tolerance: float) -> dict:
     """The result of an evaluation: mean loss terms, num_examples, mAP, topk_accuracy, ap_per_class,
-    cam_mIoU, iou_per_class, pointing_game (hits / trials), pointing_hits, pointing_trials and the
-    parameters (cam_threshold, pointing_tolerance_px). CAM metrics are nan without any mask."""
+    cam_mIoU (VOC-style: background included), cam_object_mIoU (object classes only), iou_per_class,
+    pointing_game (hits / trials), pointing_hits, pointing_trials, the parameters (cam_threshold,
+    pointing_tolerance_px), and "floors": {floor: {cam_mIoU, cam_object_mIoU, pointing_game}} for each
+    of `metrics.FLOOR_NAMES` on the same images. CAM metrics are nan without any mask.
+
+    When the batches carried `CONFLICTING_KEY`: num_conflicting and, on that subset, mAP_conflicting,
+    topk_accuracy_conflicting, cam_mIoU_conflicting, cam_object_mIoU_conflicting, pointing_game_conflicting
+    (nan on an empty subset)."""
     count = totals["num_examples"]
     if not count:
         raise ValueError("no examples to evaluate")
@@ -96,14 +156,20 @@ def summarize(totals: dict, class_names: Sequence[str], cam_threshold: float, po
         cam_threshold=cam_threshold,
         pointing_tolerance_px=pointing_tolerance,
     )
-    if totals["trials"]:
-        ious = metrics.per_class_iou(totals["intersection"], totals["union"])
-        result.update(cam_mIoU=metrics.mean_iou(totals["intersection"], totals["union"]),
-                      iou_per_class=dict(zip(["background"] + list(class_names), ious.tolist())),
-                      pointing_game=totals["hits"] / totals["trials"], pointing_hits=int(totals["hits"]),
-                      pointing_trials=int(totals["trials"]))
-    else:
-        result.update(cam_mIoU=float("nan"), pointing_game=float("nan"), pointing_hits=0, pointing_trials=0)
+    model = totals["cam"]["model"]
+    result.update(_cam_summary(model), pointing_hits=int(model["hits"]), pointing_trials=int(model["trials"]))
+    if model["trials"]:
+        ious = metrics.per_class_iou(model["intersection"], model["union"])
+        result["iou_per_class"] = dict(zip(["background"] + list(class_names), ious.tolist()))
+    result["floors"] = {name: _cam_summary(totals["cam"][name]) for name in metrics.FLOOR_NAMES}
+    if totals["conflicting"]:
+        conflicting = np.concatenate(totals["conflicting"])
+        subset_scores, subset_targets = scores[conflicting], targets[conflicting]
+        result["num_conflicting"] = int(conflicting.sum())
+        result["mAP_conflicting"] = metrics.mean_average_precision(subset_scores, subset_targets)
+        result["topk_accuracy_conflicting"] = metrics.topk_accuracy(subset_scores, subset_targets)
+        result.update({f"{key}_conflicting": value
+                       for key, value in _cam_summary(totals["cam"]["conflicting"]).items()})
     return result
 
 
@@ -137,8 +203,9 @@ def evaluate_with_step(eval_step: Callable, state, batches: Iterable[Mapping[str
     for batch in batches:
         if should_stop is not None and should_stop():
             return None
-        batch, valid = pad_to_multiple({key: np.asarray(batch[key]) for key in BATCH_KEYS}, device_count)
-        out = eval_step(state, to_device(batch))
+        keys = BATCH_KEYS + ((CONFLICTING_KEY,) if CONFLICTING_KEY in batch else ())
+        batch, valid = pad_to_multiple({key: np.asarray(batch[key]) for key in keys}, device_count)
+        out = eval_step(state, to_device({key: batch[key] for key in BATCH_KEYS}))
         if in_flight is not None:
             totals = finish(in_flight, totals)
         in_flight = (out, batch, valid)

@@ -6,12 +6,17 @@ accumulates counts here, so nothing in this module is traced or compiled.
 Conventions: `scores` and `targets` are `[N, C]` (targets multi-hot, any dtype, > 0 = positive);
 `class_cams` are `[B, C, H, W]` maps in [0, 1] (min-max normalized Grad-CAM of every class);
 `gt_masks` are `[B, H, W]` with VOC's encoding: 0 background, class index + 1, 255 ignored.
+
+Floors: maps that know nothing of the image, scored by the same CAM metrics to tell a method from a blank
+map (`zero_maps`, `centre_maps`, `random_maps`; `floor_maps` by name, `FLOOR_NAMES`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 IGNORE_LABEL = 255
+FLOOR_NAMES = ("zero", "centre", "random")
+CENTRE_SIGMA_FRACTION = 0.25  # the centre floor's Gaussian: sigma = this x the shorter image side
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -84,13 +89,19 @@ def cam_segmentation(class_cams: np.ndarray, targets: np.ndarray, threshold: flo
     Each pixel takes the ground-truth class whose map is largest there; it is background where that
     largest value is below `threshold` (and everywhere in an image without labels).
     """
-    class_cams = np.asarray(class_cams, dtype=np.float32)
+    class_cams = np.asarray(class_cams)
     positives = np.asarray(targets) > 0
-    # Non-label classes can never win: push their maps below any threshold.
-    candidate = np.where(positives[:, :, None, None], class_cams, -np.inf)
-    best_class = candidate.argmax(axis=1)
-    best_value = candidate.max(axis=1)
-    return np.where(best_value >= threshold, best_class + 1, 0).astype(np.int32)
+    out = np.zeros((class_cams.shape[0],) + class_cams.shape[2:], np.int32)
+    for b in range(class_cams.shape[0]):
+        # Only the label classes compete (in class order, so a tie goes to the first): reading just
+        # their maps keeps this cheap when there are many classes and few labels.
+        label_classes = np.flatnonzero(positives[b])
+        if label_classes.size == 0:
+            continue
+        candidate = class_cams[b, label_classes].astype(np.float32)
+        best_class = label_classes[candidate.argmax(axis=0)]
+        out[b] = np.where(candidate.max(axis=0) >= threshold, best_class + 1, 0)
+    return out
 
 
 def iou_counts(predicted: np.ndarray, gt_masks: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,6 +132,52 @@ def mean_iou(intersection: np.ndarray, union: np.ndarray) -> float:
     ious = per_class_iou(intersection, union)
     valid = ~np.isnan(ious)
     return float(ious[valid].mean()) if valid.any() else float("nan")
+
+
+def object_mean_iou(intersection: np.ndarray, union: np.ndarray) -> float:
+    """Mean IoU over the object classes that appear (union > 0), background (index 0) left out: a map
+    that marks nothing scores 0 here, while `mean_iou` still credits it with the background's IoU."""
+    ious = per_class_iou(intersection, union)[1:]
+    valid = ~np.isnan(ious)
+    return float(ious[valid].mean()) if valid.any() else float("nan")
+
+
+def zero_maps(shape: tuple) -> np.ndarray:
+    """The all-zero floor, float32 `shape` ([B, C, H, W]): below any positive threshold, so every pixel
+    is background; its maximum (for the pointing game) is the top-left pixel."""
+    return np.zeros(shape, np.float32)
+
+
+def centre_maps(shape: tuple, sigma_fraction: float = CENTRE_SIGMA_FRACTION) -> np.ndarray:
+    """The centre-bias floor, float32 `shape` ([B, C, H, W]), read-only: every class's map is the same
+    isotropic Gaussian centred on the image, peak 1 (at the centre pixel, the first of the central ones
+    when a side is even), sigma = `sigma_fraction` x the shorter side (0.25: above 0.5 within ~0.29
+    sides of the centre, about 27% of the image)."""
+    *_, height, width = shape
+    sigma = sigma_fraction * min(height, width)
+    y = np.arange(height, dtype=np.float64) - (height - 1) / 2
+    x = np.arange(width, dtype=np.float64) - (width - 1) / 2
+    blob = np.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma ** 2)).astype(np.float32)
+    return np.broadcast_to(blob, shape)
+
+
+def random_maps(shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    """The chance floor, float32 `shape` ([B, C, H, W]): independent uniform [0, 1) values per pixel and
+    class, drawn from `rng` (pass a seeded `np.random.default_rng(...)` for reproducible figures)."""
+    return rng.random(shape, dtype=np.float32)
+
+
+def floor_maps(name: str, shape: tuple, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The floor `name` of `FLOOR_NAMES` ("random" needs `rng`)."""
+    if name == "zero":
+        return zero_maps(shape)
+    if name == "centre":
+        return centre_maps(shape)
+    if name == "random":
+        if rng is None:
+            raise ValueError("the random floor needs a numpy Generator (rng)")
+        return random_maps(shape, rng)
+    raise ValueError(f"unknown floor {name!r}; floors: {FLOOR_NAMES}")
 
 
 def pointing_game(class_cams: np.ndarray, targets: np.ndarray, gt_masks: np.ndarray,

@@ -51,7 +51,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from gain_jax import checkpoint, quiet, viz
+from gain_jax import checkpoint, metrics, quiet, viz
 from gain_jax import evaluate as evaluation
 from gain_jax.config import (
     Config,
@@ -619,7 +619,20 @@ def record_heatmaps(run: Run, state: TrainState, batch: Mapping[str, np.ndarray]
 
 def summary_line(result: Mapping[str, Any]) -> str:
     return (f"mAP {result['mAP']:.3f}, top-k acc {result['topk_accuracy']:.3f}, "
-            f"CAM mIoU {result['cam_mIoU']:.3f}, pointing {result['pointing_game']:.3f}")
+            f"CAM mIoU {result['cam_mIoU']:.3f} (objects {result.get('cam_object_mIoU', math.nan):.3f}), "
+            f"pointing {result['pointing_game']:.3f}")
+
+
+def floors_line(split: str, result: Mapping[str, Any], width: int) -> str | None:
+    """The split's floors (`gain_jax.metrics.FLOOR_NAMES`) in one line, None for a result without them."""
+    floors = result.get("floors")
+    if not floors:
+        return None
+    names = [name for name in metrics.FLOOR_NAMES if name in floors]
+    figures = ", ".join(f"{label} " + "/".join(f"{floors[name][key]:.3f}" for name in names)
+                        for label, key in (("mIoU", "cam_mIoU"), ("object mIoU", "cam_object_mIoU"),
+                                           ("pointing", "pointing_game")))
+    return f"  {split:<{width}}{figures}"
 
 
 def report(run: Run, history: Mapping[str, Any], seconds: float, latest_checkpoint: int | None) -> str:
@@ -636,15 +649,27 @@ def report(run: Run, history: Mapping[str, Any], seconds: float, latest_checkpoi
     rows += list(history["final"].items())
     width = max(len(name) for name, _ in rows) + 2
     pointing_header = f"pointing (±{run.pointing_tolerance:g}px)"
+    conflicting = any("mAP_conflicting" in result for _, result in rows)
     lines.append(f"{'split':<{width}}{'mAP':>7}{'top-k acc':>11}{f'CAM mIoU@{config.eval.cam_threshold:g}':>15}"
-                 f"{pointing_header:>22}")
+                 f"{'object mIoU':>13}{pointing_header:>22}" + (f"{'mAP conflicting':>18}" if conflicting else ""))
     for name, result in rows:
         pointing = f"{result['pointing_game']:.3f} ({result['pointing_hits']}/{result['pointing_trials']})"
-        lines.append(f"{name:<{width}}{result['mAP']:>7.3f}{result['topk_accuracy']:>11.3f}"
-                     f"{result['cam_mIoU']:>15.3f}{pointing:>22}")
+        line = (f"{name:<{width}}{result['mAP']:>7.3f}{result['topk_accuracy']:>11.3f}"
+                f"{result['cam_mIoU']:>15.3f}{result.get('cam_object_mIoU', math.nan):>13.3f}{pointing:>22}")
+        if "mAP_conflicting" in result:
+            subset = f"{result['mAP_conflicting']:.3f} (n={result['num_conflicting']})"
+            line += f"{subset:>18}"
+        lines.append(line)
     if len(rows) > len(history["final"]):
         lines.append(f"(pre-trained: after epoch {train.pretrain_epochs}, the classification-only baseline; "
                      f"the other rows: after attention mining)")
+    if conflicting:
+        lines.append("(mAP conflicting: on the images whose background texture is a non-label class's own)")
+    floor_lines = [line for split, result in history["final"].items()
+                   if (line := floors_line(split, result, width - 2)) is not None]
+    if floor_lines:
+        lines.append(f"floors, maps that ignore the image ({' / '.join(metrics.FLOOR_NAMES)}), on the same images:")
+        lines += floor_lines
     lines += [f"TensorBoard logs: {run.paths.run_dir}   (tensorboard --logdir {config.log.logdir})",
               f"metrics:          {run.paths.metrics_path}",
               f"checkpoints:      {run.paths.checkpoint_dir} (latest step {latest_checkpoint})",
