@@ -22,16 +22,27 @@ Each row prints the GAIN/classification ratio and the target `1 + 0.6 n` (n = th
 the row's batches; union: 2.3), and for small_cnn packed K=2/K=3 the issue-12 targets (<= 2.0, <= 2.5).
 "XLA temp MiB" is the compiled step's temporary buffer size (`Compiled.memory_analysis()`: working memory
 beyond arguments and outputs, the largest over the row's programs). On a GPU the device's peak bytes in
-use over the whole process is printed at the end (JAX cannot reset it per row); on the CPU no peak is
-shown (the process's max RSS would cover every row and JAX itself).
+use over the whole process is printed at the end (JAX cannot reset it per row).
+"cls peak MiB" / "GAIN peak MiB" / "mem ratio": the memory one step needs beyond what is resident before it
+(weights, Adam state, batch, the compiled program), for the plain step and the row's GAIN step, and their
+ratio. On the CPU it is measured: each program runs in a fresh child process of this script
+(`--memory-child`), which compiles it, returns freed heap to the OS (malloc_trim), reads its resident set
+size, resets the kernel's peak-RSS mark (/proc/self/clear_refs 5), runs `--memory-steps` steps and reads the
+peak (VmHWM): peak minus the RSS before the first step. On a GPU (no per-row reset of the device peak, and
+compilation's autotuning allocates device memory too) it is XLA's figure for the compiled program: output +
+temp bytes minus the output bytes aliased to donated arguments (`Compiled.memory_analysis()`). The largest
+over the row's programs is shown. `--no-memory` skips the children.
 Only JAX, flax and optax are imported (runs on a GPU machine without TensorFlow or torch).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -124,6 +135,58 @@ def compile_step(jitted, *args):
     return compiled, temp
 
 
+def xla_program_bytes(compiled, with_arguments: bool = False) -> int | None:
+    """What the compiled program allocates when it runs, by XLA's buffer assignment: outputs + temp buffers -
+    outputs aliased to donated arguments (+ the arguments with `with_arguments`); None if not reported."""
+    try:
+        analysis = compiled.memory_analysis()
+        total = analysis.output_size_in_bytes + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes
+        return total + (analysis.argument_size_in_bytes if with_arguments else 0)
+    except Exception:  # not every backend reports it
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- host memory
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: the resident set size's high-water mark (since start or the last reset_peak_rss)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Set VmHWM to the current RSS (Linux >= 4.0); raises OSError where not allowed."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def trim_heap() -> None:
+    """Give freed malloc memory back to the OS (glibc), so that it does not hide a later allocation."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def step_host_memory(compiled, state, batch, steps: int, extra_args=()) -> int:
+    """Peak RSS while `steps` steps run minus the RSS before the first one (the program already compiled)."""
+    trim_heap()
+    before = rss_bytes()
+    reset_peak_rss()
+    for i in range(steps):
+        state, out = compiled(state, batch, jax.random.PRNGKey(i), *extra_args)
+        jax.block_until_ready((state, out))
+    return peak_rss_bytes() - before
+
+
 @dataclasses.dataclass
 class Case:
     name: str
@@ -143,6 +206,8 @@ class Row:
     issue_target: float | None
     shapes: str
     temp_bytes: int | None
+    peak_bytes: int | None = None       # GAIN step, largest over the row's programs (see the module docstring)
+    cls_peak_bytes: int | None = None   # the plain classification step
 
     @property
     def ratio(self) -> float:
@@ -163,21 +228,24 @@ def gain_batch(case: Case, images, labels: np.ndarray) -> tuple[gj.GainConfig, d
     return gj.GainConfig(mode="per_label"), batch, shape
 
 
-def bench(backbone: str, image_size: int, batch_size: int, steps: int, warmup: int, num_classes: int = 20,
-          voc_batches: int = 4):
+@dataclasses.dataclass
+class Setup:
+    model: object
+    images: jax.Array
+    fresh_state: object       # () -> a new TrainState from the same initial weights
+    fixed: dict               # k -> multi-hot [B, C] with k labels per image
+    cases: list
+
+
+def setup(backbone: str, image_size: int, batch_size: int, num_classes: int = 20, voc_batches: int = 4) -> Setup:
+    """Model, images, initial weights and the rows' label batches; deterministic (a --memory-child rebuilds
+    exactly the parent's)."""
     rng = np.random.default_rng(0)
     model = gj.build_model(backbone, num_classes, dropout_rate=0.5)
     images = jnp.asarray(rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32))
     variables = model.init(jax.random.PRNGKey(0), images[:1])
     tx = optax.adam(1e-4)
     fresh_state = lambda: gj.create_train_state(jax.tree_util.tree_map(jnp.copy, variables), tx)  # noqa: E731
-    key0, on = jax.random.PRNGKey(0), jnp.float32(1.0)
-
-    def time_baseline(labels):
-        batch = {"image": images, "labels": jnp.asarray(labels)}
-        state = fresh_state()
-        compiled, _ = compile_step(make_classification_step(model), state, batch, key0)
-        return time_steps(compiled, state, batch, steps, warmup)[0]
 
     fixed = {k: labels_with(k, batch_size, num_classes, rng) for k in (2, 3)}
     voc_rng = np.random.default_rng(VOC_SEED)
@@ -191,24 +259,105 @@ def bench(backbone: str, image_size: int, batch_size: int, steps: int, warmup: i
     voc_mean = float(np.mean([(labels > 0).sum(axis=-1).mean() for labels in voc]))
     cases.append(Case("per-label VOC padded", "padded", voc, 1 + 0.6 * voc_mean))
     cases.append(Case("per-label VOC packed", "packed", voc, 1 + 0.6 * voc_mean))
+    return Setup(model, images, fresh_state, fixed, cases)
 
-    rows = []
+
+CLS_CASE = -1  # --memory-child's case index of the plain classification step
+
+
+def programs(bench_setup: Setup, case_index: int):
+    """(compiled step, state, batch, extra args, shape, XLA temp bytes, XLA program bytes) for each program
+    of a row (the row's label batches), compiled one at a time; CLS_CASE: the classification step."""
+    key0, on = jax.random.PRNGKey(0), jnp.float32(1.0)
+    model, images = bench_setup.model, bench_setup.images
+    if case_index == CLS_CASE:
+        batch = {"image": images, "labels": jnp.asarray(bench_setup.fixed[2])}
+        state = bench_setup.fresh_state()
+        compiled, temp = compile_step(make_classification_step(model), state, batch, key0)
+        yield compiled, state, batch, (), "", temp, xla_program_bytes(compiled)
+        return
+    case = bench_setup.cases[case_index]
+    for labels in case.label_batches:
+        cfg, batch, shape = gain_batch(case, images, labels)
+        state = bench_setup.fresh_state()
+        compiled, temp = compile_step(gj.make_train_step(model, cfg), state, batch, key0, on)
+        yield compiled, state, batch, (on,), shape, temp, xla_program_bytes(compiled)
+
+
+def memory_child(spec: dict) -> None:
+    """Run in a fresh process: the host memory of each program of one row; prints one JSON line."""
+    bench_setup = setup(spec["backbone"], spec["image_size"], spec["batch_size"], spec["num_classes"],
+                        spec["voc_batches"])
+    peaks = []
+    for compiled, state, batch, extra, *_ in programs(bench_setup, spec["case"]):
+        try:
+            peaks.append(step_host_memory(compiled, state, batch, spec["steps"], extra))
+        except OSError as error:  # no /proc or clear_refs not writable
+            print(json.dumps({"peak_bytes": None, "error": str(error)}))
+            return
+        del compiled, state, batch
+    print(json.dumps({"peak_bytes": max(peaks)}))
+
+
+def host_memory(backbone: str, image_size: int, batch_size: int, num_classes: int, voc_batches: int,
+                case_index: int, steps: int) -> int | None:
+    """`memory_child` of one row in a fresh interpreter (same environment); None if it could not measure."""
+    spec = dict(backbone=backbone, image_size=image_size, batch_size=batch_size, num_classes=num_classes,
+                voc_batches=voc_batches, case=case_index, steps=steps)
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)],
+                            capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        print(f"  memory child for case {case_index} failed (exit {result.returncode}): "
+              f"{result.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])["peak_bytes"]
+
+
+def bench(backbone: str, image_size: int, batch_size: int, steps: int, warmup: int, num_classes: int = 20,
+          voc_batches: int = 4, memory_steps: int | None = 2):
+    """The rows of one backbone; `memory_steps` None: no peak-memory columns."""
+    bench_setup = setup(backbone, image_size, batch_size, num_classes, voc_batches)
+    on_cpu = jax.default_backend() == "cpu"
+
+    def time_baseline(labels):
+        batch = {"image": bench_setup.images, "labels": jnp.asarray(labels)}
+        state = bench_setup.fresh_state()
+        compiled, _ = compile_step(make_classification_step(bench_setup.model), state, batch, jax.random.PRNGKey(0))
+        return time_steps(compiled, state, batch, steps, warmup)[0]
+
+    def largest(values):
+        return None if not values or None in values else max(values)
+
+    rows, xla_bytes = [], {}
     # interleave baseline and GAIN runs so that machine noise hits both alike
-    base_time = time_baseline(fixed[2])
-    for case in cases:
-        times, shapes, temps = [], [], []
-        for labels in case.label_batches:
-            cfg, batch, shape = gain_batch(case, images, labels)
-            state = fresh_state()
-            compiled, temp = compile_step(gj.make_train_step(model, cfg), state, batch, key0, on)
-            times.append(time_steps(compiled, state, batch, steps, warmup, extra_args=(on,))[0])
+    base_time = time_baseline(bench_setup.fixed[2])
+    for index, case in enumerate(bench_setup.cases):
+        times, shapes, temps, program_bytes = [], [], [], []
+        for compiled, state, batch, extra, shape, temp, footprint in programs(bench_setup, index):
+            times.append(time_steps(compiled, state, batch, steps, warmup, extra_args=extra)[0])
             shapes.append(shape)
             temps.append(temp)
+            program_bytes.append(footprint)
+        xla_bytes[index] = largest(program_bytes)
         base_again = time_baseline(case.label_batches[0])
         baseline = statistics.median([base_time, base_again])
         mean_labels = float(np.mean([(labels > 0).sum(axis=-1).mean() for labels in case.label_batches]))
         rows.append(Row(case.name, baseline, statistics.median(times), mean_labels, case.target, case.issue_target,
-                        ", ".join(dict.fromkeys(shapes)), None if None in temps else max(temps)))
+                        ", ".join(dict.fromkeys(shapes)), largest(temps)))
+
+    if memory_steps is not None:
+        # after every timed step: the children do not run while anything is timed
+        if on_cpu:
+            measure = lambda index: host_memory(backbone, image_size, batch_size, num_classes,  # noqa: E731
+                                                voc_batches, index, memory_steps)
+            cls_peak = measure(CLS_CASE)
+            for index, row in enumerate(rows):
+                row.peak_bytes, row.cls_peak_bytes = measure(index), cls_peak
+        else:
+            cls_peak = next(programs(bench_setup, CLS_CASE))[-1]
+            for index, row in enumerate(rows):
+                row.peak_bytes, row.cls_peak_bytes = xla_bytes[index], cls_peak
     return rows
 
 
@@ -220,19 +369,35 @@ def device_peak_bytes() -> int | None:
     return (stats or {}).get("peak_bytes_in_use")
 
 
-def format_row(backbone: str, size: int, batch_size: int, row: Row) -> str:
+def format_row(backbone: str, size: int, batch_size: int, row: Row, memory: bool = False) -> str:
     met = "yes" if row.ratio <= row.target else "NO"
     line = (f"{backbone:<10} {f'{size}x{size}':>9} {batch_size:>5}  {row.name:<22} {row.mean_labels:>5.2f} "
             f"{row.baseline * 1e3:>11.1f} {row.gain * 1e3:>12.1f} {row.ratio:>6.2f} {f'<={row.target:.2f}':>7} "
             f"{met:>4} ")
     temp = "-" if row.temp_bytes is None else f"{row.temp_bytes / 2**20:.1f}"
-    line += f"{temp:>12}  {row.shapes}"
+    line += f"{temp:>12}"
+    if memory:
+        mib = lambda value: "n/a" if value is None else f"{value / 2**20:.1f}"  # noqa: E731
+        ratio = ("n/a" if row.peak_bytes is None or not row.cls_peak_bytes
+                 else f"{row.peak_bytes / row.cls_peak_bytes:.2f}")
+        line += f" {mib(row.cls_peak_bytes):>12} {mib(row.peak_bytes):>13} {ratio:>9}"
+    line += f"  {row.shapes}"
     if row.issue_target is not None:
         line += f"  [issue 12: <={row.issue_target:.1f} {'yes' if row.ratio <= row.issue_target else 'NO'}]"
     return line
 
 
+MEMORY_NOTE = {
+    "cpu": "peak MiB (CPU): host RSS high-water mark while the step runs minus the RSS before its first run, each "
+           "program in a fresh child process; mem ratio = GAIN / cls",
+    "other": "peak MiB: XLA's buffer assignment of the compiled step (outputs + temp - outputs aliased to donated "
+             "arguments), what a step allocates on the device beyond its arguments; mem ratio = GAIN / cls",
+}
+
+
 def main(argv=None):
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--memory-child":
+        return memory_child(json.loads(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default=None, help="one backbone (default: small_cnn, then vgg16)")
     parser.add_argument("--image-size", type=int, default=None)
@@ -241,25 +406,37 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, per batch")
     parser.add_argument("--voc-batches", type=int, default=4,
                         help="label batches drawn from the VOC 2012 train histogram (one program each)")
+    parser.add_argument("--memory-steps", type=int, default=2,
+                        help="steps each CPU memory child runs (its peak covers them all, the first included)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="no peak-memory columns (on the CPU: no child processes)")
     args = parser.parse_args(argv)
+    if args.memory_steps < 1:
+        parser.error(f"--memory-steps must be >= 1, got {args.memory_steps}")
     if args.backbone:
         configs = [(args.backbone, args.image_size or 224, args.batch_size or 8)]
     else:
         configs = [("small_cnn", 64, 32), ("vgg16", 112, 4)]
+    memory = not args.no_memory
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"VOC 2012 train: {sum(VOC2012_TRAIN_LABEL_HISTOGRAM.values())} images, labels per image "
           f"{dict(VOC2012_TRAIN_LABEL_HISTOGRAM)}, mean {voc_mean_labels():.3f}; {args.voc_batches} batches, "
           f"seed {VOC_SEED}")
+    if memory:
+        print(MEMORY_NOTE["cpu" if jax.default_backend() == "cpu" else "other"])
+    memory_header = f" {'cls peak MiB':>12} {'GAIN peak MiB':>13} {'mem ratio':>9}" if memory else ""
     print(f"{'backbone':<10} {'input':>9} {'batch':>5}  {'case':<22} {'n':>5} {'cls step ms':>11} "
-          f"{'GAIN step ms':>12} {'ratio':>6} {'target':>7} {'met':>4} {'XLA temp MiB':>12}  shapes (K slots, R rows)")
+          f"{'GAIN step ms':>12} {'ratio':>6} {'target':>7} {'met':>4} {'XLA temp MiB':>12}{memory_header}  "
+          f"shapes (K slots, R rows)")
     for backbone, size, batch_size in configs:
-        for row in bench(backbone, size, batch_size, args.steps, args.warmup, voc_batches=args.voc_batches):
-            print(format_row(backbone, size, batch_size, row), flush=True)
+        for row in bench(backbone, size, batch_size, args.steps, args.warmup, voc_batches=args.voc_batches,
+                         memory_steps=args.memory_steps if memory else None):
+            print(format_row(backbone, size, batch_size, row, memory), flush=True)
     peak = device_peak_bytes()
     if peak is not None:
         print(f"device peak bytes in use, whole process (every row): {peak / 2**20:.0f} MiB")
     else:
-        print("device peak memory: not reported by this backend (CPU); see the XLA temp column")
+        print("device peak memory: not reported by this backend (CPU); see the XLA temp and peak columns")
 
 
 if __name__ == "__main__":

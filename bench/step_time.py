@@ -3,6 +3,7 @@
     python bench/step_time.py                        # CPU: small_cnn 64x64 b32, vgg16 112x112 b2
     python bench/step_time.py --full                 # vgg16 at 224x224 b4 (the default on a GPU)
     python bench/step_time.py --backbone vgg16 --image-size 224 --batch-size 4 --steps 10
+    python bench/step_time.py --gpu                  # issue 12 item 5: vgg19 224x224 b8, union and per-label
 
 A step is what training does: GAIN forward (classification stream, Grad-CAM, soft mask, attention-mining
 stream), the losses, backward and one Adam update. Both sides start from the same weights (the torch model's
@@ -17,8 +18,21 @@ a time, the reference's per-label path on batch 1 (a loop over the image's label
 B times, with upstream's batch-1 total `n_labels * L_cl + L_am`. JAX on batch 1, B times, is shown too, to
 separate the gain from batching from the framework difference.
 
-Imports JAX, flax, optax, torch and torchvision, never TensorFlow (no gain_jax.data): runs on a GPU machine.
-Torch runs on CUDA when available (else CPU with `torch.set_num_threads(--torch-threads)`, default: all cores).
+Every row also gives images/s of each side (batch / median step time) and memory: "JAX MiB", XLA's buffer
+assignment of the compiled JAX step (arguments: weights, Adam state, batch; plus outputs and temp buffers,
+minus outputs aliased to the donated state); "JAX peak", the JAX device's peak bytes in use over the process
+so far (`memory_stats()`, GPU only: JAX cannot reset it, so a row's figure covers the rows before it; the
+cases run in order of growing attention-mining batch); "torch peak", `torch.cuda.max_memory_allocated`
+reset before the case (CUDA only: model, Adam state, images, activations). "n/a" where not available.
+
+--gpu: the configuration of issue 12, item 5: vgg19 at 224x224, batch 8, union and per-label (1, 2, 3 labels),
+JAX against the reference, no one-image-at-a-time loop; it prints whether JAX reaches 3x the reference's
+images/s. --backbone, --image-size and --batch-size still override it (a CPU smoke run of the same path).
+
+Imports JAX, flax, optax, torch and torchvision, never TensorFlow (no gain_jax.data; checked at the end): runs on
+a GPU machine. Torch runs on CUDA when available (else CPU with `torch.set_num_threads(--torch-threads)`,
+default: all cores). Unless XLA_PYTHON_CLIENT_MEM_FRACTION or XLA_PYTHON_CLIENT_PREALLOCATE is set, JAX
+preallocates half the GPU's memory (not 75%), so that torch, in the same process, has the other half.
 """
 from __future__ import annotations
 
@@ -34,6 +48,8 @@ import torch
 import torchvision  # noqa: F401  - before anything that could pull in TensorFlow (segfault otherwise)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"} & set(os.environ):
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.5"  # torch shares the GPU with JAX in this process
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +58,14 @@ import optax
 
 import gain_jax as gj
 import gain_torch_ref as ref
-from bench.gain_overhead import labels_with, time_steps
+from bench.gain_overhead import compile_step, device_peak_bytes, labels_with, time_steps, xla_program_bytes
 
 NUM_CLASSES = 20  # VOC's class count, as gain_overhead.py
 LEARNING_RATE = 1e-4
 DROPOUT = 0.5
 LABEL_COUNTS = (1, 2, 3)
+GPU_CONFIG = ("vgg19", 224, 8)  # issue 12, item 5
+GOAL = 3.0                      # issue 12, item 5: JAX images/s >= 3x the reference's (on a GPU)
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -134,10 +152,35 @@ class Row:
     case: str
     jax_ms: float
     torch_ms: float
+    batch_size: int = 1
+    jax_xla_bytes: int | None = None     # the compiled JAX step: arguments + outputs + temp - aliased
+    jax_peak_bytes: int | None = None    # JAX device peak bytes in use, process so far (GPU)
+    torch_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated over this case (CUDA)
 
     @property
     def ratio(self) -> float:
         return self.torch_ms / self.jax_ms
+
+    @property
+    def jax_images_per_s(self) -> float:
+        return self.batch_size / (self.jax_ms / 1e3)
+
+    @property
+    def torch_images_per_s(self) -> float:
+        return self.batch_size / (self.torch_ms / 1e3)
+
+
+def torch_reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def torch_peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
 def bench_config(backbone: str, image_size: int, batch_size: int, steps: int, warmup: int,
@@ -181,13 +224,20 @@ def bench_config(backbone: str, image_size: int, batch_size: int, steps: int, wa
         batch = {"image": images_jax, "labels": jnp.asarray(labels_np)}
         labels_torch = torch.from_numpy(labels_np).to(torch_device)
 
-        jax_seconds, _ = time_steps(gj.make_train_step(jax_model, jax_cfg), fresh_jax_state(), batch, steps, warmup,
-                                    extra_args=attention_on)
+        jax_state = fresh_jax_state()
+        compiled, _ = compile_step(gj.make_train_step(jax_model, jax_cfg), jax_state, batch, jax.random.PRNGKey(0),
+                                   *attention_on)
+        jax_seconds, jax_state = time_steps(compiled, jax_state, batch, steps, warmup, extra_args=attention_on)
+        jax_xla = xla_program_bytes(compiled, with_arguments=True)
+        jax_peak = device_peak_bytes()
+        del compiled, jax_state
+        torch_reset_peak(torch_device)
         model, optimizer = fresh_torch(initial_state, backbone, torch_device)
         torch_seconds = median_seconds(torch_step_fn(model, optimizer, images_torch, labels_torch, ref_cfg),
                                        steps, warmup, torch_device)
+        torch_peak = torch_peak_bytes(torch_device)
         del model, optimizer
-        rows.append(Row(name, jax_seconds * 1e3, torch_seconds * 1e3))
+        rows.append(Row(name, jax_seconds * 1e3, torch_seconds * 1e3, batch_size, jax_xla, jax_peak, torch_peak))
         print(f"  {backbone} {name}: JAX {jax_seconds * 1e3:.1f} ms, torch {torch_seconds * 1e3:.1f} ms",
               flush=True)
 
@@ -238,6 +288,10 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=None, help="with --backbone (default 224)")
     parser.add_argument("--batch-size", type=int, default=None, help="with --backbone (default 4)")
     parser.add_argument("--full", action="store_true", help="vgg16 at 224x224 batch 4 on CPU too (slow)")
+    parser.add_argument("--gpu", action="store_true",
+                        help=f"issue 12 item 5: {GPU_CONFIG[0]} {GPU_CONFIG[1]}x{GPU_CONFIG[1]} batch {GPU_CONFIG[2]}, "
+                             f"union and per-label, no one-image loop, images/s against the {GOAL:g}x goal "
+                             "(--backbone, --image-size, --batch-size override it)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(),
@@ -256,7 +310,14 @@ def main(argv=None):
     torch.set_num_threads(args.torch_threads)
     jax_device = jax.devices()[0]
     on_gpu = jax_device.platform == "gpu" or torch_device.type == "cuda"
-    if args.backbone:
+    if args.gpu:
+        configs = [(args.backbone or GPU_CONFIG[0], args.image_size or GPU_CONFIG[1],
+                    args.batch_size or GPU_CONFIG[2])]
+        args.no_batch_one_loop = True
+        if jax_device.platform != "gpu" or torch_device.type != "cuda":
+            print(f"WARNING: --gpu without a GPU for both sides (JAX on {jax_device.platform}, torch on "
+                  f"{torch_device.type}): these are not GPU figures\n")
+    elif args.backbone:
         configs = [(args.backbone, args.image_size or 224, args.batch_size or 4)]
     else:
         if args.image_size or args.batch_size:
@@ -278,12 +339,19 @@ def main(argv=None):
         results.append((backbone, size, batch_size, rows, loop_rows, logit_difference))
 
     print("\nGAIN train step (forward, losses, backward, Adam), same inputs and initial weights; "
-          "ratio = torch / JAX (> 1: JAX faster)")
-    print(f"{'backbone':<10}{'input':>9}{'batch':>6}  {'case':<22}{'JAX ms':>10}{'torch ms':>10}{'ratio':>7}")
+          "ratio = torch / JAX = JAX images/s / torch images/s (> 1: JAX faster)")
+    print("memory, MiB: JAX XLA = compiled step's arguments + outputs + temp - aliased; JAX peak = device peak "
+          "bytes in use, process so far (GPU); torch peak = torch.cuda.max_memory_allocated over the case")
+    goal_header = f"{f'>={GOAL:g}x':>7}" if args.gpu else ""
+    print(f"{'backbone':<10}{'input':>9}{'batch':>6}  {'case':<22}{'JAX ms':>10}{'torch ms':>10}{'JAX img/s':>11}"
+          f"{'torch img/s':>12}{'ratio':>7}{goal_header}{'JAX XLA':>9}{'JAX peak':>10}{'torch peak':>12}")
     for backbone, size, batch_size, rows, _, _ in results:
         for row in rows:
+            goal = f"{'yes' if row.ratio >= GOAL else 'NO':>7}" if args.gpu else ""
             print(f"{backbone:<10}{f'{size}x{size}':>9}{batch_size:>6}  {row.case:<22}{row.jax_ms:>10.1f}"
-                  f"{row.torch_ms:>10.1f}{row.ratio:>7.2f}")
+                  f"{row.torch_ms:>10.1f}{row.jax_images_per_s:>11.1f}{row.torch_images_per_s:>12.1f}"
+                  f"{row.ratio:>7.2f}{goal}{mib(row.jax_xla_bytes):>9}{mib(row.jax_peak_bytes):>10}"
+                  f"{mib(row.torch_peak_bytes):>12}")
 
     if any(loop_rows for *_, loop_rows, _ in results):
         print("\nper-label mode, B images: one batched JAX step against one image at a time (batch 1, B Adam steps; "
@@ -300,6 +368,12 @@ def main(argv=None):
         f"{backbone} {diff:.1e}" for backbone, _, _, _, _, diff in results))
     print(f"load average {os.getloadavg()[0]:.1f} at the end (a shared machine inflates both sides alike only "
           f"roughly: compare ratios, not absolute times)")
+    if args.gpu and not (jax_device.platform == "gpu" and torch_device.type == "cuda"):
+        print("(--gpu ran without a GPU for both sides: not GPU figures)")
+    tensorflow = sorted(name for name in sys.modules if name == "tensorflow" or name.startswith("tensorflow."))
+    if tensorflow:
+        raise SystemExit(f"TensorFlow was imported ({', '.join(tensorflow[:5])}): this benchmark must run without it")
+    print("TensorFlow imported: no")
 
 
 if __name__ == "__main__":

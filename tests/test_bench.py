@@ -1,0 +1,41 @@
+"""The benchmark scripts' own paths, at the smallest sizes (no figure is checked, only that they run and
+report what bench/README.md says): step_time.py --gpu (issue 12 item 5) on the CPU, without TensorFlow, and
+gain_overhead.py's per-program host-memory child (item 6)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+
+
+def run(*args):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n" \
+                                   f"stderr:\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_step_time_gpu_path_runs_on_cpu_without_tensorflow():
+    out = run("bench/step_time.py", "--gpu", "--backbone", "small_cnn", "--image-size", "32", "--batch-size", "2",
+              "--steps", "1", "--warmup", "1", "--torch-threads", "1")
+    assert "not GPU figures" in out
+    header = next(line for line in out.splitlines() if line.startswith("backbone") and "JAX img/s" in line)
+    for column in ("torch img/s", "ratio", ">=3x", "JAX XLA", "JAX peak", "torch peak"):
+        assert column in header, column
+    rows = [line for line in out.splitlines() if line.startswith("small_cnn") and not line.endswith(":")]
+    cases = ["union (2 labels)", "per-label, 1 label", "per-label, 2 labels", "per-label, 3 labels"]
+    assert [next((case for case in cases if f"  {case}  " in row), None) for row in rows] == cases
+    assert all(row.split()[-2:] == ["n/a", "n/a"] for row in rows)  # no device peaks on the CPU
+    assert "one image at a time" not in out  # --gpu skips the batch-1 loop
+    assert out.rstrip().endswith("TensorFlow imported: no")
+
+
+def test_gain_overhead_memory_child_reports_host_peak():
+    spec = dict(backbone="small_cnn", image_size=32, batch_size=2, num_classes=20, voc_batches=1, steps=1)
+    peaks = {}
+    for case in (-1, 3):  # the classification step, per-label K=3 padded
+        last = run("bench/gain_overhead.py", "--memory-child", json.dumps(dict(spec, case=case))).splitlines()[-1]
+        peaks[case] = json.loads(last)["peak_bytes"]
+    assert all(isinstance(peak, int) and peak > 0 for peak in peaks.values()), peaks
