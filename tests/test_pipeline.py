@@ -45,7 +45,8 @@ def test_eval_batches_shapes_dtypes_and_normalization(data_dir):
     # one pass, the last batch partial (drop_remainder defaults to train)
     assert [len(b["filename"]) for b in batches] == [16, 16, 8]
     batch = batches[0]
-    assert set(batch) == {"image", "labels", "mask", "has_mask", "filename"}
+    assert set(batch) == {"image", "labels", "mask", "has_mask", "filename", "bias_conflicting"}
+    assert batch["bias_conflicting"].shape == (16,) and batch["bias_conflicting"].dtype == bool
     assert batch["image"].shape == (16, 64, 64, 3) and batch["image"].dtype == np.float32  # native size
     assert batch["labels"].shape == (16, 6) and batch["labels"].dtype == np.float32
     assert batch["mask"].shape == (16, 64, 64) and batch["mask"].dtype == np.uint8
@@ -57,6 +58,9 @@ def test_eval_batches_shapes_dtypes_and_normalization(data_dir):
         np.testing.assert_allclose((image / 255.0 - mean) / std, batch["image"][position], atol=1e-5)
         np.testing.assert_array_equal(batch["mask"][position], mask)  # eval: untouched
         np.testing.assert_array_equal(batch["labels"][position], labels)
+        split, index = filename.decode()[len("shapes_"):].rsplit("_", 1)
+        example = shapes.generate_example(split, int(index))  # the texture is a non-label class's own
+        assert batch["bias_conflicting"][position] == (example["labels"][example["background"]] == 0)
     # eval order is the stored order, the same every time, covering the split once
     again = list(gd.input_pipeline("gain_shapes", "validation", data_dir=data_dir, batch_size=16, train=False))
     _assert_same_batches(batches, again)
@@ -147,8 +151,72 @@ def test_bad_arguments(data_dir):
 def test_nothing_cached(data_dir, train):
     """tfds auto-caches small sets; a training epoch (an endless stream left part-way) or an evaluation
     stopped early would leave the cache partly read: TensorFlow then discards it with a warning."""
-    dataset = gd.make_dataset("gain_shapes", "validation", data_dir=data_dir, batch_size=8, train=train)
-    assert b"CacheDataset" not in dataset._as_serialized_graph().numpy()
+    for cache_decoded in (None, True, False):  # the decoded split is kept in tensors, not a tf.data cache
+        dataset = gd.make_dataset("gain_shapes", "validation", data_dir=data_dir, batch_size=8, train=train,
+                                  cache_decoded=cache_decoded)
+        assert b"CacheDataset" not in dataset._as_serialized_graph().numpy()
+    gd.clear_decoded_cache()
+
+
+@pytest.fixture(scope="module")
+def sharded_data_dir(tmp_path_factory):
+    """gain_shapes, EXAMPLES_PER_SPLIT examples per split in 4 files: tfds shuffles and interleaves files."""
+    directory = str(tmp_path_factory.mktemp("tfds_sharded"))
+    builder = tfds.builder("gain_shapes", data_dir=directory)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False, max_examples_per_split=EXAMPLES_PER_SPLIT, num_shards=4))
+    assert builder.info.splits["train"].num_shards == 4
+    return directory
+
+
+@pytest.mark.parametrize("arguments", [
+    {"train": True, "batch_size": 8, "seed": 3, "shuffle_buffer": 16},  # AutoAugment, > 2 passes
+    {"train": True, "batch_size": 8, "seed": 5, "image_size": 32, "autoaugment": False},
+    {"train": True, "batch_size": 8, "seed": 1, "process_index": 1, "process_count": 2},
+    {"train": False, "batch_size": 16, "num_epochs": 2},
+], ids=["train", "train_resized_flip_only", "train_shard", "eval"])
+def test_cached_decoded_split_gives_the_same_batches(sharded_data_dir, arguments):
+    """cache_decoded changes where the decoded examples come from, not the batches: same order (files
+    reshuffled on every pass), same augmentation, bit for bit."""
+    def batches(cache_decoded):
+        dataset = gd.make_dataset("gain_shapes", "train", data_dir=sharded_data_dir, cache_decoded=cache_decoded,
+                                  **arguments)
+        return _take(tfds.as_numpy(dataset), 12)
+    gd.clear_decoded_cache()
+    plain, cached, cached_again = batches(False), batches(True), batches(True)  # decoded, then kept
+    _assert_same_batches(plain, cached)
+    _assert_same_batches(plain, cached_again)
+    names = [n for b in plain for n in b["filename"]]
+    if arguments["train"]:  # passes differ: the files and the buffer are shuffled again
+        passes = [names[i:i + EXAMPLES_PER_SPLIT // 2] for i in (0, EXAMPLES_PER_SPLIT // 2)] \
+            if "process_index" in arguments else [names[:EXAMPLES_PER_SPLIT], names[EXAMPLES_PER_SPLIT:80]]
+        assert sorted(passes[0]) == sorted(passes[1]) and passes[0] != passes[1]
+    gd.clear_decoded_cache()
+
+
+def test_decoded_split_is_kept_for_later_calls_and_freed(sharded_data_dir):
+    from gain_jax.data import pipeline
+
+    gd.clear_decoded_cache()
+    gd.make_dataset("gain_shapes", "train", data_dir=sharded_data_dir, train=False, cache_decoded=True)
+    (kept,) = pipeline._DECODED_CACHE.values()
+    assert kept.examples["image"].shape == (EXAMPLES_PER_SPLIT, 64, 64, 3)
+    assert kept.examples["image"].dtype == "uint8" and kept.examples["mask"].shape == (EXAMPLES_PER_SPLIT, 64, 64)
+    gd.make_dataset("gain_shapes", "train", data_dir=sharded_data_dir, seed=7, cache_decoded=True)
+    assert list(pipeline._DECODED_CACHE.values()) == [kept]  # the same split: not decoded again
+    gd.make_dataset("gain_shapes", "train", data_dir=sharded_data_dir, image_size=32, cache_decoded=True)
+    (resized,) = pipeline._DECODED_CACHE.values()  # another size replaces it
+    assert resized is not kept and resized.examples["image"].shape == (EXAMPLES_PER_SPLIT, 32, 32, 3)
+    gd.make_dataset("gain_shapes", "train", data_dir=sharded_data_dir, cache_decoded=False)
+    assert list(pipeline._DECODED_CACHE.values()) == [resized]
+    gd.clear_decoded_cache()
+    assert not pipeline._DECODED_CACHE
+    # by default: training caches (40 small images fit), evaluation does not
+    gd.make_dataset("gain_shapes", "validation", data_dir=sharded_data_dir, train=False)
+    assert not pipeline._DECODED_CACHE
+    gd.make_dataset("gain_shapes", "validation", data_dir=sharded_data_dir, train=True)
+    assert len(pipeline._DECODED_CACHE) == 1
+    gd.clear_decoded_cache()
 
 
 QUIET_SCRIPT = """

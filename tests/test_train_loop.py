@@ -221,6 +221,7 @@ def test_metrics_read_back_every_n_steps_equal_the_per_step_values(every_step_ru
 
 def test_evaluate_from_a_notebook_matches_the_runs_final_validation(every_step_run, shapes_data_dir):
     import gain_jax.data as gd
+    from gain_jax.data import shapes
     from gain_jax.evaluate import evaluate
 
     state, history = every_step_run
@@ -231,8 +232,15 @@ def test_evaluate_from_a_notebook_matches_the_runs_final_validation(every_step_r
     result = evaluate(model, state.variables, batches, config.gain, history["config"]["class_names"],
                       cam_threshold=0.5, pointing_tolerance=2)
     final = history["final"]["validation"]
-    for key in ("num_examples", "mAP", "topk_accuracy", "cam_mIoU", "pointing_game", "pointing_trials"):
+    for key in ("num_examples", "mAP", "topk_accuracy", "cam_mIoU", "pointing_game", "pointing_trials",
+                "cam_object_mIoU", "num_conflicting", "mAP_conflicting"):
         assert result[key] == pytest.approx(final[key], abs=1e-6), key
+    names = [n.decode() for b in gd.input_pipeline("gain_shapes", "validation[:16]", data_dir=shapes_data_dir,
+                                                   image_size=32, batch_size=8, train=False) for n in b["filename"]]
+    examples = [shapes.generate_example("validation", int(name.rsplit("_", 1)[1])) for name in names]
+    conflicting = [e["labels"][e["background"]] == 0 for e in examples]  # texture of a non-label class
+    assert 0 < final["num_conflicting"] == sum(conflicting) < 16
+    assert result["floors"] == final["floors"] and set(final["floors"]) == set(metrics.FLOOR_NAMES)
     for key in ("loss", "cl", "am", "ex"):
         assert result[key] == pytest.approx(final[key], rel=1e-5, abs=1e-7), key
 

@@ -30,6 +30,7 @@ from gain_jax.data.pipeline import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     DatasetInfo,
+    clear_decoded_cache,
     dataset_info,
     input_pipeline,
     make_dataset,
@@ -43,4 +44,4 @@ CLASS_NAMES = {name: dataset_info(name).class_names for name in DATASET_NAMES}
 
 __all__ = ["CLASS_NAMES", "DATASET_NAMES", "DatasetInfo", "GainShapes", "GainVoc2012", "IMAGENET_MEAN",
            "IMAGENET_STD", "SHAPES_CLASS_NAMES", "VOC_CLASS_NAMES", "VocFormatError", "autoaugment",
-           "dataset_info", "input_pipeline", "make_dataset"]
+           "clear_decoded_cache", "dataset_info", "input_pipeline", "make_dataset"]

@@ -3,12 +3,15 @@
 Per example: decode (a JPEG with libjpeg's accurate integer IDCT: PIL's pixels, bit for bit), resize to
 `image_size` x `image_size` (bilinear with antialiasing for the image, like torchvision's Resize; nearest
 for the mask), then in training AutoAugment (CIFAR10 policy) and a random
-horizontal flip that move the mask with the image, then ImageNet mean/std normalization. Random draws are
-stateless, seeded by (seed, position in the stream): the same arguments give the same batches.
+horizontal flip that move the mask with the image, then ImageNet mean/std normalization (per batch).
+Random draws are stateless, seeded by (seed, position in the stream): the same arguments give the same
+batches. In training the decoded, resized split is kept in memory by default (`make_dataset`'s
+`cache_decoded`), so that later passes and later calls skip decoding; the batches stay the same.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Iterator
 
@@ -23,6 +26,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SHUFFLE_BUFFER = 1024
 OUTPUT_KEYS = ("image", "labels", "mask", "has_mask", "filename")
+# Per-data-set keys beside OUTPUT_KEYS. gain_shapes' "bias_conflicting": the image's background texture is
+# the own texture of a class that is not among its labels (the texture points away from the answer).
+EXTRA_KEYS = {"gain_shapes": ("bias_conflicting",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +94,20 @@ def _image_decoder(encoded, feature):
     return image
 
 
+def output_keys(name: str) -> tuple:
+    """The keys of `name`'s examples and batches: OUTPUT_KEYS, then its EXTRA_KEYS."""
+    return OUTPUT_KEYS + EXTRA_KEYS.get(name, ())
+
+
 def _common_features(name: str, num_classes: int):
-    """Map a data set's example onto image, labels, mask, has_mask, filename."""
+    """Map a data set's example onto image, labels, mask, has_mask, filename (and its EXTRA_KEYS)."""
+    if name == "gain_shapes":
+        def from_shapes(example):
+            # texture k is class k's own (gain_jax.data.shapes.TEXTURE_NAMES)
+            texture_class_is_label = tf.gather(example["labels"], example["background"]) > 0
+            return {**{key: example[key] for key in OUTPUT_KEYS},
+                    "bias_conflicting": tf.logical_not(texture_class_is_label)}
+        return from_shapes
     if name != "voc/2012":
         return lambda example: {key: example[key] for key in OUTPUT_KEYS}
 
@@ -126,8 +144,20 @@ def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image
                  batch_size: int = 8, train: bool = True, seed: int = 0, autoaugment: bool = True,
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: bool | None = None,
                  num_epochs: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, prepare: bool = True) -> tf.data.Dataset:
-    """The batched tf.data.Dataset behind `input_pipeline` (same arguments)."""
+                 process_count: int | None = None, prepare: bool = True,
+                 cache_decoded: bool | None = None) -> tf.data.Dataset:
+    """The batched tf.data.Dataset behind `input_pipeline` (same arguments).
+
+    cache_decoded: keep this process's share of the split decoded and resized (uint8 images and masks) in
+      memory, so that each pass runs only the shuffle, augmentation and normalization. It is decoded once,
+      in full, when the dataset is built, and kept for this process's later `make_dataset` calls on the
+      same data set, split, shard and image size (the most recent such split only; `clear_decoded_cache()`
+      frees it), e.g. the training loop's dataset of each epoch. None (default): on in training when it
+      takes at most half of the memory available now, off in evaluation. The batches are the same with
+      and without it, bit for bit: the examples come in the order tfds reads them (the files shuffled
+      with `seed`, again on each pass), the shuffle buffer draws the same, and the random draws of each
+      example depend only on (seed, position in the stream).
+    """
     info = dataset_info(name)
     size = info.image_size if image_size is None else image_size
     if not isinstance(size, int) or size <= 0:
@@ -142,22 +172,151 @@ def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image
     if num_epochs is None:
         num_epochs = -1 if train else 1  # -1: repeat forever
 
-    dataset = decoded_examples(name, split, data_dir=data_dir, manual_dir=manual_dir, train=train, seed=seed,
-                               process_index=process_index, process_count=process_count, prepare=prepare)
-    if train:
+    if cache_decoded is None:
+        cache_decoded = train and _fits_in_memory(name, split, size, data_dir, process_index, process_count)
+    decoded = None
+    if cache_decoded:
+        decoded = _decoded_split(name, split, size, data_dir=data_dir, manual_dir=manual_dir,
+                                 process_index=process_index, process_count=process_count, prepare=prepare)
+        # rows of the in-memory split, in the order decoded_examples reads the examples
+        dataset = decoded.rows(train=train, seed=seed)
+    else:
+        dataset = decoded_examples(name, split, data_dir=data_dir, manual_dir=manual_dir, train=train, seed=seed,
+                                   process_index=process_index, process_count=process_count, prepare=prepare)
+    if train:  # the buffer's draws do not depend on what it holds: rows shuffle like the examples
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.repeat(num_epochs).enumerate()
 
     def prepare_example(position, example):
+        if decoded is not None:
+            example = decoded.example(example)  # already resized
         image, mask = resize(example["image"], example["mask"], size)
         if train:
             example_seed = tf.stack([tf.constant(seed, tf.int64), position])
             image, mask = aa.augment(image, mask, example_seed, use_autoaugment=autoaugment)
-        return {**example, "image": normalize(image), "mask": mask}
+        return {**example, "image": image, "mask": mask}
 
     dataset = dataset.map(prepare_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    # normalized per batch: the same element-wise arithmetic as per image (the same floats, bit for bit),
+    # one kernel call per batch, and the batch is assembled from uint8 images
+    dataset = dataset.map(lambda batch: {**batch, "image": normalize(batch["image"])},
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# The decoded, resized split `make_dataset(cache_decoded=True)` keeps: the most recent one only.
+_DECODED_CACHE: dict = {}
+
+
+def clear_decoded_cache() -> None:
+    """Free the decoded split kept by `make_dataset(cache_decoded=True)` (datasets built on it keep
+    their reference until they are deleted)."""
+    _DECODED_CACHE.clear()
+
+
+def _split_of_process(split: str, process_index, process_count):
+    index, count = _process_slot(process_index, process_count)
+    return tfds.split_for_jax_process(split, process_index=index, process_count=count) if count > 1 else split
+
+
+def _fits_in_memory(name, split, size, data_dir, process_index, process_count) -> bool:
+    """Whether the decoded split (uint8 image and mask at size x size) takes at most half of the memory
+    available now (True when either is unknown, e.g. a data set not built yet)."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        examples = builder.info.splits[_split_of_process(split, process_index, process_count)].num_examples
+    except (KeyError, ValueError, AssertionError):
+        return True
+    available = _available_memory()
+    needed = examples * (4 * size * size + 4 * dataset_info(name).num_classes + 256)
+    return available is None or needed <= available // 2
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux' MemAvailable: free plus reclaimable page cache), else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodedSplit:
+    """This process's share of a split, decoded and resized, in memory (stored order), and the tfds
+    example ids that locate a row."""
+    key: tuple
+    builder: object
+    split: object
+    examples: dict  # key -> tensor [N, ...]
+    row_of_id: object  # tf.lookup.StaticHashTable: tfds_id -> row
+
+    @property
+    def size(self) -> int:
+        return int(self.examples["image"].shape[0])
+
+    def rows(self, train: bool, seed: int) -> tf.data.Dataset:
+        """One pass of row numbers in `decoded_examples(train=train, seed=seed)`'s order."""
+        if not train:
+            return tf.data.Dataset.range(self.size)  # the stored order
+        ids = _example_ids(self.builder, self.split, shuffle_files=True, seed=seed)
+        return ids.map(self.row_of_id.lookup)
+
+    def example(self, row):
+        return {key: tf.gather(values, row) for key, values in self.examples.items()}
+
+
+def _example_ids(builder, split, shuffle_files: bool, seed: int) -> tf.data.Dataset:
+    """The tfds ids of the split's examples in the order `decoded_examples` reads them (same files, same
+    file shuffle and interleave), parsing one small feature only."""
+    small = "has_mask" if "has_mask" in builder.info.features else "image/filename"
+    dataset = builder.as_dataset(split=split, shuffle_files=shuffle_files,
+                                 decoders=tfds.decode.PartialDecoding({small: True}),
+                                 read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False, add_tfds_id=True))
+    return dataset.map(lambda example: example["tfds_id"])
+
+
+def _decoded_split(name, split, size, *, data_dir, manual_dir, process_index, process_count, prepare):
+    """The split decoded and resized once (see `make_dataset`'s cache_decoded), or the kept one."""
+    builder = tfds.builder(name, data_dir=data_dir)
+    process_split = _split_of_process(split, process_index, process_count)
+    key = (name, str(builder.data_dir), str(process_split), size)
+    kept = _DECODED_CACHE.get(key)
+    if kept is not None:
+        return kept
+    _DECODED_CACHE.clear()  # the previous split goes before this one is decoded
+    examples = decoded_examples(name, split, data_dir=data_dir, manual_dir=manual_dir, train=False,
+                                process_index=process_index, process_count=process_count, prepare=prepare)
+    builder = tfds.builder(name, data_dir=data_dir)  # prepared now
+
+    def resized(example):
+        image, mask = resize(example["image"], example["mask"], size)
+        return {**example, "image": image, "mask": mask}
+
+    ids = _example_ids(builder, process_split, shuffle_files=False, seed=0)  # the stored order too
+    chunks = tf.data.Dataset.zip(ids, examples.map(resized, num_parallel_calls=tf.data.AUTOTUNE,
+                                                   deterministic=True)).batch(256)
+    id_chunks, example_chunks = [], []
+    for chunk_ids, chunk in chunks:
+        id_chunks.append(chunk_ids)
+        example_chunks.append(chunk)
+    if not id_chunks:
+        raise ValueError(f"split {split!r} of {name} holds no examples for this process")
+    all_ids = tf.concat(id_chunks, 0)
+    columns = {key: tf.concat([chunk[key] for chunk in example_chunks], 0) for key in example_chunks[0]}
+    del example_chunks
+    row_of_id = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(all_ids, tf.range(tf.size(all_ids, out_type=tf.int64))), -1)
+    decoded = _DecodedSplit(key, builder, process_split, columns, row_of_id)
+    _DECODED_CACHE[key] = decoded
+    return decoded
 
 
 def decoded_examples(name: str, split: str, *, data_dir=None, manual_dir=None, train: bool = False,
@@ -180,7 +339,8 @@ def decoded_examples(name: str, split: str, *, data_dir=None, manual_dir=None, t
     # No tfds auto-cache: it caches small data sets, and this stream is read past one pass only when it
     # repeats; a training epoch stops part-way through an endless stream, an evaluation may stop early,
     # and a partly read cache is thrown away with a warning ("did not fully read the dataset being
-    # cached") without ever being used. Each `make_dataset` is a new dataset, so no cache outlives it.
+    # cached") without ever being used. Each `make_dataset` is a new dataset, so no cache outlives it
+    # (`make_dataset(cache_decoded=True)` keeps the decoded split in tensors it reads in full instead).
     dataset = builder.as_dataset(split=split, shuffle_files=train, decoders={"image": _image_decoder()},
                                  read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False))
     return dataset.map(_common_features(name, info.num_classes), num_parallel_calls=tf.data.AUTOTUNE)
@@ -190,7 +350,7 @@ def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_
                    batch_size: int = 8, train: bool = True, seed: int = 0, autoaugment: bool = True,
                    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: bool | None = None,
                    num_epochs: int | None = None, process_index: int | None = None,
-                   process_count: int | None = None) -> Iterator[dict]:
+                   process_count: int | None = None, cache_decoded: bool | None = None) -> Iterator[dict]:
     """Batches of numpy dicts from a tfds data set, prepared (built) first when needed.
 
     name: "gain_shapes", "gain_voc2012" (from `manual_dir`) or "voc/2012" (tfds' download, no masks).
@@ -200,11 +360,14 @@ def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_
       batch unless `drop_remainder` says otherwise.
     process_index / process_count: this process's even share of the split (multi-host); by default JAX's
       process index and count when JAX is imported, else the whole split. `batch_size` is per process.
+    cache_decoded: keep the split decoded and resized in memory across passes and calls (see
+      `make_dataset`); None: in training when it fits in half of the available memory. Same batches.
     Yields {"image": float32 [B,S,S,3] (ImageNet-normalized), "labels": float32 [B,C],
-            "mask": uint8 [B,S,S] (0 bg, class + 1, 255 ignore), "has_mask": bool [B], "filename": bytes [B]}.
+            "mask": uint8 [B,S,S] (0 bg, class + 1, 255 ignore), "has_mask": bool [B], "filename": bytes [B]},
+      and for gain_shapes "bias_conflicting": bool [B] (the background texture is a non-label class's own).
     """
     dataset = make_dataset(name, split, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size,
                            batch_size=batch_size, train=train, seed=seed, autoaugment=autoaugment,
                            shuffle_buffer=shuffle_buffer, drop_remainder=drop_remainder, num_epochs=num_epochs,
-                           process_index=process_index, process_count=process_count)
+                           process_index=process_index, process_count=process_count, cache_decoded=cache_decoded)
     return iter(tfds.as_numpy(dataset))
