@@ -1,4 +1,6 @@
-"""The "gain_shapes" tfds builder: content, class balance and the background bias it is built to have."""
+"""The "gain_shapes" tfds builder: content, class balance and the background bias it is built to have.
+Expectations derive from the generator's constants (shapes.BIAS_PROBABILITY, TEXTURE_CONTRAST, ...), so the
+tests hold for other values of them."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,6 +10,7 @@ import gain_jax.data as gd
 from gain_jax.data import shapes
 
 NUM_CLASSES = len(shapes.CLASS_NAMES)
+MAX_OBJECTS = len(shapes.NUM_OBJECTS_PROBS)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,8 @@ def splits(tmp_path_factory):
             return {**{key: example[key] for key in ("image", "mask", "labels", "has_mask", "background",
                                                     "filename")},
                     "primary": object_labels[0],  # objects are stored in drawing order
-                    "object_labels": tf.pad(object_labels, [[0, 3 - tf.size(object_labels)]], constant_values=-1)}
+                    "object_labels": tf.pad(object_labels, [[0, MAX_OBJECTS - tf.size(object_labels)]],
+                                            constant_values=-1)}
         batch = next(iter(tfds.as_numpy(builder.as_dataset(split=split).map(flatten).batch(100_000))))
         batch["filename"] = [name.decode() for name in batch["filename"]]
         batch["object_labels"] = [row[row >= 0] for row in batch["object_labels"]]
@@ -36,7 +40,11 @@ def test_registered_and_described():
     assert info.num_classes == NUM_CLASSES == 6
     assert info.class_names == shapes.CLASS_NAMES == gd.CLASS_NAMES["gain_shapes"]
     assert info.image_size == 64
-    assert info.splits == ("train", "validation", "test_unbiased")
+    assert info.splits == ("train", "validation", "validation_unbiased", "test_unbiased")
+    assert shapes.SPLIT_SIZES == {"train": 3000, "validation": 600, "validation_unbiased": 600, "test_unbiased": 600}
+    assert set(shapes.UNBIASED_SPLITS) == {"validation_unbiased", "test_unbiased"}
+    builder = tfds.builder("gain_shapes")
+    assert str(builder.version) == "2.0.0" and "2.0.0" in builder.RELEASE_NOTES
 
 
 def test_split_sizes_dtypes_and_shapes(splits):
@@ -55,7 +63,7 @@ def test_labels_objects_and_masks_agree(splits):
         columns = splits[split]
         for labels, objects, mask in zip(columns["labels"], columns["object_labels"], columns["mask"]):
             assert set(np.unique(labels)) <= {0.0, 1.0}
-            assert 1 <= labels.sum() <= 3
+            assert 1 <= labels.sum() <= MAX_OBJECTS
             assert set(np.flatnonzero(labels)) == set(objects.tolist())
             values = set(np.unique(mask).tolist())
             assert values <= set(range(NUM_CLASSES + 1)) | {255}
@@ -64,10 +72,17 @@ def test_labels_objects_and_masks_agree(splits):
 
 
 def test_objects_are_small_so_the_background_dominates(splits):
+    """Every image shows each of its labels, and the background stays the larger part: the shapes (with their
+    ignore ring) cover at most MAX_OBJECTS discs of radius RADIUS_RANGE[1] + 1."""
     mask = splits["train"]["mask"]
     background_fraction = (mask == 0).mean(axis=(1, 2))
-    assert background_fraction.mean() > 0.85
-    assert background_fraction.min() > 0.6
+    largest = MAX_OBJECTS * np.pi * (shapes.RADIUS_RANGE[1] + 1.5) ** 2 / shapes.IMAGE_SIZE ** 2
+    assert background_fraction.min() > 1 - largest
+    assert background_fraction.mean() > 0.5
+    counts = np.array([len(objects) for objects in splits["train"]["object_labels"]])
+    share = np.bincount(counts - 1, minlength=MAX_OBJECTS) / len(counts)
+    tolerance = 4.5 * np.sqrt(0.25 / len(counts))
+    np.testing.assert_allclose(share, shapes.NUM_OBJECTS_PROBS, atol=tolerance)
 
 
 def test_class_balance(splits):
@@ -82,16 +97,37 @@ def test_class_balance(splits):
 
 
 def test_background_bias_rate(splits):
-    """Background texture = the primary class's own texture: ~90% in train/validation, chance (1/6)
-    in test_unbiased. In the biased splits the other 10% spread over the 5 other textures."""
+    """Background texture = the primary class's own texture: BIAS_PROBABILITY in train/validation, chance (1/6)
+    in the unbiased splits (validation_unbiased, test_unbiased). In the biased splits the other images spread
+    over the 5 other textures; in every split each texture is about 1/6 of the backgrounds."""
     for split, columns in splits.items():
         size = len(columns["primary"])
         agreement = (columns["background"] == columns["primary"]).mean()
-        expected = 1 / 6 if split == "test_unbiased" else shapes.BIAS_PROBABILITY
+        expected = 1 / NUM_CLASSES if split in shapes.UNBIASED_SPLITS else shapes.BIAS_PROBABILITY
         tolerance = 4.5 * np.sqrt(expected * (1 - expected) / size)
         assert abs(agreement - expected) < tolerance, (split, agreement)
         background_share = np.bincount(columns["background"], minlength=NUM_CLASSES) / size
         np.testing.assert_allclose(background_share, 1 / 6, atol=4.5 * np.sqrt(5 / 36 / size), err_msg=split)
+        if split == "train" and shapes.BIAS_PROBABILITY < 1:
+            others = columns["background"][columns["background"] != columns["primary"]]
+            offsets = (others - columns["primary"][columns["background"] != columns["primary"]]) % NUM_CLASSES
+            assert set(offsets.tolist()) == set(range(1, NUM_CLASSES)), split
+
+
+def test_unbiased_splits_are_distinct_images(splits):
+    """validation_unbiased and test_unbiased come from different seeds: no image is in both."""
+    first = {image.tobytes() for image in splits["validation_unbiased"]["image"]}
+    assert not any(image.tobytes() in first for image in splits["test_unbiased"]["image"])
+
+
+def test_faint_texture_two_colours_differ_by_the_contrast(splits):
+    """v2's background: exactly two colours per image, TEXTURE_CONTRAST apart in every channel."""
+    for split in ("train", "validation_unbiased"):
+        columns = splits[split]
+        for image, mask in zip(columns["image"][:200], columns["mask"][:200]):
+            colours = np.unique(image[mask == 0], axis=0).astype(int)
+            assert len(colours) == 2, colours
+            np.testing.assert_array_equal(np.abs(colours[0] - colours[1]), [shapes.TEXTURE_CONTRAST] * 3)
 
 
 def test_textures_differ_between_classes(splits):

@@ -119,7 +119,7 @@ def test_common_features_flag_gain_shapes_images_whose_texture_is_a_non_label_cl
 
     from gain_jax.data import pipeline
 
-    examples = [shapes.generate_example(split, index) for split in ("validation", "test_unbiased")
+    examples = [shapes.generate_example(split, index) for split in ("validation", "validation_unbiased")
                 for index in range(40)]
     to_features = pipeline._common_features("gain_shapes", NUM_CLASSES)
     flags = []
@@ -132,7 +132,7 @@ def test_common_features_flag_gain_shapes_images_whose_texture_is_a_non_label_cl
         assert tuple(mapped) == pipeline.output_keys("gain_shapes")
         flags.append(bool(mapped["bias_conflicting"].numpy()))
         assert flags[-1] == _expected_conflicting(example), example["filename"]
-    # the flag is not constant: validation's bias leaves a few conflicting images, test_unbiased many
+    # the flag is not constant: validation's bias leaves a few conflicting images, validation_unbiased many
     assert 0 < sum(flags[:40]) < 10 < sum(flags[40:])
     # other data sets keep the common keys only
     assert pipeline.output_keys("gain_voc2012") == pipeline.OUTPUT_KEYS
@@ -273,8 +273,8 @@ def test_report_shows_object_miou_floors_and_the_conflicting_map(flagged):
     run = types.SimpleNamespace(config=config, pointing_tolerance=2.0, paths=paths)
     older = {key: value for key, value in result.items()  # a pre-trained row from an older metrics.json
              if key != "floors" and key != "cam_object_mIoU" and "conflicting" not in key}
-    history = {"epochs": [{"epoch": 1, "validation": older, "test_unbiased": older}],
-               "final": {"validation": result, "test_unbiased": result}}
+    history = {"epochs": [{"epoch": 1, "validation": older, "validation_unbiased": older}],
+               "final": {"validation": result, "validation_unbiased": result}}
     text = report(run, history, 12.0, 4)
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("split"))

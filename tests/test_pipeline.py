@@ -126,6 +126,18 @@ def test_num_epochs_and_drop_remainder(data_dir):
     assert [len(b["filename"]) for b in batches] == [16] * 5
 
 
+def test_unbiased_splits_are_read_with_their_flag(data_dir):
+    """validation_unbiased (for choosing configurations) reads like test_unbiased; its texture is independent of
+    the classes, so more of its images are bias-conflicting than validation's."""
+    conflicting = {}
+    for split in ("validation", "validation_unbiased", "test_unbiased"):
+        batches = list(gd.input_pipeline("gain_shapes", split, data_dir=data_dir, batch_size=16, train=False))
+        names = [name.decode() for b in batches for name in b["filename"]]
+        assert sorted(names) == [f"shapes_{split}_{i:06d}" for i in range(EXAMPLES_PER_SPLIT)]
+        conflicting[split] = sum(int(b["bias_conflicting"].sum()) for b in batches)
+    assert conflicting["validation"] < conflicting["validation_unbiased"]
+
+
 def test_process_shards_are_disjoint_and_cover_the_split(data_dir):
     shards = [[n for b in gd.input_pipeline("gain_shapes", "validation", data_dir=data_dir, batch_size=8,
                                             train=False, process_index=i, process_count=3) for n in b["filename"]]
@@ -224,7 +236,7 @@ import itertools, sys
 {prelude}
 import gain_jax.data as gd
 from gain_jax.data import shapes
-shapes.SPLIT_SIZES.update(train=64, validation=48, test_unbiased=16)  # a small build, still in the pipeline
+shapes.SPLIT_SIZES.update(train=64, validation=48, validation_unbiased=16, test_unbiased=16)  # a small build
 data_dir = sys.argv[1]
 # like train.py: the pipeline (built here on first use) re-created per epoch and left part-way
 for epoch in range(2):

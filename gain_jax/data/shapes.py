@@ -1,12 +1,23 @@
 """"gain_shapes": an embedded synthetic set with a known background bias, generated locally (no download).
 
-64x64 RGB images with 1 to 3 solid shapes of 6 classes on a textured background. Like "boat on water",
-each class comes with a background texture of its own: in train and validation the texture is that of the
-image's primary (first) object with probability `BIAS_PROBABILITY`, otherwise one of the other five; in
-test_unbiased the texture is independent of the classes. Objects are small, so the background dominates
-the image and a plain classifier can score on train/validation from the texture alone, which an
-attention-supervised one should not need. Per-pixel masks use VOC's encoding (0 background, class + 1,
-255 ignore on a 1-pixel ring around each shape). Generation is seeded per (split, index): deterministic.
+64x64 RGB images with 1 or 2 solid shapes (`NUM_OBJECTS_PROBS`) of 6 classes, radius `RADIUS_RANGE` pixels
+(a shape covers roughly 3-15% of the image), on a faint two-colour background texture (the colours differ by
+`TEXTURE_CONTRAST` per channel; the shapes' colours stand out from both). Like "boat on water", each class
+comes with a background texture of its own: in the biased splits the texture is that of the image's primary
+(first) object with probability `BIAS_PROBABILITY`, otherwise one of the other five; in the unbiased splits
+it is independent of the classes. The parameters are meant to make the texture a shortcut that a classifier
+trained from scratch takes while the shapes stay learnable within a CPU budget, so that what a method
+changes (looking at the shapes, or not) can be measured.
+
+Splits (sizes in `SPLIT_SIZES`):
+    train                 biased: what models learn from
+    validation            biased like train: how well a model learned the training distribution
+    validation_unbiased   texture independent of the classes: for choosing configurations (methods, weights,
+                          budgets); nothing is chosen on test_unbiased
+    test_unbiased         texture independent of the classes: looked at once, for the configurations chosen
+
+Per-pixel masks use VOC's encoding (0 background, class + 1, 255 ignore on a 1-pixel ring around each shape).
+Generation is seeded per (split, index): deterministic.
 """
 from __future__ import annotations
 
@@ -21,13 +32,19 @@ CLASS_NAMES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 TEXTURE_NAMES = ("horizontal_stripes", "vertical_fine_stripes", "diagonal_stripes", "checkers", "dots",
                  "pixel_noise")  # texture k is the "own" background of class k
 IMAGE_SIZE = 64
-BIAS_PROBABILITY = 0.9
-SPLIT_SIZES = {"train": 3000, "validation": 600, "test_unbiased": 600}
-_SPLIT_SEEDS = {"train": 0, "validation": 1, "test_unbiased": 2}
+# The generator's parameters (changing one changes the data set: bump GainShapes.VERSION).
+TEXTURE_CONTRAST = 80  # per channel, between the background texture's two colours (at most 127)
+RADIUS_RANGE = (8, 14)  # pixels: a shape's radius is uniform in this range (smaller only when crowded)
+NUM_OBJECTS_PROBS = (0.6, 0.4)  # probability of 1, 2, ... objects in an image
+BIAS_PROBABILITY = 0.9  # biased splits: P(background texture = the primary object's class's own)
+SPLIT_SIZES = {"train": 3000, "validation": 600, "validation_unbiased": 600, "test_unbiased": 600}
+UNBIASED_SPLITS = ("validation_unbiased", "test_unbiased")  # texture independent of the classes
+_SPLIT_SEEDS = {"train": 0, "validation": 1, "validation_unbiased": 3, "test_unbiased": 2}
 _BASE_SEED = 20180301
 _IGNORE = 255
-_NUM_OBJECTS_PROBS = (0.5, 0.3, 0.2)  # 1, 2 or 3 objects
-_RADIUS_RANGE = (5, 10)  # pixels; a shape covers roughly 1-8% of the image
+# v1's private names of the parameters above: a script that still sets them would silently get v2's values
+_RENAMED = {"_TEXTURE_CONTRAST": "TEXTURE_CONTRAST", "_RADIUS_RANGE": "RADIUS_RANGE",
+            "_NUM_OBJECTS_PROBS": "NUM_OBJECTS_PROBS"}
 _GRID_Y, _GRID_X = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
 _GRID_YF, _GRID_XF = _GRID_Y.astype(np.float32), _GRID_X.astype(np.float32)
 
@@ -107,12 +124,15 @@ def generate_example(split: str, index: int) -> dict:
     bytes (`decode_png` reads it back)."""
     if split not in _SPLIT_SEEDS:
         raise ValueError(f"unknown gain_shapes split {split!r}; splits: {tuple(SPLIT_SIZES)}")
+    stale = [name for name in _RENAMED if name in globals()]
+    if stale:
+        raise AttributeError(f"gain_shapes 2.0: {stale} were renamed to {[_RENAMED[name] for name in stale]}")
     rng = np.random.default_rng([_BASE_SEED, _SPLIT_SEEDS[split], index])
     num_classes = len(CLASS_NAMES)
-    num_objects = int(rng.choice(len(_NUM_OBJECTS_PROBS), p=_NUM_OBJECTS_PROBS)) + 1
+    num_objects = int(rng.choice(len(NUM_OBJECTS_PROBS), p=NUM_OBJECTS_PROBS)) + 1
     classes = rng.choice(num_classes, size=num_objects, replace=False)
 
-    if split == "test_unbiased":
+    if split in UNBIASED_SPLITS:
         background = int(rng.integers(num_classes))
     elif rng.random() < BIAS_PROBABILITY:
         background = int(classes[0])
@@ -120,7 +140,9 @@ def generate_example(split: str, index: int) -> dict:
         background = int((classes[0] + rng.integers(1, num_classes)) % num_classes)
 
     colour_a = _distinct_colour(rng, [], 0)
-    colour_b = _distinct_colour(rng, [colour_a], 200)
+    # a faint texture: the second colour differs by TEXTURE_CONTRAST in every channel (up where that fits)
+    signs = np.where(colour_a.astype(int) + TEXTURE_CONTRAST > 255, -1, 1)
+    colour_b = (colour_a.astype(int) + signs * TEXTURE_CONTRAST).astype(np.uint8)
     pattern = _texture(background, rng)
     image = np.where(pattern[..., None], colour_a, colour_b).astype(np.uint8)
     mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
@@ -128,8 +150,11 @@ def generate_example(split: str, index: int) -> dict:
     placed = []  # (cy, cx, r): objects do not overlap, so every label stays visible
     objects = []
     for class_id in classes:
-        for _ in range(100):
-            radius = float(rng.uniform(*_RADIUS_RANGE))
+        for attempt in range(200):
+            low, high = RADIUS_RANGE
+            if attempt >= 50:  # crowded: try smaller objects, down to the range's lower end
+                high = max(low, high - (high - low) * (attempt - 50) / 100)
+            radius = float(rng.uniform(low, high))
             cy, cx = rng.uniform(radius + 1, IMAGE_SIZE - radius - 2, size=2)
             if all((cy - py) ** 2 + (cx - px) ** 2 > (radius + pr + 3) ** 2 for py, px, pr in placed):
                 break
@@ -165,8 +190,17 @@ class GainShapes(tfds.core.GeneratorBasedBuilder):
     """Synthetic shapes on class-correlated background textures (see module docstring)."""
 
     name = "gain_shapes"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version: 6 classes, 64x64, bias 0.9 in train/validation."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First version: 6 classes, 64x64, bias 0.9 in train/validation.",
+        "2.0.0": "Learnable shapes and a split for choosing configurations. v1's high-contrast textures (and 1-3 "
+                 "small shapes, radius 5-10 px) made the shapes practically unlearnable within a CPU budget: "
+                 "a classifier from scratch learned the texture only, at chance on test_unbiased, so no method "
+                 "could be told apart. v2: a faint texture (its two colours differ by TEXTURE_CONTRAST per "
+                 "channel), 1 or 2 larger shapes (radius RADIUS_RANGE), placement that shrinks shapes rather "
+                 "than failing when crowded, and a new unbiased split validation_unbiased (for choosing "
+                 "configurations; test_unbiased is looked at once). Every image differs from v1's.",
+    }
     # tfds derives this through `importlib_resources`, a package its wheel does not declare.
     code_path = epath.Path(__file__)
 
