@@ -116,6 +116,8 @@ class EvalConfig:
     """What is evaluated, on how much, and the localization metrics' parameters."""
 
     test_first: bool = _field(False, "evaluate on the validation split before training")
+    test: bool = _field(False, "also evaluate the test split(s) at the end (gain_shapes: test_unbiased); choose "
+                               "configurations on the validation splits and look at test once")
     eval_examples: int = _field(0, "evaluate on the first N examples of each split only (quick runs); "
                                    "0 = the whole split", range=(0, None))
     cam_threshold: float = _field(0.5, "CAM mIoU: a pixel is background where the largest ground-truth class "

@@ -67,8 +67,10 @@ from gain_jax.models import build_model
 from gain_jax.training import TrainState, make_eval_step, make_train_step
 from gain_jax.training import create_train_state as new_train_state
 
-# splits evaluated at the end of a run (validation is also evaluated after every epoch)
-FINAL_SPLITS = {"gain_shapes": ("validation", "test_unbiased"), "gain_voc2012": ("validation",)}
+# splits evaluated at the end of a run (validation is also evaluated after every epoch, the others also when
+# pre-training ends), and the test splits added to them with --test (eval.test)
+FINAL_SPLITS = {"gain_shapes": ("validation", "validation_unbiased"), "gain_voc2012": ("validation",)}
+TEST_SPLITS = {"gain_shapes": ("test_unbiased",), "gain_voc2012": ()}
 LOSS_KEYS = evaluation.LOSS_KEYS
 STEP_KEYS = LOSS_KEYS + ("topk_accuracy",)
 IMAGENET_MEAN, IMAGENET_STD = viz.IMAGENET_MEAN, viz.IMAGENET_STD
@@ -617,6 +619,12 @@ def record_heatmaps(run: Run, state: TrainState, batch: Mapping[str, np.ndarray]
             f"{row}: {caption}" for row, caption in enumerate(captions)))
 
 
+def final_splits(config: Config) -> tuple[str, ...]:
+    """The splits evaluated at the end of the run: FINAL_SPLITS, and TEST_SPLITS with eval.test."""
+    dataset = config.data.dataset
+    return FINAL_SPLITS[dataset] + (TEST_SPLITS[dataset] if config.eval.test else ())
+
+
 def summary_line(result: Mapping[str, Any]) -> str:
     return (f"mAP {result['mAP']:.3f}, top-k acc {result['topk_accuracy']:.3f}, "
             f"CAM mIoU {result['cam_mIoU']:.3f} (objects {result.get('cam_object_mIoU', math.nan):.3f}), "
@@ -645,7 +653,7 @@ def report(run: Run, history: Mapping[str, Any], seconds: float, latest_checkpoi
     pretrained = next((r for r in history["epochs"] if r["epoch"] == train.pretrain_epochs), None)
     if pretrained is not None and train.pretrain_epochs < train.epochs:
         rows += [(f"{split} (pre-trained)", pretrained[split])
-                 for split in FINAL_SPLITS[dataset] if split in pretrained]
+                 for split in final_splits(config) if split in pretrained]
     rows += list(history["final"].items())
     width = max(len(name) for name, _ in rows) + 2
     pointing_header = f"pointing (±{run.pointing_tolerance:g}px)"
@@ -973,7 +981,7 @@ def _train(run: Run, manager, state: TrainState, dropout_key: jax.Array, positio
                         "validation": validation}
         if epoch + 1 == train.pretrain_epochs < train.epochs:
             # the baseline GAIN's attention mining starts from: the final report compares with it
-            for split in FINAL_SPLITS[config.data.dataset][1:]:
+            for split in final_splits(config)[1:]:
                 result = evaluate_split(run, state, split, stop)
                 if result is None:
                     return _finish_interrupted(run, manager, state, dropout_key, at_end_of_steps, history,
@@ -999,7 +1007,7 @@ def _train(run: Run, manager, state: TrainState, dropout_key: jax.Array, positio
                   f"validation {summary_line(validation)} | {epoch_record['seconds']:.1f} s", flush=True)
 
     final = {}
-    for split in FINAL_SPLITS[config.data.dataset]:
+    for split in final_splits(config):
         if split == "validation" and history["epochs"] and "validation" in history["epochs"][-1]:
             final[split] = history["epochs"][-1]["validation"]
         else:

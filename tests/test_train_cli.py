@@ -55,9 +55,9 @@ def step_losses(metrics):
 
 @pytest.fixture(scope="module")
 def uninterrupted(shapes_data_dir, compile_cache, tmp_path_factory):
-    """The reference tiny run: 2 epochs x 2 steps, attention mining in the 2nd epoch."""
+    """The reference tiny run: 2 epochs x 2 steps, attention mining in the 2nd epoch, --test."""
     logdir = tmp_path_factory.mktemp("runs")
-    result = run_train(tiny_flags(shapes_data_dir, logdir, "ref"), compile_cache)
+    result = run_train(tiny_flags(shapes_data_dir, logdir, "ref") + ["--test"], compile_cache)
     check_ok(result)
     return logdir, result
 
@@ -75,8 +75,11 @@ def test_tiny_run_writes_metrics_checkpoints_events_and_heatmaps(uninterrupted):
     np.testing.assert_allclose(losses[:2, 0], losses[:2, 1], rtol=1e-6)
     np.testing.assert_allclose(losses[2:, 0], losses[2:, 1] + losses[2:, 2], rtol=1e-5)
     assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]
-    assert "test_unbiased" in metrics["epochs"][0]  # the pre-training baseline of the report
-    for split in ("validation", "test_unbiased"):
+    # the pre-training baseline of the report: the splits beside validation (test_unbiased with --test)
+    assert {"validation_unbiased", "test_unbiased"} <= set(metrics["epochs"][0])
+    assert "test_unbiased" not in metrics["epochs"][1]
+    assert list(metrics["final"]) == ["validation", "validation_unbiased", "test_unbiased"]
+    for split in ("validation", "validation_unbiased", "test_unbiased"):
         final = metrics["final"][split]
         assert final["num_examples"] == 16
         for key in ("mAP", "topk_accuracy", "cam_mIoU", "pointing_game"):
@@ -91,8 +94,8 @@ def test_tiny_run_writes_metrics_checkpoints_events_and_heatmaps(uninterrupted):
         config = json.load(handle)
     assert config["train"]["backbone"] == "small_cnn" and config["data"]["image_size"] == 32
     assert config == metrics["config"]
-    # the closing table names both splits and where everything went
-    assert "test_unbiased (pre-trained)" in result.stdout
+    # the closing table names the splits and where everything went
+    assert "validation_unbiased (pre-trained)" in result.stdout and "test_unbiased (pre-trained)" in result.stdout
     assert "CAM mIoU@0.5" in result.stdout
     assert os.path.join(run_dir, "metrics.json") in result.stdout
 

@@ -191,7 +191,8 @@ def test_history_is_metrics_json_and_config_json_holds_the_resolved_config(every
     assert [r["attention"] for r in history["steps"]] == [False, False, True, True]
     assert [r["epoch"] for r in history["epochs"]] == [1, 2]
     assert history["epochs"][0]["steps_per_second"] > 0
-    assert sorted(history["final"]) == ["test_unbiased", "validation"]
+    assert list(history["final"]) == ["validation", "validation_unbiased"]  # test_unbiased only with eval.test
+    assert "validation_unbiased" in history["epochs"][0] and "test_unbiased" not in history["epochs"][0]
     run_dir = history["paths"]["run_dir"]
     with open(os.path.join(run_dir, "metrics.json")) as handle:
         assert json.dumps(json.load(handle), sort_keys=True) == json.dumps(history, sort_keys=True)
