@@ -1,38 +1,45 @@
 """The paper's bias experiment in miniature: does attention guidance make a classifier look at the object
 instead of a background that correlates with the class?
 
-    python experiments/biased_shapes.py                     # 3 methods x 3 seeds, then the tables and figure
-    python experiments/biased_shapes.py --seeds 0 --epochs 3   # a quick look
-    python experiments/biased_shapes.py --reuse             # re-read finished runs, redo tables and figure
+    python experiments/biased_shapes.py                          # the main study: baseline, GAIN, GAIN_ext x 3 seeds
+    python experiments/biased_shapes.py --study mask_fraction    # GAIN_ext with 1% ... 100% of the masks
+    python experiments/biased_shapes.py --study ablations        # GAIN with one setting changed per arm
+    python experiments/biased_shapes.py --arms GAIN "GAIN_ext@5%" --seeds 0   # chosen arms
+    python experiments/biased_shapes.py --arm "GAIN_lr=--am_weight 1 --lr 3e-4" --arms baseline GAIN_lr
+    python experiments/biased_shapes.py --reuse                  # re-read finished runs, redo tables and figure
 
-Data: the embedded "gain_shapes" set (64x64, 6 shape classes; in train and validation each image's background
-texture is that of its first object's class 90% of the time, in test_unbiased it is independent of the classes).
-Methods, each trained in this process by `gain_jax.train_loop.train_and_evaluate` (the loop train.py runs), one
-run at a time, with the same seeds, so that the runs of one seed share their initialization, data order and
-classification-only epochs:
+Data: the embedded "gain_shapes" set (gain_jax/data/shapes.py): 64x64, 6 shape classes, a faint background
+texture that is the first object's class's own with probability BIAS_PROBABILITY in train and validation, and
+independent of the classes in validation_unbiased (what configurations are chosen on) and test_unbiased (looked
+at once: every run passes --test, so test_unbiased is evaluated once, at its end).
 
-    baseline   classification only: --am_weight 0 --ex_weight 0 (attention mining never switched on:
-               --pretrain_epochs = --epochs, which skips computing a stream whose weight is 0)
-    GAIN       attention mining (--am_weight 1) after --pretrain_epochs epochs of classification
-    GAIN_ext   attention mining plus extra supervision (--ex_weight, default 10) on --ex_fraction (10%) of the
-               training images' masks
+Arms: an arm is a name and the train.py flags that make it (ARMS; `{epochs}`, `{pretrain_epochs}`,
+`{ex_weight}` and `{ex_fraction}` stand for this script's flags). Every run gets the common flags (data set,
+backbone, seed, epochs, steps, batch, lr, --pretrain_epochs, --test), then --train_arg, then the arm's flags,
+so an arm's flag wins. Each run is trained in this process by `gain_jax.train_loop.train_and_evaluate` (the
+loop train.py runs), one at a time; the runs of one seed share their initialization, data order and
+classification-only epochs. A study (STUDIES) is a named list of arms.
 
-Reported per method: mean and sample standard deviation (ddof=1) over the seeds of validation mAP (biased, like
-train), test_unbiased mAP, and on test_unbiased the CAM mIoU and pointing-game accuracy of the ground-truth
-classes' Grad-CAMs. Each run's history (its metrics.json) is kept; the summary goes to <out>/biased_shapes.json and
-<out>/biased_shapes.md, the figure (bars with error bars, and the first seed's heatmaps on unbiased test images)
-to <out>/biased_shapes.png.
+Reported per arm: mean and sample standard deviation (ddof=1) over the seeds of validation mAP (biased, like
+train), validation_unbiased mAP (what configurations are chosen on), and on test_unbiased: mAP, mAP of the
+bias-conflicting images, CAM mIoU, CAM object mIoU and pointing game of the ground-truth classes' CAMs; and
+the floors of the CAM metrics on test_unbiased (all-zero, centred, random maps: the same on every run). Each
+run's history (its metrics.json) and log stay under --logdir; the summary goes to <out>/<name>.json and
+<out>/<name>.md, the figure to <out>/<name>.png, where <name> is the study's (or "arms-..." for --arms).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib.util
 import json
 import math
 import os
 import platform
+import re
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -42,30 +49,72 @@ import numpy as np
 from gain_jax import config as run_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("baseline", "GAIN", "GAIN_ext")
+
+# arm name -> train.py flags after the common ones; add an arm with one line here (or --arm NAME='FLAGS')
+ARMS = {
+    "baseline": "--am_weight 0 --ex_weight 0 --pretrain_epochs {epochs}",  # attention mining never on
+    "GAIN": "--am_weight 1 --ex_weight 0",
+    "GAIN_ext": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction {ex_fraction}",
+    # the mask-fraction curve: GAIN_ext with a share of the training images' masks
+    "GAIN_ext@1%": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction 0.01",
+    "GAIN_ext@2%": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction 0.02",
+    "GAIN_ext@5%": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction 0.05",
+    "GAIN_ext@10%": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction 0.1",
+    "GAIN_ext@100%": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction 1",
+    # ablations of GAIN: one setting changed (named ablation:<flag>=<value>)
+    "ablation:am_batchnorm=frozen": "--am_weight 1 --ex_weight 0 --am_batchnorm frozen",
+    "ablation:am_batchnorm=batch": "--am_weight 1 --ex_weight 0 --am_batchnorm batch",
+    "ablation:grads_off": "--am_weight 1 --ex_weight 0 --grads_off",
+    "ablation:score=sigmoid": "--am_weight 1 --ex_weight 0 --score sigmoid",
+    "ablation:cam_grad=full": "--am_weight 1 --ex_weight 0 --cam_grad full",
+}
+STUDIES = {
+    "main": ("baseline", "GAIN", "GAIN_ext"),
+    "mask_fraction": ("baseline", "GAIN", "GAIN_ext@1%", "GAIN_ext@2%", "GAIN_ext@5%", "GAIN_ext@10%",
+                      "GAIN_ext@100%"),
+    "ablations": ("GAIN", "ablation:am_batchnorm=frozen", "ablation:am_batchnorm=batch", "ablation:grads_off",
+                  "ablation:score=sigmoid", "ablation:cam_grad=full"),
+}
 # (key in the summary, split in metrics.json, metric in that split, column title)
 METRICS = (
     ("val_mAP", "validation", "mAP", "validation mAP"),
-    ("unbiased_mAP", "test_unbiased", "mAP", "unbiased test mAP"),
-    ("cam_mIoU", "test_unbiased", "cam_mIoU", "CAM mIoU (unbiased)"),
-    ("pointing", "test_unbiased", "pointing_game", "pointing game (unbiased)"),
+    ("val_unbiased_mAP", "validation_unbiased", "mAP", "validation_unbiased mAP"),
+    ("test_mAP", "test_unbiased", "mAP", "test mAP"),
+    ("test_mAP_conflicting", "test_unbiased", "mAP_conflicting", "test mAP conflicting"),
+    ("cam_mIoU", "test_unbiased", "cam_mIoU", "test CAM mIoU"),
+    ("cam_object_mIoU", "test_unbiased", "cam_object_mIoU", "test CAM object mIoU"),
+    ("pointing", "test_unbiased", "pointing_game", "test pointing game"),
 )
+# per run in the JSON only: the validation_unbiased CAM metrics (configurations may be chosen on them too)
+EXTRA_METRICS = (
+    ("val_unbiased_cam_mIoU", "validation_unbiased", "cam_mIoU", "validation_unbiased CAM mIoU"),
+    ("val_unbiased_cam_object_mIoU", "validation_unbiased", "cam_object_mIoU", "validation_unbiased object mIoU"),
+    ("val_unbiased_pointing", "validation_unbiased", "pointing_game", "validation_unbiased pointing"),
+)
+FLOOR_METRICS = (("cam_mIoU", "CAM mIoU"), ("cam_object_mIoU", "object mIoU"), ("pointing_game", "pointing"))
 FIGURE_BYTES_LIMIT = 300_000
+RECORD_FILE = "biased_shapes_run.json"  # in each run folder: what --reuse compares beside the config
 
 
 # ---------------------------------------------------------------------------------------------- flags
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per method and seed")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--epochs", type=int, default=5, help="epochs per run, classification-only ones included")
+    p.add_argument("--study", default="main", choices=tuple(STUDIES),
+                   help=("the arms to run: " + "; ".join(f"{name}: {', '.join(arms)}"
+                                                         for name, arms in STUDIES.items())).replace("%", "%%"))
+    p.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                   help="run these arms instead of the study's (names of ARMS or of --arm)")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=FLAGS",
+                   help="add or replace an arm: --arm 'GAIN_slow=--am_weight 1 --lr 1e-4' (repeat)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per arm and seed")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per run, classification-only ones included")
     p.add_argument("--pretrain_epochs", type=int, default=2,
-                   help="classification-only epochs before attention mining (GAIN, GAIN_ext)")
-    p.add_argument("--steps_per_epoch", type=int, default=30, help="train steps of --batch_size per epoch")
+                   help="classification-only epochs before attention mining (every arm but baseline)")
+    p.add_argument("--steps_per_epoch", type=int, default=100, help="train steps of --batch_size per epoch")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--ex_weight", type=float, default=10.0, help="GAIN_ext: weight of the mask loss")
+    p.add_argument("--ex_weight", type=float, default=10.0, help="GAIN_ext arms: weight of the mask loss")
     p.add_argument("--ex_fraction", type=float, default=0.1, help="GAIN_ext: fraction of training masks used")
     p.add_argument("--data_dir", default=None, help="tfds data dir (train.py's --data_dir); default: tfds' default")
     p.add_argument("--logdir", default=os.path.join(REPO_ROOT, "runs", "biased_shapes"),
@@ -76,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep finished runs whose settings match instead of training them again")
     p.add_argument("--heatmap_images", type=int, default=6, help="unbiased test images in the figure")
     p.add_argument("--train_arg", action="append", default=[], metavar="FLAG",
-                   help="extra train.py flag for every run (repeat; e.g. --train_arg=--autoaugment, "
-                        "--train_arg=--cam=gradcam_pp)")
+                   help="extra train.py flag for every run, before the arm's (repeat; e.g. "
+                        "--train_arg=--autoaugment, --train_arg=--cam=gradcam_pp)")
     return p
 
 
@@ -93,75 +142,114 @@ def check_args(args, parser) -> None:
         parser.error(f"--ex_fraction must be in (0, 1], got {args.ex_fraction}")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         parser.error(f"--data_dir {args.data_dir} does not exist")
-    try:
-        extra_train_flags(args)
-    except run_config.ConfigError as error:
-        parser.error(f"--train_arg: {error}")
+    args.arm_flags = dict(ARMS)
+    for text in args.arm:
+        name, sep, flags = text.partition("=")
+        if not sep or not name.strip():
+            parser.error(f"--arm wants NAME=FLAGS, got {text!r}")
+        args.arm_flags[name.strip()] = flags
+    args.arms = list(args.arms) if args.arms else list(STUDIES[args.study])
+    unknown = [arm for arm in args.arms if arm not in args.arm_flags]
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; arms: {', '.join(args.arm_flags)}")
+    if len(set(args.arms)) < len(args.arms):
+        parser.error(f"an arm is named twice in {args.arms}")
+    folders = [run_name(arm, 0) for arm in args.arms]
+    if len(set(folders)) < len(folders):
+        parser.error(f"arms {args.arms} map to the same run folder names: rename one")
+    args.name = output_name(args)
+    for arm in args.arms:
+        try:
+            run_config_of(arm, args.seeds[0], args)
+        except (run_config.ConfigError, argparse.ArgumentError, KeyError, IndexError, ValueError) as error:
+            parser.error(f"arm {arm} ({args.arm_flags[arm]!r}) with --train_arg {args.train_arg}: {error}")
+
+
+def output_name(args) -> str:
+    """<out>/<name>.{json,md,png}: the study's name, or "arms-<the arms>" for --arms."""
+    if args.arms == list(STUDIES[args.study]):
+        return args.study
+    name = "arms-" + "+".join(_safe(arm) for arm in args.arms)
+    if len(name) > 80:
+        name = name[:70] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text.replace("%", "pct")).strip("_")
 
 
 # ---------------------------------------------------------------------------------------------- runs
 
-def method_flags(method: str, args) -> list[str]:
-    if method == "baseline":
-        return ["--am_weight", "0", "--ex_weight", "0", "--pretrain_epochs", str(args.epochs)]
-    flags = ["--am_weight", "1", "--pretrain_epochs", str(args.pretrain_epochs)]
-    if method == "GAIN":
-        return flags + ["--ex_weight", "0"]
-    return flags + ["--ex_weight", f"{args.ex_weight:g}", "--ex_fraction", f"{args.ex_fraction:g}"]
+def arm_flags(arm: str, args) -> list[str]:
+    """The arm's train.py flags, with this invocation's values filled in."""
+    text = args.arm_flags[arm].format(epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
+                                      ex_weight=f"{args.ex_weight:g}", ex_fraction=f"{args.ex_fraction:g}")
+    return shlex.split(text)
 
 
-def run_flags(method: str, seed: int, args) -> list[str]:
+def run_flags(arm: str, seed: int, args) -> list[str]:
     """The train.py flags of one run (the record shows them as commands that rerun it)."""
     flags = ["--dataset", "gain_shapes", "--backbone", "small_cnn", "--logdir", args.logdir,
-             "--run_name", run_name(method, seed), "--seed", str(seed), "--epochs", str(args.epochs),
+             "--run_name", run_name(arm, seed), "--seed", str(seed), "--epochs", str(args.epochs),
+             "--pretrain_epochs", str(args.pretrain_epochs),
              "--steps_per_epoch", str(args.steps_per_epoch), "--batch_size", str(args.batch_size),
-             "--lr", f"{args.lr:g}",
+             "--lr", f"{args.lr:g}", "--test",  # test_unbiased once, at the end of the run
              # checkpoint only the end (the figure reads it); no per-epoch heatmap PNGs (the figure makes its own)
              "--checkpoint_every", str(args.epochs), "--keep", "1", "--num_heatmaps", "0"]
-    flags += method_flags(method, args)
     if args.data_dir:
         flags += ["--data_dir", args.data_dir]
-    return flags + list(args.train_arg)
+    return flags + list(args.train_arg) + arm_flags(arm, args)
 
 
 def flags_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="--train_arg", add_help=False, exit_on_error=False)
+    parser = argparse.ArgumentParser(prog="train.py flags", add_help=False, exit_on_error=False)
     run_config.add_flags(parser)
     return parser
 
 
-def extra_train_flags(args) -> None:
-    """Check the --train_arg flags early (they must be train.py's config flags)."""
-    try:
-        flags_parser().parse_args(args.train_arg)
-    except argparse.ArgumentError as error:
-        raise run_config.ConfigError(str(error)) from None
-
-
-def run_config_of(method: str, seed: int, args) -> run_config.Config:
+def run_config_of(arm: str, seed: int, args) -> run_config.Config:
     """The run's config, from the same flags as train.py would parse."""
-    return run_config.config_from_flags(flags_parser().parse_args(run_flags(method, seed, args)))
+    namespace, unknown = flags_parser().parse_known_args(run_flags(arm, seed, args))
+    if unknown:
+        raise run_config.ConfigError(f"not train.py config flags: {unknown}")
+    return run_config.config_from_flags(namespace)
 
 
-def run_name(method: str, seed: int) -> str:
-    return f"{method}_seed{seed}"
+def run_name(arm: str, seed: int) -> str:
+    return f"{_safe(arm)}_seed{seed}"
 
 
-def run_dir(method: str, seed: int, args) -> str:
-    return os.path.join(args.logdir, run_name(method, seed))
+def run_dir(arm: str, seed: int, args) -> str:
+    return os.path.join(args.logdir, run_name(arm, seed))
 
 
-def finished_metrics(method: str, seed: int, args) -> dict | None:
-    """The run's metrics.json when it finished with the settings this invocation asks for, else None.
-    Settings the run resolved (image size) and where things are (data dir, log paths) are not compared."""
-    path = os.path.join(run_dir(method, seed, args), "metrics.json")
-    if not os.path.isfile(path):
+def data_version() -> str:
+    from gain_jax.data.shapes import GainShapes  # imports tensorflow_datasets, not TensorFlow's runtime
+
+    return str(GainShapes.VERSION)
+
+
+def run_record(arm: str, seed: int, args) -> dict:
+    return {"arm": arm, "flags": run_flags(arm, seed, args), "gain_shapes_version": data_version()}
+
+
+def finished_metrics(arm: str, seed: int, args) -> dict | None:
+    """The run's metrics.json when it finished with the settings this invocation asks for (and the same
+    gain_shapes version), else None. Settings the run resolved (image size) and where things are (data dir,
+    log paths) are not compared."""
+    directory = run_dir(arm, seed, args)
+    path, record_path = os.path.join(directory, "metrics.json"), os.path.join(directory, RECORD_FILE)
+    if not (os.path.isfile(path) and os.path.isfile(record_path)):
         return None
+    with open(record_path) as handle:
+        if json.load(handle).get("gain_shapes_version") != data_version():
+            return None
     with open(path) as handle:
         metrics = json.load(handle)
     if metrics.get("status") != "finished":
         return None
-    wanted = run_config.config_to_dict(run_config_of(method, seed, args))
+    wanted = run_config.config_to_dict(run_config_of(arm, seed, args))
     saved = metrics.get("config", {})
     for section, values in wanted.items():
         if section == "log":
@@ -189,53 +277,54 @@ def process_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def train_one(method: str, seed: int, args) -> tuple[dict, float, float]:
+def train_one(arm: str, seed: int, args) -> tuple[dict, float, float]:
     """Train one run in this process, its output in <logdir>/<run name>.log; (history, wall s, CPU s)."""
     from gain_jax.train_loop import train_and_evaluate
 
-    directory = run_dir(method, seed, args)
+    directory = run_dir(arm, seed, args)
     if os.path.isdir(directory):
         print(f"  removing the unfinished or different earlier run {directory}", flush=True)
         shutil.rmtree(directory)
     os.makedirs(args.logdir, exist_ok=True)
-    log_path = os.path.join(args.logdir, f"{run_name(method, seed)}.log")
-    config = run_config_of(method, seed, args)
+    log_path = os.path.join(args.logdir, f"{run_name(arm, seed)}.log")
+    config = run_config_of(arm, seed, args)
     started, cpu_started = time.time(), process_cpu_seconds()
     with open(log_path, "w") as log:
-        log.write(" ".join(["python", "train.py"] + run_flags(method, seed, args)) + "\n")
+        log.write(shlex.join(["python", "train.py"] + run_flags(arm, seed, args)) + "\n")
         log.flush()
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 _, history = train_and_evaluate(config)
         except run_config.RunError as error:
-            raise SystemExit(f"biased_shapes: {method} seed {seed} failed: {error}; log {log_path}") from None
+            raise SystemExit(f"biased_shapes: {arm} seed {seed} failed: {error}; log {log_path}") from None
     if history["status"] != "finished":
-        raise SystemExit(f"biased_shapes: {method} seed {seed} {history['status']}; log {log_path}")
+        raise SystemExit(f"biased_shapes: {arm} seed {seed} {history['status']}; log {log_path}")
+    with open(os.path.join(directory, RECORD_FILE), "w") as handle:
+        json.dump(run_record(arm, seed, args), handle, indent=1)
     return history, time.time() - started, process_cpu_seconds() - cpu_started
 
 
 def run_all(args) -> tuple[dict, dict, dict]:
-    """{(method, seed): metrics}, {(method, seed): wall seconds} and {(method, seed): CPU seconds (user + system
-    of this process during the run)}; both None for reused runs. One run at a time."""
+    """{(arm, seed): metrics}, {(arm, seed): wall seconds} and {(arm, seed): CPU seconds (user + system of this
+    process during the run)}; both None for reused runs. One run at a time."""
     results, seconds, cpu = {}, {}, {}
     for seed in args.seeds:
-        for method in args.methods:
-            key = (method, seed)
-            metrics = finished_metrics(method, seed, args) if args.reuse else None
+        for arm in args.arms:
+            key = (arm, seed)
+            metrics = finished_metrics(arm, seed, args) if args.reuse else None
             if metrics is not None:
                 results[key], seconds[key], cpu[key] = metrics, None, None
-                print(f"  reusing {run_dir(method, seed, args)}", flush=True)
+                print(f"  reusing {run_dir(arm, seed, args)}", flush=True)
                 continue
-            print(f"  training {method}, seed {seed}: train.py {' '.join(run_flags(method, seed, args))}", flush=True)
-            results[key], seconds[key], cpu[key] = train_one(method, seed, args)
+            print(f"  training {arm}, seed {seed}: train.py {shlex.join(run_flags(arm, seed, args))}", flush=True)
+            results[key], seconds[key], cpu[key] = train_one(arm, seed, args)
             values = ", ".join(f"{title} {metric_value(results[key], name):.3f}" for name, *_, title in METRICS)
-            print(f"  done {method}, seed {seed} in {seconds[key]:.0f} s ({cpu[key]:.0f} CPU s): {values}",
-                  flush=True)
+            print(f"  done {arm}, seed {seed} in {seconds[key]:.0f} s ({cpu[key]:.0f} CPU s): {values}", flush=True)
     return results, seconds, cpu
 
 
 def metric_value(metrics: dict, key: str) -> float:
-    _, split, name, _ = next(m for m in METRICS if m[0] == key)
+    _, split, name, _ = next(m for m in METRICS + EXTRA_METRICS if m[0] == key)
     value = metrics["final"].get(split, {}).get(name)
     return float("nan") if value is None else float(value)
 
@@ -244,11 +333,11 @@ def metric_value(metrics: dict, key: str) -> float:
 
 def summarize(results: dict, args) -> dict:
     summary = {}
-    for method in args.methods:
-        summary[method] = {}
+    for arm in args.arms:
+        summary[arm] = {}
         for key, *_ in METRICS:
-            values = [metric_value(results[(method, seed)], key) for seed in args.seeds]
-            summary[method][key] = {
+            values = [metric_value(results[(arm, seed)], key) for seed in args.seeds]
+            summary[arm][key] = {
                 "mean": float(np.mean(values)),
                 "std": float(np.std(values, ddof=1)) if len(values) > 1 else float("nan"),
                 "per_seed": dict(zip(map(str, args.seeds), values)),
@@ -256,24 +345,52 @@ def summarize(results: dict, args) -> dict:
     return summary
 
 
+def test_floors(results: dict) -> dict:
+    """{floor: {metric: value}} on test_unbiased; the floors ignore the model, so every run has the same ones
+    (the mean over the runs is taken all the same)."""
+    floors = {}
+    runs = [r["final"]["test_unbiased"].get("floors") for r in results.values()]
+    runs = [r for r in runs if r]
+    if not runs:
+        return floors
+    for name in runs[0]:
+        floors[name] = {metric: float(np.mean([r[name][metric] for r in runs])) for metric, _ in FLOOR_METRICS}
+    return floors
+
+
+def floors_line(floors: dict) -> str:
+    if not floors:
+        return "floors: not in these runs' metrics"
+    names = list(floors)
+    figures = ", ".join(f"{title} " + "/".join(f"{floors[name][metric]:.3f}" for name in names)
+                        for metric, title in FLOOR_METRICS)
+    return f"floors on test_unbiased (maps that ignore the image: {' / '.join(names)}): {figures}"
+
+
 def summary_table(summary: dict, args) -> str:
-    header = "| method | " + " | ".join(title for *_, title in METRICS) + " |"
+    header = "| arm | " + " | ".join(title for *_, title in METRICS) + " |"
     lines = [header, "|" + "---|" * (len(METRICS) + 1)]
-    for method in args.methods:
-        cells = [f"{summary[method][key]['mean']:.3f} ± {summary[method][key]['std']:.3f}" for key, *_ in METRICS]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for arm in args.arms:
+        cells = [f"{summary[arm][key]['mean']:.3f} ± {summary[arm][key]['std']:.3f}" for key, *_ in METRICS]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def per_run_table(results: dict, seconds: dict, cpu_seconds: dict, args) -> str:
-    lines = ["| method | seed | " + " | ".join(title for *_, title in METRICS) + " | wall s | CPU s |",
+    lines = ["| arm | seed | " + " | ".join(title for *_, title in METRICS) + " | wall s | CPU s |",
              "|" + "---|" * (len(METRICS) + 4)]
-    for method in args.methods:
+    for arm in args.arms:
         for seed in args.seeds:
-            cells = [f"{metric_value(results[(method, seed)], key):.3f}" for key, *_ in METRICS]
-            wall, cpu = seconds[(method, seed)], cpu_seconds[(method, seed)]
+            cells = [f"{metric_value(results[(arm, seed)], key):.3f}" for key, *_ in METRICS]
+            wall, cpu = seconds[(arm, seed)], cpu_seconds[(arm, seed)]
             timing = "reused | reused" if wall is None else f"{wall:.0f} | {cpu:.0f}"
-            lines.append(f"| {method} | {seed} | " + " | ".join(cells) + f" | {timing} |")
+            lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + f" | {timing} |")
+    return "\n".join(lines)
+
+
+def arms_table(args) -> str:
+    lines = ["| arm | train.py flags after the common ones |", "|---|---|"]
+    lines += [f"| {arm} | `{shlex.join(list(args.train_arg) + arm_flags(arm, args))}` |" for arm in args.arms]
     return "\n".join(lines)
 
 
@@ -290,9 +407,8 @@ def machine_line() -> str:
 # ---------------------------------------------------------------------------------------------- figure
 
 def example_heatmaps(args, count: int):
-    """Unbiased test images (one per class of their first label, as far as possible) and, per method, the
-    first seed's normalized CAM (the run's method, Grad-CAM by default) of each image's first ground-truth
-    class."""
+    """Unbiased test images (one per class of their first label, as far as possible) and, per arm, the first
+    seed's normalized CAM (the run's method, Grad-CAM by default) of each image's first ground-truth class."""
     import jax  # only for the figure
 
     import gain_jax as gj
@@ -300,8 +416,10 @@ def example_heatmaps(args, count: int):
     from gain_jax import checkpoint
 
     info = gd.dataset_info("gain_shapes")
+    seed = args.seeds[0]
+    image_size = run_config_of(args.arms[0], seed, args).data.image_size  # None: the data set's own
     batch = next(gd.input_pipeline("gain_shapes", "test_unbiased", data_dir=args.data_dir, batch_size=64,
-                                   train=False, autoaugment=False))
+                                   image_size=image_size, train=False, autoaugment=False))
     first_class = np.argmax(np.asarray(batch["labels"]) > 0, axis=1)
     chosen, seen = [], set()
     for index, cls in enumerate(first_class):  # one image per class first, then fill up in order
@@ -314,22 +432,34 @@ def example_heatmaps(args, count: int):
     classes = first_class[chosen]
     model = gj.build_model("small_cnn", num_classes=info.num_classes, dropout_rate=0.0)
     maps = {}
-    seed = args.seeds[0]
-    for method in args.methods:
-        checkpoint_dir = os.path.join(run_dir(method, seed, args), "checkpoints")
+    for arm in args.arms:
+        checkpoint_dir = os.path.join(run_dir(arm, seed, args), "checkpoints")
         step = checkpoint.open_manager(checkpoint_dir).latest_step() if os.path.isdir(checkpoint_dir) else None
         if step is None:
-            raise SystemExit(f"biased_shapes: no checkpoint in {run_dir(method, seed, args)}/checkpoints")
+            raise SystemExit(f"biased_shapes: no checkpoint in {run_dir(arm, seed, args)}/checkpoints")
         variables = checkpoint.restore_variables(checkpoint.open_manager(checkpoint_dir), step)
-        gain_cfg = run_config_of(method, seed, args).gain  # the run's CAM method
+        gain_cfg = run_config_of(arm, seed, args).gain  # the run's CAM method
         _, cams = gj.class_cams(model, variables, jax.numpy.asarray(images), gain_cfg)
-        maps[method] = np.asarray(cams)[np.arange(len(chosen)), classes]
+        maps[arm] = np.asarray(cams)[np.arange(len(chosen)), classes]
     captions = [" + ".join(info.class_names[c] for c in np.flatnonzero(row > 0))
                 for row in np.asarray(batch["labels"])[chosen]]
     return images, maps, [info.class_names[c] for c in classes], captions
 
 
-def make_figure(summary: dict, args, path: str) -> int:
+def fraction_arms(args) -> tuple[list, list]:
+    """(arms with a mask loss, as (ex_fraction, arm) sorted by fraction; the other arms): the mask-fraction
+    curve's points and its reference lines."""
+    curve, references = [], []
+    for arm in args.arms:
+        config = run_config_of(arm, args.seeds[0], args)
+        if config.gain.ex_weight > 0 and config.gain.am_weight > 0:
+            curve.append((config.data.ex_fraction, arm))
+        else:
+            references.append(arm)
+    return sorted(curve), references
+
+
+def make_figure(summary: dict, floors: dict, args, path: str) -> int:
     import matplotlib  # only for the figure (checked at the start)
 
     matplotlib.use("Agg")
@@ -338,46 +468,76 @@ def make_figure(summary: dict, args, path: str) -> int:
     from gain_jax import viz
 
     images, maps, cam_classes, captions = example_heatmaps(args, args.heatmap_images)
-    columns = len(images)
-    rows = 1 + len(args.methods)
-    figure = plt.figure(figsize=(max(8.0, 1.35 * columns + 1.2), 2.6 + 1.35 * rows), dpi=90)
-    # row 1 is a spacer between the bar charts' labels and the heatmap titles
-    grid = figure.add_gridspec(2 + rows, max(columns, len(METRICS)), height_ratios=[2.2, 0.15] + [1.0] * rows,
-                               hspace=0.3, wspace=0.08, top=0.9, bottom=0.02, left=0.07, right=0.98)
-    colours = ("#8c8c8c", "#1f77b4", "#d62728")
-    bar_grid = grid[0, :].subgridspec(1, len(METRICS), wspace=0.45)
+    columns, panels = len(images), len(METRICS)
+    curve, references = fraction_arms(args)
+    with_curve = len(curve) >= 2
+    rows = 1 + len(args.arms)
+    top = [2.4] + ([0.7, 2.2] if with_curve else []) + [0.7]  # spacers under the rotated arm names
+    figure = plt.figure(figsize=(max(13.0, 1.35 * columns + 1.2), 1.2 + sum(top) + 1.35 * rows), dpi=80)
+    grid = figure.add_gridspec(len(top) + rows, max(columns, panels), height_ratios=top + [1.0] * rows,
+                               hspace=0.2, wspace=0.08, top=0.93, bottom=0.02, left=0.05, right=0.99)
+    colours = matplotlib.colormaps["tab10"]
+    floor_keys = {"cam_mIoU": "cam_mIoU", "cam_object_mIoU": "cam_object_mIoU", "pointing": "pointing_game"}
+    bar_grid = grid[0, :].subgridspec(1, panels, wspace=0.5)
     for panel, (key, *_, title) in enumerate(METRICS):
         axis = figure.add_subplot(bar_grid[0, panel])
-        means = [summary[m][key]["mean"] for m in args.methods]
-        stds = [0.0 if math.isnan(summary[m][key]["std"]) else summary[m][key]["std"] for m in args.methods]
-        axis.bar(range(len(args.methods)), means, yerr=stds, capsize=4, color=colours[:len(args.methods)])
-        for i, m in enumerate(args.methods):  # every seed as a dot
-            values = list(summary[m][key]["per_seed"].values())
+        means = [summary[a][key]["mean"] for a in args.arms]
+        stds = [0.0 if math.isnan(summary[a][key]["std"]) else summary[a][key]["std"] for a in args.arms]
+        axis.bar(range(len(args.arms)), means, yerr=stds, capsize=3,
+                 color=[colours(i % 10) for i in range(len(args.arms))])
+        for i, arm in enumerate(args.arms):  # every seed as a dot
+            values = list(summary[arm][key]["per_seed"].values())
             axis.plot([i] * len(values), values, "k.", markersize=3)
-        axis.set_xticks(range(len(args.methods)), args.methods, fontsize=7)
-        axis.set_title(title, fontsize=8)
-        axis.tick_params(axis="y", labelsize=7)
+        if key in floor_keys and floors:  # the best floor: what a map must beat
+            axis.axhline(max(f[floor_keys[key]] for f in floors.values()), color="k", linestyle=":", linewidth=1)
+        axis.set_xticks(range(len(args.arms)), args.arms, fontsize=6, rotation=60, ha="right")
+        axis.set_title(title, fontsize=7)
+        axis.tick_params(axis="y", labelsize=6)
         axis.set_ylim(0, 1)
+    if with_curve:
+        curve_grid = grid[2, :].subgridspec(1, panels, wspace=0.5)
+        fractions = [fraction for fraction, _ in curve]
+        for panel, (key, *_, title) in enumerate(METRICS):
+            axis = figure.add_subplot(curve_grid[0, panel])
+            means = np.array([summary[arm][key]["mean"] for _, arm in curve])
+            stds = np.array([0.0 if math.isnan(summary[arm][key]["std"]) else summary[arm][key]["std"]
+                             for _, arm in curve])
+            axis.errorbar(fractions, means, yerr=stds, marker="o", markersize=3, capsize=2, linewidth=1)
+            for fraction, arm in curve:
+                values = list(summary[arm][key]["per_seed"].values())
+                axis.plot([fraction] * len(values), values, "k.", markersize=2)
+            for i, arm in enumerate(references):
+                axis.axhline(summary[arm][key]["mean"], color=colours((i + 1) % 10), linestyle="--", linewidth=1,
+                             label=arm)
+            axis.set_xscale("log")
+            axis.set_xlabel("ex_fraction (masks used)", fontsize=6)
+            axis.set_title(title, fontsize=7)
+            axis.tick_params(labelsize=6)
+            axis.set_ylim(0, 1)
+            if panel == 0 and references:
+                axis.legend(fontsize=5)
     pictures = viz.denormalize(images)
+    first_row = len(top)
     for column in range(columns):
-        axis = figure.add_subplot(grid[2, column])
+        axis = figure.add_subplot(grid[first_row, column])
         axis.imshow(pictures[column], interpolation="nearest")
         axis.set_title(captions[column], fontsize=6)
         axis.set_xticks([]), axis.set_yticks([])
         if column == 0:
             axis.set_ylabel("input", fontsize=7)
-        for row, method in enumerate(args.methods):
-            axis = figure.add_subplot(grid[3 + row, column])
-            axis.imshow(viz.overlay(pictures[column], maps[method][column]), interpolation="nearest")
+        for row, arm in enumerate(args.arms):
+            axis = figure.add_subplot(grid[first_row + 1 + row, column])
+            axis.imshow(viz.overlay(pictures[column], maps[arm][column]), interpolation="nearest")
             axis.set_xticks([]), axis.set_yticks([])
             if column == 0:
-                axis.set_ylabel(method, fontsize=7)
+                axis.set_ylabel(arm, fontsize=6)
             if row == 0:
                 axis.set_title(f"CAM: {cam_classes[column]}", fontsize=6)
-    figure.suptitle(f"gain_shapes, small_cnn: mean ± std over seeds {args.seeds} (dots: seeds); "
-                    f"Grad-CAMs: seed {args.seeds[0]}, unbiased test images", fontsize=8)
+    figure.suptitle(f"gain_shapes {data_version()}, small_cnn, {args.name}: mean ± std over seeds {args.seeds} "
+                    f"(dots: seeds; dotted: the best floor); CAMs: seed {args.seeds[0]}, unbiased test images",
+                    fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=90)
+    figure.savefig(path, dpi=80)
     plt.close(figure)
     return os.path.getsize(path)
 
@@ -388,30 +548,33 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
-    if importlib.util.find_spec("matplotlib") is None:  # fail before 15 minutes of training, not after
+    if importlib.util.find_spec("matplotlib") is None:  # fail before the training, not after
         parser.error("matplotlib is needed for the figure: pip install -e \".[bench]\"")
     args.logdir = os.path.abspath(args.logdir)
     started = time.time()
-    print(f"biased_shapes: {len(args.methods)} methods x {len(args.seeds)} seeds on {machine_line()}")
+    print(f"biased_shapes {args.name}: {len(args.arms)} arms x {len(args.seeds)} seeds on gain_shapes "
+          f"{data_version()}, {machine_line()}")
     print(f"  {args.epochs} epochs x {args.steps_per_epoch} steps of {args.batch_size} (attention mining from "
-          f"epoch {args.pretrain_epochs + 1}), lr {args.lr:g}; GAIN_ext: ex_weight {args.ex_weight:g} on "
-          f"{args.ex_fraction:.0%} of the training masks; runs in {args.logdir}", flush=True)
+          f"epoch {args.pretrain_epochs + 1}), lr {args.lr:g}; runs in {args.logdir}\n{arms_table(args)}",
+          flush=True)
     results, seconds, cpu_seconds = run_all(args)
     training_seconds = time.time() - started
 
     summary = summarize(results, args)
+    floors = test_floors(results)
     table = summary_table(summary, args)
     runs = per_run_table(results, seconds, cpu_seconds, args)
-    print(f"\nper run (test_unbiased CAM metrics at pointing tolerance "
-          f"{results[(args.methods[0], args.seeds[0])]['final']['test_unbiased'].get('pointing_tolerance_px')} px, "
-          f"CAM threshold {results[(args.methods[0], args.seeds[0])]['final']['test_unbiased'].get('cam_threshold')}):")
+    first = results[(args.arms[0], args.seeds[0])]["final"]["test_unbiased"]
+    print(f"\nper run (CAM metrics at pointing tolerance {first.get('pointing_tolerance_px')} px, CAM threshold "
+          f"{first.get('cam_threshold')}; mAP conflicting: images whose texture is a non-label class's own):")
     print(runs)
-    print(f"\nmean ± std (ddof=1) over seeds {args.seeds}:")
+    print(f"\nmean ± std (ddof=1) over seeds {args.seeds} (choose configurations on validation_unbiased):")
     print(table)
+    print(floors_line(floors))
 
     os.makedirs(args.out, exist_ok=True)
-    figure_path = os.path.join(args.out, "biased_shapes.png")
-    figure_bytes = make_figure(summary, args, figure_path)
+    figure_path = os.path.join(args.out, f"{args.name}.png")
+    figure_bytes = make_figure(summary, floors, args, figure_path)
     total_seconds = time.time() - started
     print(f"\nfigure: {figure_path} ({figure_bytes / 1000:.0f} kB)"
           + (f"  WARNING: over {FIGURE_BYTES_LIMIT // 1000} kB" if figure_bytes > FIGURE_BYTES_LIMIT else ""))
@@ -422,24 +585,29 @@ def main(argv=None) -> int:
           f"is about this divided by the cores they keep busy), load average now {os.getloadavg()[0]:.1f}")
 
     record = {
-        "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]) if argv is None else None,
+        "command": shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]) if argv is None else None,
+        "name": args.name,
+        "gain_shapes_version": data_version(),
         "machine": machine_line(),
-        "settings": {key: value for key, value in vars(args).items() if key not in ("logdir", "out")},
-        "train_commands": {run_name(m, s): " ".join(["python", "train.py"] + run_flags(m, s, args))
-                           for m in args.methods for s in args.seeds},
+        "settings": {key: value for key, value in vars(args).items() if key not in ("logdir", "out", "arm_flags")},
+        "arms": {arm: arm_flags(arm, args) for arm in args.arms},
+        "train_commands": {run_name(a, s): shlex.join(["python", "train.py"] + run_flags(a, s, args))
+                           for a in args.arms for s in args.seeds},
         "summary": summary,
-        "per_run": {run_name(m, s): {"seconds": seconds[(m, s)], "cpu_seconds": cpu_seconds[(m, s)],
-                                     **{key: metric_value(results[(m, s)], key) for key, *_ in METRICS},
-                                     "val_cam_mIoU": results[(m, s)]["final"]["validation"].get("cam_mIoU"),
-                                     "val_pointing": results[(m, s)]["final"]["validation"].get("pointing_game")}
-                    for m in args.methods for s in args.seeds},
+        "floors_test_unbiased": floors,
+        "per_run": {run_name(a, s): {"arm": a, "seed": s, "seconds": seconds[(a, s)],
+                                     "cpu_seconds": cpu_seconds[(a, s)],
+                                     **{key: metric_value(results[(a, s)], key)
+                                        for key, *_ in METRICS + EXTRA_METRICS}}
+                    for a in args.arms for s in args.seeds},
         "wall_seconds": {"training": training_seconds, "total": total_seconds},
         "cpu_seconds_of_runs": total_cpu,
     }
-    with open(os.path.join(args.out, "biased_shapes.json"), "w") as handle:
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as handle:
         json.dump(record, handle, indent=1)
-    with open(os.path.join(args.out, "biased_shapes.md"), "w") as handle:
-        handle.write(f"mean ± std over seeds {args.seeds}\n\n{table}\n\nper run\n\n{runs}\n")
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as handle:
+        handle.write(f"gain_shapes {data_version()}, study {args.name}; mean ± std over seeds {args.seeds}\n\n"
+                     f"{table}\n\n{floors_line(floors)}\n\narms\n\n{arms_table(args)}\n\nper run\n\n{runs}\n")
     return 0
 
 

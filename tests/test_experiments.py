@@ -1,0 +1,73 @@
+"""experiments/biased_shapes.py end to end on tiny settings: two arms, one seed, two steps per epoch, 16
+evaluation images; then --reuse re-reads the finished runs."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "biased_shapes.py")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("biased_shapes", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_argv(data_dir, tmp_path):
+    return ["--arms", "baseline", "GAIN_ext@100%", "--seeds", "0", "--epochs", "2", "--pretrain_epochs", "1",
+            "--steps_per_epoch", "2", "--batch_size", "8", "--heatmap_images", "2", "--data_dir", data_dir,
+            "--logdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+            "--train_arg=--image_size=32", "--train_arg=--eval_examples=16"]
+
+
+def test_arms_studies_and_flags():
+    script = load_script()
+    for study, arms in script.STUDIES.items():
+        assert set(arms) <= set(script.ARMS), study
+    parser = script.build_parser()
+    args = parser.parse_args(["--arm", "GAIN_slow=--am_weight 1 --lr 1e-4", "--arms", "baseline", "GAIN_slow"])
+    script.check_args(args, parser)
+    assert args.name == "arms-baseline+GAIN_slow"
+    flags = script.run_flags("GAIN_slow", 0, args)
+    assert "--test" in flags and flags[-4:] == ["--am_weight", "1", "--lr", "1e-4"]
+    config = script.run_config_of("baseline", 0, args)
+    assert config.train.pretrain_epochs == config.train.epochs and config.gain.am_weight == 0
+    assert config.eval.test
+    args = parser.parse_args(["--study", "mask_fraction"])
+    script.check_args(args, parser)
+    assert args.name == "mask_fraction" and args.arms == list(script.STUDIES["mask_fraction"])
+    curve, references = script.fraction_arms(args)
+    assert [fraction for fraction, _ in curve] == [0.01, 0.02, 0.05, 0.1, 1.0]
+    assert references == ["baseline", "GAIN"]
+    with pytest.raises(SystemExit):
+        script.check_args(parser.parse_args(["--arms", "nope"]), parser)
+
+
+def test_tiny_study_end_to_end_and_reuse(shapes_data_dir, tmp_path, capsys):
+    script = load_script()
+    assert script.main(tiny_argv(shapes_data_dir, tmp_path)) == 0
+    name = "arms-baseline+GAIN_ext_100pct"
+    with open(tmp_path / "out" / f"{name}.json") as handle:
+        record = json.load(handle)
+    assert set(record["summary"]) == {"baseline", "GAIN_ext@100%"}
+    for arm, metrics in record["summary"].items():
+        assert set(metrics) == {key for key, *_ in script.METRICS}
+        for key, value in metrics.items():
+            assert 0.0 <= value["mean"] <= 1.0 or key == "test_mAP_conflicting", (arm, key, value)
+            assert list(value["per_seed"]) == ["0"]
+    assert set(record["floors_test_unbiased"]) == {"zero", "centre", "random"}
+    assert set(record["per_run"]) == {"baseline_seed0", "GAIN_ext_100pct_seed0"}
+    assert "--test" in record["train_commands"]["baseline_seed0"]
+    assert os.path.getsize(tmp_path / "out" / f"{name}.png") > 0
+    text = (tmp_path / "out" / f"{name}.md").read_text()
+    assert "validation_unbiased mAP" in text and "floors on test_unbiased" in text
+    assert os.path.isfile(tmp_path / "runs" / "baseline_seed0.log")
+    capsys.readouterr()
+
+    assert script.main(tiny_argv(shapes_data_dir, tmp_path) + ["--reuse"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reusing") == 2 and "  training " not in printed
