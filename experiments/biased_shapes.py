@@ -1,9 +1,9 @@
 """The paper's bias experiment in miniature: does attention guidance make a classifier look at the object
 instead of a background that correlates with the class?
 
-    python experiments/biased_shapes.py                          # the main study: baseline, GAIN, GAIN_ext x 3 seeds
+    python experiments/biased_shapes.py                          # the main study: 5 arms x 3 seeds
     python experiments/biased_shapes.py --study mask_fraction    # GAIN_ext with 1% ... 100% of the masks
-    python experiments/biased_shapes.py --study ablations        # GAIN with one setting changed per arm
+    python experiments/biased_shapes.py --study ablations        # GAIN_ext with one setting changed per arm
     python experiments/biased_shapes.py --arms GAIN "GAIN_ext@5%" --seeds 0   # chosen arms
     python experiments/biased_shapes.py --arm "GAIN_lr=--am_weight 1 --lr 3e-4" --arms baseline GAIN_lr
     python experiments/biased_shapes.py --reuse                  # re-read finished runs, redo tables and figure
@@ -14,11 +14,11 @@ independent of the classes in validation_unbiased (what configurations are chose
 at once: every run passes --test, so test_unbiased is evaluated once, at its end).
 
 Arms: an arm is a name and the train.py flags that make it (ARMS; `{epochs}`, `{pretrain_epochs}`,
-`{ex_weight}` and `{ex_fraction}` stand for this script's flags). Every run gets the common flags (data set,
-backbone, seed, epochs, steps, batch, lr, --pretrain_epochs, --test), then --train_arg, then the arm's flags,
-so an arm's flag wins. Each run is trained in this process by `gain_jax.train_loop.train_and_evaluate` (the
-loop train.py runs), one at a time; the runs of one seed share their initialization, data order and
-classification-only epochs. A study (STUDIES) is a named list of arms.
+`{am_weight}`, `{ex_weight}` and `{ex_fraction}` stand for this script's flags). Every run gets the common
+flags (data set, backbone, seed, epochs, steps, batch, lr, --pretrain_epochs, --test), then --train_arg, then
+the arm's flags, so an arm's flag wins. Each run is trained in this process by
+`gain_jax.train_loop.train_and_evaluate` (the loop train.py runs), one at a time; the runs of one seed share
+their initialization, data order and classification-only epochs. A study (STUDIES) is a named list of arms.
 
 Reported per arm: mean and sample standard deviation (ddof=1) over the seeds of validation mAP (biased, like
 train), validation_unbiased mAP (what configurations are chosen on), and on test_unbiased: mAP, mAP of the
@@ -51,29 +51,40 @@ from gain_jax import config as run_config
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # arm name -> train.py flags after the common ones; add an arm with one line here (or --arm NAME='FLAGS')
+# GAIN's attention mining as chosen on validation_unbiased by one-seed probes (experiments/results/
+# probes_v2/README.md): BatchNorm on the erased batch's own statistics, each class's sigmoid as the score,
+# weight --am_weight (0.1); upstream's frozen BatchNorm and softmax are the GAIN_upstream arm and ablations.
+# Every arm names the settings train.py's defaults could change (so that an arm means the same whatever the
+# defaults; upstream: frozen BatchNorm, softmax; --ex_fraction matters only with a mask loss).
+_UPSTREAM = "--am_batchnorm frozen --score softmax"
+_AM = "--am_weight {am_weight} --am_batchnorm batch --score sigmoid"
+_EXT = _AM + " --ex_weight {ex_weight}"
 ARMS = {
-    "baseline": "--am_weight 0 --ex_weight 0 --pretrain_epochs {epochs}",  # attention mining never on
-    "GAIN": "--am_weight 1 --ex_weight 0",
-    "GAIN_ext": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction {ex_fraction}",
+    "baseline": "--am_weight 0 --ex_weight 0 --ex_fraction 1 --pretrain_epochs {epochs} " + _UPSTREAM,
+    "GAIN_upstream": "--am_weight 1 --ex_weight 0 --ex_fraction 1 " + _UPSTREAM,  # upstream's semantics, alpha 1
+    "GAIN": _AM + " --ex_weight 0 --ex_fraction 1",
+    "GAIN_ext": _EXT + " --ex_fraction {ex_fraction}",
+    "ex_only": "--am_weight 0 --ex_weight {ex_weight} --ex_fraction {ex_fraction} " + _UPSTREAM,  # no L_am
     # the mask-fraction curve: GAIN_ext with a share of the training images' masks
-    "GAIN_ext@1%": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction 0.01",
-    "GAIN_ext@2%": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction 0.02",
-    "GAIN_ext@5%": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction 0.05",
-    "GAIN_ext@10%": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction 0.1",
-    "GAIN_ext@100%": "--am_weight 1 --ex_weight {ex_weight} --ex_fraction 1",
-    # ablations of GAIN: one setting changed (named ablation:<flag>=<value>)
-    "ablation:am_batchnorm=frozen": "--am_weight 1 --ex_weight 0 --am_batchnorm frozen",
-    "ablation:am_batchnorm=batch": "--am_weight 1 --ex_weight 0 --am_batchnorm batch",
-    "ablation:grads_off": "--am_weight 1 --ex_weight 0 --grads_off",
-    "ablation:score=sigmoid": "--am_weight 1 --ex_weight 0 --score sigmoid",
-    "ablation:cam_grad=full": "--am_weight 1 --ex_weight 0 --cam_grad full",
+    "GAIN_ext@1%": _EXT + " --ex_fraction 0.01",
+    "GAIN_ext@2%": _EXT + " --ex_fraction 0.02",
+    "GAIN_ext@5%": _EXT + " --ex_fraction 0.05",
+    "GAIN_ext@100%": _EXT + " --ex_fraction 1",
+    # ablations of GAIN_ext: one setting changed (named ablation:<flag>=<value>)
+    "ablation:am_batchnorm=frozen": _EXT + " --ex_fraction {ex_fraction} --am_batchnorm frozen",
+    "ablation:score=softmax": _EXT + " --ex_fraction {ex_fraction} --score softmax",
+    "ablation:am_weight=1": _EXT + " --ex_fraction {ex_fraction} --am_weight 1",
+    "ablation:ex_weight=10": _EXT + " --ex_fraction {ex_fraction} --ex_weight 10",
+    "ablation:grads_off": _EXT + " --ex_fraction {ex_fraction} --grads_off",
+    "ablation:cam_grad=full": _EXT + " --ex_fraction {ex_fraction} --cam_grad full",
+    "ablation:pretrain_epochs=0": _EXT + " --ex_fraction {ex_fraction} --pretrain_epochs 0",
 }
 STUDIES = {
-    "main": ("baseline", "GAIN", "GAIN_ext"),
-    "mask_fraction": ("baseline", "GAIN", "GAIN_ext@1%", "GAIN_ext@2%", "GAIN_ext@5%", "GAIN_ext@10%",
-                      "GAIN_ext@100%"),
-    "ablations": ("GAIN", "ablation:am_batchnorm=frozen", "ablation:am_batchnorm=batch", "ablation:grads_off",
-                  "ablation:score=sigmoid", "ablation:cam_grad=full"),
+    "main": ("baseline", "GAIN_upstream", "GAIN", "GAIN_ext", "ex_only"),
+    "mask_fraction": ("baseline", "GAIN", "GAIN_ext@1%", "GAIN_ext@5%", "GAIN_ext", "GAIN_ext@100%"),  # GAIN_ext: 10%
+    # one setting of GAIN_ext changed per arm; more arms are defined above (run them with --arms)
+    "ablations": ("GAIN_ext", "ex_only", "ablation:am_batchnorm=frozen", "ablation:score=softmax",
+                  "ablation:ex_weight=10"),
 }
 # (key in the summary, split in metrics.json, metric in that split, column title)
 METRICS = (
@@ -114,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps_per_epoch", type=int, default=100, help="train steps of --batch_size per epoch")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--ex_weight", type=float, default=10.0, help="GAIN_ext arms: weight of the mask loss")
+    p.add_argument("--am_weight", type=float, default=0.1, help="GAIN and GAIN_ext arms: weight of L_am (alpha)")
+    p.add_argument("--ex_weight", type=float, default=1.0, help="GAIN_ext arms: weight of the mask loss")
     p.add_argument("--ex_fraction", type=float, default=0.1, help="GAIN_ext: fraction of training masks used")
     p.add_argument("--data_dir", default=None, help="tfds data dir (train.py's --data_dir); default: tfds' default")
     p.add_argument("--logdir", default=os.path.join(REPO_ROOT, "runs", "biased_shapes"),
@@ -184,7 +196,8 @@ def _safe(text: str) -> str:
 def arm_flags(arm: str, args) -> list[str]:
     """The arm's train.py flags, with this invocation's values filled in."""
     text = args.arm_flags[arm].format(epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
-                                      ex_weight=f"{args.ex_weight:g}", ex_fraction=f"{args.ex_fraction:g}")
+                                      ex_weight=f"{args.ex_weight:g}", ex_fraction=f"{args.ex_fraction:g}",
+                                      am_weight=f"{args.am_weight:g}")
     return shlex.split(text)
 
 
