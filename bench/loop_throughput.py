@@ -30,6 +30,7 @@ from gain_jax.config import Config, DataConfig, EvalConfig, LogConfig, TrainConf
 
 def bench_config(args, logdir: str, run_name: str, log_every: int) -> Config:
     return Config(
+        gain=gj.GainConfig(),  # upstream's GAIN, as measured in bench/README.md (train.py's default is GAIN_ext)
         data=DataConfig(data_dir=args.data_dir, image_size=args.image_size),
         train=TrainConfig(backbone=args.backbone, batch_size=args.batch_size, epochs=1, steps_per_epoch=args.steps,
                           pretrain_epochs=0),

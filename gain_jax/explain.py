@@ -109,7 +109,7 @@ def explain(args) -> list[str]:
 
     import gain_jax as gj
     from gain_jax import checkpoint, viz
-    from gain_jax.config import ConfigError, config_from_dict
+    from gain_jax.config import ConfigError, config_from_saved
 
     if args.top < 1:
         raise ExplainError(f"--top must be >= 1, got {args.top}")
@@ -132,7 +132,7 @@ def explain(args) -> list[str]:
     except checkpoint.CheckpointError as error:
         raise ExplainError(f"{error}; {intact_hint(manager, [s for s in steps if s != step])}") from None
     try:
-        config = config_from_dict(record)  # the nested layout of train_loop, or the flat one of earlier runs
+        config = config_from_saved(record)  # the nested layout of train_loop, or the flat one of earlier runs
     except ConfigError as error:
         raise ExplainError(f"checkpoint {directory} step {step}: {error}") from None
     class_names = list(record["class_names"])

@@ -71,9 +71,13 @@ def test_tiny_run_writes_metrics_checkpoints_events_and_heatmaps(uninterrupted):
     assert [r["attention"] for r in metrics["steps"]] == [False, False, True, True]
     losses = step_losses(metrics)
     assert np.all(np.isfinite(losses))
-    # before attention mining the optimized total is the classification loss alone; after, it adds am
+    # before attention mining the optimized total is the classification loss alone; after, it adds the
+    # weighted am and ex (train.py's defaults: am_weight 0.1, ex_weight 1)
+    gain = metrics["config"]["gain"]
+    assert (gain["am_weight"], gain["ex_weight"]) == (0.1, 1.0)
     np.testing.assert_allclose(losses[:2, 0], losses[:2, 1], rtol=1e-6)
-    np.testing.assert_allclose(losses[2:, 0], losses[2:, 1] + losses[2:, 2], rtol=1e-5)
+    np.testing.assert_allclose(losses[2:, 0], losses[2:, 1] + 0.1 * losses[2:, 2] + losses[2:, 3], rtol=1e-5)
+    assert np.all(losses[2:, 3] > 0)  # --ex_fraction 0.1 selects a mask in each of these batches of 8
     assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]
     # the pre-training baseline of the report: the splits beside validation (test_unbiased with --test)
     assert {"validation_unbiased", "test_unbiased"} <= set(metrics["epochs"][0])

@@ -43,6 +43,26 @@ def test_config_round_trips_through_json():
     assert (flat.train.backbone, flat.gain.fill, flat.data.image_size) == ("vgg16", 0.0, 224)
 
 
+def test_defaults_are_the_benchmark_gain_ext_and_saved_runs_read_as_trained(tmp_path):
+    # train.py's defaults: the GAIN_ext configuration chosen on gain_shapes; GainConfig() stays upstream's
+    assert Config().gain == run_config.BENCHMARK_GAIN == gj.GainConfig(
+        am_weight=0.1, am_batchnorm="batch", score="sigmoid", ex_weight=1.0)
+    assert (Config().data.ex_fraction, Config().train.epochs, Config().train.pretrain_epochs) == (0.1, 6, 2)
+    upstream = parse(["--am_weight", "1", "--am_batchnorm", "frozen", "--score", "softmax", "--ex_weight", "0"])
+    assert upstream.gain == gj.GainConfig()
+    # a record written before a gain field existed trained with GainConfig()'s value, not train.py's default
+    old = {"gain": {"mode": "union", "am_weight": 1.0, "ex_weight": 0.0}, "train": {"backbone": "small_cnn"}}
+    assert run_config.config_from_saved(old).gain == gj.GainConfig()
+    assert run_config.config_from_saved({"am_weight": 1.0}).gain == gj.GainConfig()  # the flat layout
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert run_config.load_config(str(path)).gain == gj.GainConfig()
+    # a complete record (every config.json train_loop writes) reads back as it is, defaults included
+    payload = run_config.config_to_dict(Config())
+    path.write_text(json.dumps(payload))
+    assert run_config.config_from_saved(payload) == run_config.load_config(str(path)) == Config()
+
+
 def test_every_field_of_every_section_is_a_flag_with_help_and_default(capsys):
     parser = argparse.ArgumentParser()
     run_config.add_flags(parser)
