@@ -10,6 +10,8 @@ over the attention-mining batch, so union mode should cost about 2x a classifica
 a full backward for Grad-CAM would push it near 2.7). Per-label mode runs its attention-mining stream on
 B*K images when padded (K = max_labels slots per image) and on about the B*n real (image, label) pairs when
 packed (`gain_jax.pack_labels`; n = mean labels per image, rows rounded up to `gain_jax.gain.row_count`).
+With `GainConfig.am_labels_per_image = 1` (one label per image drawn each step, an unbiased estimate of
+per-label L_am; not upstream's) it runs on B rows whatever the label counts.
 
 Rows, per backbone:
   union (2 labels)          every image carries 2 labels
@@ -18,8 +20,11 @@ Rows, per backbone:
                             image (`VOC2012_TRAIN_LABEL_HISTOGRAM`), --voc-batches batches with a fixed
                             seed; padded: max_labels = the batch's largest count (so no image is refused);
                             packed: one program per packed shape. The median over the batches is shown.
+  per-label K=2/K=3/VOC sampled   the packed rows' label batches with am_labels_per_image = 1: one label per
+                            image (drawn with a fixed seed) goes through the attention-mining stream
 Each row prints the GAIN/classification ratio and the target `1 + 0.6 n` (n = the mean labels per image of
-the row's batches; union: 2.3), and for small_cnn packed K=2/K=3 the issue-12 targets (<= 2.0, <= 2.5).
+the row's batches; union: 2.3), and for small_cnn packed and sampled K=2/K=3 the issue-12 targets (<= 2.0,
+<= 2.5).
 "XLA temp MiB" is the compiled step's temporary buffer size (`Compiled.memory_analysis()`: working memory
 beyond arguments and outputs, the largest over the row's programs). On a GPU the device's peak bytes in
 use over the whole process is printed at the end (JAX cannot reset it per row).
@@ -67,6 +72,8 @@ VOC_SEED = 2012
 UNION_TARGET = 2.3
 # issue 12's targets for small_cnn packed per-label rows with every image carrying k labels
 ISSUE_TARGETS = {("small_cnn", 2): 2.0, ("small_cnn", 3): 2.5}
+SAMPLE_SEED = 12  # the sampled rows' draw of attention-mining labels (the same in a --memory-child)
+SAMPLED_LABELS = 1  # GainConfig.am_labels_per_image of the sampled rows
 
 
 def voc_mean_labels() -> float:
@@ -194,6 +201,7 @@ class Case:
     label_batches: list       # numpy multi-hot [B, C] per timed batch
     target: float
     issue_target: float | None = None
+    am_labels: int = 0        # packed: GainConfig.am_labels_per_image (0 = every label)
 
 
 @dataclasses.dataclass
@@ -222,10 +230,11 @@ def gain_batch(case: Case, images, labels: np.ndarray) -> tuple[gj.GainConfig, d
     if case.mode == "padded":
         most = int(counts.max())
         return gj.GainConfig(mode="per_label", max_labels=most), batch, f"K={most} R={len(labels) * most}"
-    packing = gj.pack_labels(labels)
+    rng = np.random.default_rng(SAMPLE_SEED) if case.am_labels else None
+    packing = gj.pack_labels(labels, am_labels_per_image=case.am_labels, rng=rng)
     batch["packing"] = packing
     shape = f"K={packing.slot_labels.shape[1]} R={packing.rows.shape[0]}"
-    return gj.GainConfig(mode="per_label"), batch, shape
+    return gj.GainConfig(mode="per_label", am_labels_per_image=case.am_labels), batch, shape
 
 
 @dataclasses.dataclass
@@ -259,6 +268,11 @@ def setup(backbone: str, image_size: int, batch_size: int, num_classes: int = 20
     voc_mean = float(np.mean([(labels > 0).sum(axis=-1).mean() for labels in voc]))
     cases.append(Case("per-label VOC padded", "padded", voc, 1 + 0.6 * voc_mean))
     cases.append(Case("per-label VOC packed", "packed", voc, 1 + 0.6 * voc_mean))
+    # appended, so that the other rows keep their --memory-child case indices
+    for k in (2, 3):
+        cases.append(Case(f"per-label K={k} sampled", "packed", [fixed[k]], 1 + 0.6 * k,
+                          ISSUE_TARGETS.get((backbone, k)), am_labels=SAMPLED_LABELS))
+    cases.append(Case("per-label VOC sampled", "packed", voc, 1 + 0.6 * voc_mean, am_labels=SAMPLED_LABELS))
     return Setup(model, images, fresh_state, fixed, cases)
 
 

@@ -62,6 +62,12 @@ class GainConfig:
     max_labels: int = _field(4, "label slots per image in the padded per_label path (gain_forward without "
                              "`packing`; train.py packs, so that no image is refused, on one host)",
                              resume="must_match")
+    am_labels_per_image: int = _field(
+        0, "per_label mode: at most this many of an image's labels, drawn uniformly without replacement each "
+        "step, go through the attention-mining stream, and L_am averages their scores (an unbiased estimate of "
+        "the mean over all the image's labels: about B*min(n, labels) attention-mining rows instead of one per "
+        "label, at the price of a noisier L_am; not upstream's); 0 = all (upstream). Needs the packed path "
+        "(train.py on one host); an error in union mode", range=(0, None))
     cl_weight: float = _field(1.0, "weight of the classification loss")
     am_weight: float = _field(1.0, "weight of the attention-mining loss (the paper's alpha)")
     ex_weight: float = _field(0.0, "weight of the extra-supervision (mask) loss of GAIN_ext; 0 = off (the "
@@ -76,6 +82,12 @@ class GainConfig:
                                  f"got {value!r}")
         if self.max_labels < 1:
             raise ValueError(f"GainConfig.max_labels must be >= 1, got {self.max_labels}")
+        if self.am_labels_per_image < 0:
+            raise ValueError(f"GainConfig.am_labels_per_image must be >= 0, got {self.am_labels_per_image}")
+        if self.am_labels_per_image and self.mode != "per_label":
+            # union mode has one attention-mining row per image already: nothing to sample
+            raise ValueError(f"GainConfig.am_labels_per_image ({self.am_labels_per_image}) is for mode per_label, "
+                             f"not {self.mode}")
         if isinstance(self.fill, (list, np.ndarray)):  # keep the dataclass hashable
             object.__setattr__(self, "fill", tuple(float(v) for v in self.fill))
         fill_values = self.fill if isinstance(self.fill, tuple) else (self.fill,)
@@ -106,7 +118,10 @@ class GainOutput:
     selector [B,K,C]: the classes each slot attends to (multi-hot in union training, one-hot otherwise,
         zero for padding) - the losses use it;
     model_state: the updated {"batch_stats": ...} of the classification stream ({} without BatchNorm, or
-        when train=False).
+        when train=False);
+    am_slots [B,K]: 1 for the slots whose attention-mining score counts in L_am, 0 otherwise: every slot
+        with a non-zero selector, unless the packing sampled some (`GainConfig.am_labels_per_image`), then
+        the sampled ones. None (outputs built by hand) means every slot with a non-zero selector.
     """
 
     logits_cl: jax.Array
@@ -118,6 +133,7 @@ class GainOutput:
     slot_labels: jax.Array
     selector: jax.Array
     model_state: Any
+    am_slots: jax.Array | None = None
 
 
 def slot_labels_from_multihot(labels: jax.Array, max_labels: int) -> jax.Array:
@@ -157,10 +173,12 @@ class LabelPacking:
 
     slot_labels [B,K]: each image's positive classes in ascending order, -1 padded; K is the batch's
         largest label count rounded up to a few sizes (`SLOT_SIZES`), so no image is ever refused.
-    rows [R]: the flat index (b * K + k) of every real pair, then copies of the first one up to R rows,
-        R taken from a few sizes (`row_count`) so that recompiles stay rare.
-    row_valid [R]: 1 for real pairs, 0 for the copies.
-    The attention-mining stream runs on the R rows only; built on the host by `pack_labels`.
+    rows [R]: the flat index (b * K + k) of every pair that goes through the attention-mining stream (all
+        real pairs, or the sampled ones with `am_labels_per_image`), then copies of the first one up to R
+        rows, R taken from a few sizes (`row_count`) so that recompiles stay rare.
+    row_valid [R]: 1 for those pairs, 0 for the copies.
+    The attention-mining stream runs on the R rows only, and L_am averages over the pairs with
+    row_valid 1; built on the host by `pack_labels` (or `pack_slots`).
     """
 
     slot_labels: jax.Array
@@ -187,8 +205,27 @@ def row_count(pairs: int, batch_size: int, multiple: int = 1) -> int:
     raise AssertionError("unreachable: the factors grow until they hold every pair")
 
 
-def pack_labels(labels, multiple: int = 1) -> LabelPacking:
-    """Host-side packing of a batch's multi-hot labels ``[B,C]`` for per-label mode (numpy in and out)."""
+def pack_labels(labels, multiple: int = 1, am_labels_per_image: int = 0,
+                rng: np.random.Generator | int | None = None) -> LabelPacking:
+    """Host-side packing of a batch's multi-hot labels ``[B,C]`` for per-label mode (numpy in and out).
+
+    `am_labels_per_image` n > 0: only min(n, n_i) of image i's n_i labels, drawn uniformly without
+    replacement from `rng` (a `numpy.random.Generator` or a seed; required, no global state), become
+    attention-mining rows (`sample_am_slots`); 0: all of them.
+    """
+    slot_labels = label_slots(labels)
+    if am_labels_per_image:
+        if rng is None:
+            raise ValueError("pack_labels: am_labels_per_image needs rng (a numpy Generator or a seed)")
+        am_slots = sample_am_slots(slot_labels, am_labels_per_image, np.random.default_rng(rng))
+    else:
+        am_slots = slot_labels >= 0
+    return pack_slots(slot_labels, am_slots, multiple)
+
+
+def label_slots(labels) -> np.ndarray:
+    """``[B,C]`` multi-hot -> ``[B,K]`` each image's positive classes in ascending order, -1 padded; K is the
+    batch's largest label count rounded up to one of `SLOT_SIZES` (host side, numpy)."""
     positive = np.asarray(labels) > 0
     batch_size = positive.shape[0]
     counts = positive.sum(axis=-1)
@@ -198,8 +235,32 @@ def pack_labels(labels, multiple: int = 1) -> LabelPacking:
     for image, row in enumerate(positive):
         classes = np.flatnonzero(row)
         slot_labels[image, :classes.size] = classes
-    real = np.flatnonzero(slot_labels.reshape(-1) >= 0).astype(np.int32)
-    total = row_count(max(real.size, 1), batch_size, multiple)
+    return slot_labels
+
+
+def sample_am_slots(slot_labels: np.ndarray, am_labels_per_image: int, rng: np.random.Generator) -> np.ndarray:
+    """``[B,K]`` bool: for each image, min(n, n_i) of its n_i real slots (slot_labels >= 0), a subset drawn
+    uniformly among all subsets of that size (the n smallest of i.i.d. uniform keys), n =
+    `am_labels_per_image` >= 1. Draws B*K numbers from `rng` whatever the labels."""
+    if am_labels_per_image < 1:
+        raise ValueError(f"am_labels_per_image must be >= 1 to sample, got {am_labels_per_image}")
+    real = np.asarray(slot_labels) >= 0
+    keys = np.where(real, rng.random(real.shape), np.inf)
+    ranks = np.argsort(np.argsort(keys, axis=-1, kind="stable"), axis=-1, kind="stable")
+    return real & (ranks < am_labels_per_image)
+
+
+def pack_slots(slot_labels: np.ndarray, am_slots: np.ndarray, multiple: int = 1) -> LabelPacking:
+    """The `LabelPacking` whose attention-mining rows are the slots where `am_slots` ``[B,K]`` is true (real
+    slots only), in flat order, padded to `row_count` rows."""
+    slot_labels = np.asarray(slot_labels, np.int32)
+    chosen = np.asarray(am_slots, bool)
+    if chosen.shape != slot_labels.shape:
+        raise ValueError(f"am_slots {chosen.shape} must have slot_labels' shape {slot_labels.shape}")
+    if np.any(chosen & (slot_labels < 0)):
+        raise ValueError("am_slots marks a padding slot (slot_labels -1)")
+    real = np.flatnonzero(chosen.reshape(-1)).astype(np.int32)
+    total = row_count(max(real.size, 1), slot_labels.shape[0], multiple)
     filler = real[0] if real.size else 0
     rows = np.concatenate([real, np.full(total - real.size, filler, np.int32)])
     row_valid = (np.arange(total) < real.size).astype(np.float32)
@@ -234,7 +295,9 @@ def gain_forward(
     `packing` (per-label training only; from `pack_labels`) gives the slots from the batch's own label
     counts instead of `max_labels`, and runs the attention-mining stream on the real (image, label) pairs
     only; the losses and gradients equal the padded mode's (without dropout in the attention-mining
-    stream, whose random masks are drawn for the packed rows instead).
+    stream, whose random masks are drawn for the packed rows instead). A packing with sampled pairs
+    (`pack_labels(..., am_labels_per_image=n, rng=...)`) runs the stream on those only, and L_am averages
+    each image's sampled pairs (`out.am_slots`); Grad-CAM, the masks and L_ext still cover every slot.
     """
     if packing is not None and (cfg.mode != "per_label" or not train):
         raise ValueError("gain_forward: packing is for per-label mode in training")
@@ -242,6 +305,9 @@ def gain_forward(
         raise ValueError("gain_forward(train=True) needs labels")
     if labels is not None and cfg.mode == "per_label" and packing is None and _is_concrete(labels):
         check_max_labels(labels, cfg.max_labels)
+    if train and cfg.am_labels_per_image and packing is None:
+        raise ValueError("gain_forward: am_labels_per_image needs packing=pack_labels(labels, "
+                         "am_labels_per_image=..., rng=...) (the padded path trains every label)")
 
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
@@ -306,17 +372,22 @@ def gain_forward(
     am_forward = AM_FORWARDS[cfg.am_batchnorm]
     if packing is None:
         logits_am = am_forward(model, am_variables, flat_masked, train, am_rngs)
+        am_slots = (selectors.sum(axis=-1) > 0).astype(logits_cl.dtype)
     else:
         packed_logits = am_forward(model, am_variables, flat_masked[packing.rows], train, am_rngs)
-        # back to [B*K, C]; the rows are distinct except the weight-0 copies, and empty slots stay 0
-        weights = jnp.asarray(packing.row_valid, packed_logits.dtype)[:, None]
+        # back to [B*K, C]; the rows are distinct except the weight-0 copies, and slots without a row stay 0
+        weights = jnp.asarray(packing.row_valid, packed_logits.dtype)
         logits_am = jnp.zeros((batch * num_slots, packed_logits.shape[-1]), packed_logits.dtype)
-        logits_am = logits_am.at[packing.rows].add(packed_logits * weights)
+        logits_am = logits_am.at[packing.rows].add(packed_logits * weights[:, None])
+        # the slots L_am averages: those with a row (all real pairs, or the sampled ones)
+        am_slots = jnp.zeros((batch * num_slots,), weights.dtype).at[packing.rows].add(weights)
+        am_slots = am_slots.reshape((batch, num_slots))
     logits_am = logits_am.reshape((batch, num_slots, -1))
 
     return GainOutput(
         logits_cl=logits_cl, heatmap=heatmap, scaled=scaled, mask=mask, masked_images=masked_images,
-        logits_am=logits_am, slot_labels=slot_labels, selector=selectors, model_state=model_state)
+        logits_am=logits_am, slot_labels=slot_labels, selector=selectors, model_state=model_state,
+        am_slots=am_slots)
 
 
 def _safe_divide(numerator, denominator):
@@ -356,7 +427,9 @@ def gain_losses(out: GainOutput, labels: jax.Array, cfg: GainConfig, gt_masks: j
     am: mean over images of `sum over attended (slot, class) of score(logits_am[slot])_class / n`, with
         `score` = `cfg.score` (upstream: softmax), n the
         number of attended (slot, class) pairs: union mode sums the image's labels on its one masked image,
-        per-label mode each slot's own class on its own masked image; padded slots contribute nothing.
+        per-label mode each slot's own class on its own masked image; padded slots contribute nothing, and
+        only the slots of `out.am_slots` count (with sampled pairs: the mean over each image's sampled
+        labels, an unbiased estimate of the mean over all of them).
     ex: `extra_supervision_loss` when `gt_masks` is given (images with `has_mask` False excluded), else 0.
     """
     if labels is None:
@@ -366,6 +439,8 @@ def gain_losses(out: GainOutput, labels: jax.Array, cfg: GainConfig, gt_masks: j
 
     am_scores = AM_SCORES[cfg.score](out.logits_am)
     attended = out.selector.astype(am_scores.dtype)
+    if out.am_slots is not None:  # slots sampled out of the attention-mining stream count in neither sum
+        attended = attended * out.am_slots.astype(am_scores.dtype)[..., None]
     per_image = _safe_divide((am_scores * attended).sum(axis=(1, 2)), attended.sum(axis=(1, 2)))
     am = per_image.mean()
 

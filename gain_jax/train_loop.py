@@ -323,6 +323,8 @@ def check_environment(config: Config, workdir: str | None = None, resume: bool =
     if batch_size % device_count or batch_size % process_count:
         raise RunError(f"--batch_size {batch_size} is not divisible by the {device_count} devices "
                        f"(data parallelism splits the batch evenly)")
+    if process_count > 1 and config.gain.mode == "per_label" and config.gain.am_labels_per_image:
+        raise RunError("--am_labels_per_image needs the packed per-label path, which runs on one host only")
     if process_count > 1 and config.log.run_name is None and workdir is None:
         raise RunError("multi-host runs need an explicit --run_name (every process must write to the same run)")
     for flag, path in (("data_dir", config.data.data_dir), ("manual_dir", config.data.manual_dir)):
@@ -507,15 +509,26 @@ def _as_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def prepare_train_batch(batch: Mapping[str, np.ndarray], config: Config) -> dict:
+def am_sampling_rng(seed: int, global_step: int) -> np.random.Generator:
+    """The generator that draws the attention-mining labels of the batch trained at `global_step` (steps done
+    before it; per-label mode with --am_labels_per_image): from (seed, step) alone, so that a resumed run
+    draws what an uninterrupted one would."""
+    return np.random.default_rng([seed % 2 ** 64, global_step])
+
+
+def prepare_train_batch(batch: Mapping[str, np.ndarray], config: Config, global_step: int = 0) -> dict:
     """Per-label mode: pack the batch's (image, label) pairs (one host; several hosts each hold only their
-    own rows' labels, so they pad to --max_labels and refuse an image with more); keep only the selected
+    own rows' labels, so they pad to --max_labels and refuse an image with more), with
+    --am_labels_per_image sampling them from `am_sampling_rng(seed, global_step)`; keep only the selected
     images' masks for extra supervision."""
     filenames = [_as_text(name) for name in batch["filename"]]
     extra = {}
     if config.gain.mode == "per_label":
         if jax.process_count() == 1:
-            extra["packing"] = pack_labels(np.asarray(batch["labels"]), multiple=jax.device_count())
+            sampled = config.gain.am_labels_per_image
+            extra["packing"] = pack_labels(
+                np.asarray(batch["labels"]), multiple=jax.device_count(), am_labels_per_image=sampled,
+                rng=am_sampling_rng(config.train.seed, global_step) if sampled else None)
         else:
             try:
                 check_max_labels(np.asarray(batch["labels"]), config.gain.max_labels, filenames)
@@ -525,11 +538,12 @@ def prepare_train_batch(batch: Mapping[str, np.ndarray], config: Config) -> dict
     return {**batch, **extra, "has_mask": np.asarray(batch["has_mask"], bool) & selected}
 
 
-def train_batches(run: Run, epoch: int, skip: int = 0) -> Iterator[dict]:
+def train_batches(run: Run, epoch: int, skip: int = 0, global_step: int = 0) -> Iterator[dict]:
     """Epoch index `epoch`'s host batches (an endless stream), re-created from seed + epoch so that a
-    resumed run sees the same ones after skipping the `skip` already trained on."""
+    resumed run sees the same ones after skipping the `skip` already trained on; `global_step` is the step
+    that trains the first one (it seeds per-label sampling, `prepare_train_batch`)."""
     batches = itertools.islice(pipeline(run, "train", train=True, seed=run.config.train.seed + epoch), skip, None)
-    return (prepare_train_batch(batch, run.config) for batch in batches)
+    return (prepare_train_batch(batch, run.config, global_step + index) for index, batch in enumerate(batches))
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -932,7 +946,7 @@ def _train(run: Run, manager, state: TrainState, dropout_key: jax.Array, positio
         step_in_epoch = position.step_in_epoch if epoch == position.epoch else 0
         progress = tqdm(total=train.steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{train.epochs}",
                         leave=False, disable=not run.is_main, dynamic_ncols=True)
-        batches = prefetch_to_device(run.placement, train_batches(run, epoch, step_in_epoch))
+        batches = prefetch_to_device(run.placement, train_batches(run, epoch, step_in_epoch, global_step))
         pending: list[tuple[dict, dict]] = []
         epoch_records = [r for r in history["steps"] if r["epoch"] == epoch + 1]  # from before a resume
         timed_from, timed_steps = None, 0  # steps per second: after the epoch's first step (compilation)
