@@ -262,7 +262,10 @@ def finished_metrics(arm: str, seed: int, args) -> dict | None:
     if metrics.get("status") != "finished":
         return None
     wanted = run_config.config_to_dict(run_config_of(arm, seed, args))
-    saved = metrics.get("config", {})
+    if not isinstance(metrics.get("config"), dict):
+        return None
+    # a setting added after the run was trained reads as the value the run implicitly had (config_from_saved)
+    saved = run_config.config_to_dict(run_config.config_from_saved(metrics["config"]))
     for section, values in wanted.items():
         if section == "log":
             continue
