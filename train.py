@@ -8,7 +8,7 @@
 
 The defaults are the GAIN_ext configuration chosen on the validation splits of the embedded benchmark,
 gain_shapes 2.0.0 (gain_jax.config.BENCHMARK_GAIN: --am_weight 0.1 --am_batchnorm batch --score sigmoid
---ex_weight 1, with --ex_fraction 0.1 and --epochs 6; the evidence is in experiments/README.md), not
+--ex_weight 1, with --ex_fraction 1 and --epochs 6; the evidence is in experiments/README.md), not
 upstream's: `--am_weight 1 --am_batchnorm frozen --score softmax --ex_weight 0` gives upstream's GAIN
 semantics (those of gain_jax.GainConfig()).
 Every flag is listed by `python train.py --help`; the flags are generated from gain_jax.config and the loop is

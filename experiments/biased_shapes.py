@@ -83,7 +83,8 @@ STUDIES = {
     "main": ("baseline", "GAIN_upstream", "GAIN", "GAIN_ext", "ex_only"),
     "mask_fraction": ("baseline", "GAIN", "GAIN_ext@1%", "GAIN_ext", "GAIN_ext@100%"),  # GAIN_ext: 10%
     # one setting of GAIN_ext changed per arm; more arms are defined above (run them with --arms)
-    "ablations": ("GAIN_ext", "ex_only", "ablation:am_batchnorm=frozen", "ablation:ex_weight=10"),
+    "ablations": ("GAIN_ext", "ex_only", "ablation:am_batchnorm=frozen", "ablation:am_weight=1",
+                  "ablation:ex_weight=10"),
 }
 # (key in the summary, split in metrics.json, metric in that split, column title)
 METRICS = (

@@ -71,9 +71,10 @@ def _field(default, help: str, **metadata):
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
-# train.py's default GAIN settings: the GAIN_ext configuration chosen on gain_shapes' validation splits
-# (experiments/README.md). `GainConfig()` itself keeps upstream's semantics (alpha 1, frozen BatchNorm in the
-# attention-mining stream, softmax scores, no mask loss), which the parity suite pins.
+# train.py's default GAIN settings (with DataConfig.ex_fraction 1.0: every training mask): the GAIN_ext
+# configuration chosen on gain_shapes' validation splits (experiments/README.md). `GainConfig()` itself keeps
+# upstream's semantics (alpha 1, frozen BatchNorm in the attention-mining stream, softmax scores, no mask
+# loss), which the parity suite pins.
 BENCHMARK_GAIN = GainConfig(am_weight=0.1, am_batchnorm="batch", score="sigmoid", ex_weight=1.0)
 
 
@@ -91,7 +92,7 @@ class DataConfig:
                                     range=(8, None), resume=MUST_MATCH)
     autoaugment: bool = _field(False, "AutoAugment (torchvision's CIFAR10 policy, as upstream) + horizontal flip "
                                       "on training images", resume=MUST_MATCH)
-    ex_fraction: float = _field(0.1, "fraction of training images whose masks feed the extra-supervision loss "
+    ex_fraction: float = _field(1.0, "fraction of training images whose masks feed the extra-supervision loss "
                                      "(GAIN_ext); selected per image from a hash of (seed, filename), the same "
                                      "in every epoch", range=(0.0, 1.0))
 

@@ -47,7 +47,7 @@ def test_defaults_are_the_benchmark_gain_ext_and_saved_runs_read_as_trained(tmp_
     # train.py's defaults: the GAIN_ext configuration chosen on gain_shapes; GainConfig() stays upstream's
     assert Config().gain == run_config.BENCHMARK_GAIN == gj.GainConfig(
         am_weight=0.1, am_batchnorm="batch", score="sigmoid", ex_weight=1.0)
-    assert (Config().data.ex_fraction, Config().train.epochs, Config().train.pretrain_epochs) == (0.1, 6, 2)
+    assert (Config().data.ex_fraction, Config().train.epochs, Config().train.pretrain_epochs) == (1.0, 6, 2)
     upstream = parse(["--am_weight", "1", "--am_batchnorm", "frozen", "--score", "softmax", "--ex_weight", "0"])
     assert upstream.gain == gj.GainConfig()
     # a record written before a gain field existed trained with GainConfig()'s value, not train.py's default
