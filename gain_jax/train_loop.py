@@ -57,6 +57,7 @@ from gain_jax.config import (
     Config,
     RunError,
     RunInterrupted,
+    changed_settings,
     config_to_dict,
     output_folder_problem,
     resume_mismatches,
@@ -770,6 +771,10 @@ def restore_run(run: Run, manager, state: TrainState, dropout_key: jax.Array
         raise RunError(f"--resume: no checkpoint in {directory} can be restored: step {first.step} "
                        f"({first.reason})" + (f" and {len(unreadable) - 1} older ones" if len(unreadable) > 1 else "")
                        + "; start the run again without --resume under another --run_name")
+    changed = changed_settings(saved, run.config)
+    if changed and run.is_main:
+        print("resuming with settings that differ from the run's: " + ", ".join(
+            f"--{name} {before!r} -> {after!r}" for name, before, after in changed), flush=True)
     if unreadable and run.is_main:
         names = ", ".join(str(error.step) for error in unreadable)
         moved = [checkpoint.set_aside(manager, error.step) for error in unreadable]

@@ -127,6 +127,18 @@ def test_resume_must_match_fields_come_from_metadata():
     assert run_config.resume_mismatches({"seed": 1}, Config()) == [("seed", 1, 0)]  # the flat layout
 
 
+def test_changed_settings_name_what_a_resume_changes():
+    saved = run_config.config_to_dict(Config())
+    assert run_config.changed_settings(saved, Config()) == []
+    assert run_config.changed_settings(saved, Config(train=TrainConfig(lr=0.1))) == [("lr", 0.001, 0.1)]
+    # a run saved before a gain field existed trained with GainConfig()'s value, which train.py's default changed
+    del saved["gain"]["score"]
+    assert ("score", "softmax", "sigmoid") in run_config.changed_settings(saved, Config())
+    # where things are is not a setting
+    moved = run_config.config_to_dict(Config(log=LogConfig(logdir="elsewhere")))
+    assert run_config.changed_settings(moved, Config()) == []
+
+
 def test_device_topk_accuracy_matches_the_host_metric():
     from gain_jax.train_loop import topk_accuracy
 
