@@ -452,11 +452,15 @@ def gain_losses(out: GainOutput, labels: jax.Array, cfg: GainConfig, gt_masks: j
     return {**terms, "total": total_loss(terms, cfg)}
 
 
-def total_loss(terms: Mapping[str, jax.Array], cfg: GainConfig, attention_on=1.0) -> jax.Array:
-    """The loss GAIN optimizes: `cl_weight * cl + attention_on * (am_weight * am + ex_weight * ex)`.
+def total_loss(terms: Mapping[str, jax.Array], cfg: GainConfig, attention_on=1.0, mining_on=1.0) -> jax.Array:
+    """The loss GAIN optimizes:
+    `cl_weight * cl + attention_on * (mining_on * am_weight * am + ex_weight * ex)`.
 
     `attention_on` (0 or 1, may be traced) switches attention mining and extra supervision on after the
-    classification-only pre-training, without a recompile.
+    classification-only pre-training, without a recompile; `mining_on` (0 or 1, may be traced) switches
+    attention mining alone, so that it can start after the extra supervision (TrainConfig.am_start_epoch).
     """
-    attention_on = jnp.asarray(attention_on, terms["cl"].dtype)
-    return cfg.cl_weight * terms["cl"] + attention_on * (cfg.am_weight * terms["am"] + cfg.ex_weight * terms["ex"])
+    dtype = terms["cl"].dtype
+    attention_on = jnp.asarray(attention_on, dtype)
+    am_weight = jnp.asarray(mining_on, dtype) * cfg.am_weight
+    return cfg.cl_weight * terms["cl"] + attention_on * (am_weight * terms["am"] + cfg.ex_weight * terms["ex"])
