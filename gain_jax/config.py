@@ -115,6 +115,12 @@ class TrainConfig:
                                          range=(1, None))
     pretrain_epochs: int = _field(2, "epochs of classification alone before attention mining (and GAIN_ext) "
                                      "switch on", range=(0, None))
+    am_start_epoch: int = _field(0, "epochs done before attention mining's loss (L_am) counts: from "
+                                    "--pretrain_epochs to this, GAIN_ext's mask loss trains without it; 0 = "
+                                    "with the mask loss, after --pretrain_epochs; else in [--pretrain_epochs, "
+                                    "--epochs]. The attention-mining stream still runs in those epochs (its "
+                                    "time is spent, its loss weighted 0), so that one compiled step serves "
+                                    "every epoch", range=(0, None))
     seed: int = _field(0, "seed of initialization, dropout and data order", resume=MUST_MATCH)
 
 
@@ -178,6 +184,10 @@ class Config:
                               f"{min_image_size(backbone)}")
         if self.log.num_heatmaps > self.train.batch_size:
             raise ConfigError(f"--num_heatmaps {self.log.num_heatmaps} exceeds --batch_size {self.train.batch_size}")
+        train = self.train
+        if train.am_start_epoch and not train.pretrain_epochs <= train.am_start_epoch <= train.epochs:
+            raise ConfigError(f"--am_start_epoch must be 0 or in [--pretrain_epochs {train.pretrain_epochs}, "
+                              f"--epochs {train.epochs}], got {train.am_start_epoch}")
         if self.data.dataset == "gain_voc2012" and self.data.manual_dir is None and self.data.data_dir is None:
             raise ConfigError("gain_voc2012 needs --manual_dir (the VOC 2012 files) or a --data_dir where it is "
                               "prepared")
