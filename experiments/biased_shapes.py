@@ -78,13 +78,19 @@ ARMS = {
     "ablation:grads_off": _EXT + " --ex_fraction {ex_fraction} --grads_off",
     "ablation:cam_grad=full": _EXT + " --ex_fraction {ex_fraction} --cam_grad full",
     "ablation:pretrain_epochs=0": _EXT + " --ex_fraction {ex_fraction} --pretrain_epochs 0",
+    "ablation:sigma=0.25": _EXT + " --ex_fraction {ex_fraction} --sigma 0.25",
+    "ablation:omega=30": _EXT + " --ex_fraction {ex_fraction} --omega 30",
+    # the mask loss alone with every training mask: how much of GAIN_ext@100% is L_am's
+    "ex_only@100%": "--am_weight 0 --ex_weight {ex_weight} --ex_fraction 1 " + _UPSTREAM,
 }
 STUDIES = {
     "main": ("baseline", "GAIN_upstream", "GAIN", "GAIN_ext", "ex_only"),
-    "mask_fraction": ("baseline", "GAIN", "GAIN_ext@1%", "GAIN_ext", "GAIN_ext@100%"),  # GAIN_ext: 10%
+    "mask_fraction": ("baseline", "GAIN", "ex_only@100%", "GAIN_ext@1%", "GAIN_ext@2%", "GAIN_ext@5%", "GAIN_ext",
+                      "GAIN_ext@100%"),  # GAIN_ext: 10%
     # one setting of GAIN_ext changed per arm; more arms are defined above (run them with --arms)
-    "ablations": ("GAIN_ext", "ex_only", "ablation:am_batchnorm=frozen", "ablation:am_weight=1",
-                  "ablation:ex_weight=10"),
+    "ablations": ("GAIN_ext", "ex_only", "ablation:am_batchnorm=frozen", "ablation:score=softmax",
+                  "ablation:am_weight=1", "ablation:ex_weight=10", "ablation:grads_off", "ablation:cam_grad=full",
+                  "ablation:pretrain_epochs=0", "ablation:sigma=0.25", "ablation:omega=30"),
 }
 # (key in the summary, split in metrics.json, metric in that split, column title)
 METRICS = (
