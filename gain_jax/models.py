@@ -1,4 +1,4 @@
-"""Flax backbones with torchvision's exact layouts: VGG16/19, ResNet18/50 and a small CNN.
+"""Flax backbones with torchvision's exact layouts: VGG16/19, ResNet18/50 and a small CNN (with or without BN).
 
 Every model is a `flax.linen` module built with `setup()`, so that its three entry points are all
 reachable through `model.apply(..., method=...)`:
@@ -48,6 +48,7 @@ __all__ = [
     "torch_linear_init",
     "VGG_CFGS",
     "SMALL_CNN_WIDTHS",
+    "SMALL_CNN_BATCHNORM",
 ]
 
 # torchvision's VGG configurations: an int is a 3x3 conv (padding 1) + ReLU, "M" a 2x2/s2 max-pool.
@@ -63,7 +64,9 @@ RESNET_CFGS = {
 }
 # Must equal gain_torch_ref.small_cnn.WIDTHS (a test checks it; the core may not import torch).
 SMALL_CNN_WIDTHS = (16, 32, 64, 128)
-MODEL_NAMES = tuple(VGG_CFGS) + tuple(RESNET_CFGS) + ("small_cnn",)
+# small_cnn_nobn: SmallCNN(batchnorm=False), for ablating BatchNorm's role in the attention-mining stream
+SMALL_CNN_BATCHNORM = {"small_cnn": True, "small_cnn_nobn": False}
+MODEL_NAMES = tuple(VGG_CFGS) + tuple(RESNET_CFGS) + tuple(SMALL_CNN_BATCHNORM)
 
 VGG_POOL_SIZE = 7  # torchvision's AdaptiveAvgPool2d((7, 7)) in front of the classifier
 
@@ -370,12 +373,16 @@ class ResNet(nn.Module):
 
 class SmallCNN(nn.Module):
     """4 x [3x3 conv (padding 1, bias) - BN - ReLU], a 2x2 max-pool after each but the last;
-    head: global average pool, dropout, Dense. Params: conv_0..3, bn_0..3, fc."""
+    head: global average pool, dropout, Dense. Params: conv_0..3, bn_0..3, fc.
+
+    batchnorm=False ("small_cnn_nobn") drops the BN modules: conv goes straight into ReLU, the params are
+    conv_0..3 and fc, and there is no "batch_stats" collection (so freeze_bn has nothing to act on)."""
 
     num_classes: int
     dropout_rate: float = 0.5
     widths: Sequence[int] = SMALL_CNN_WIDTHS
     param_dtype: Dtype = jnp.float32
+    batchnorm: bool = True
 
     def setup(self):
         fan_ins = [3 * 9] + [w * 9 for w in self.widths[:-1]]
@@ -384,7 +391,8 @@ class SmallCNN(nn.Module):
                   param_dtype=self.param_dtype)
             for w, fan_in in zip(self.widths, fan_ins)
         ]
-        self.bn = [BatchNorm(param_dtype=self.param_dtype) for _ in self.widths]
+        if self.batchnorm:
+            self.bn = [BatchNorm(param_dtype=self.param_dtype) for _ in self.widths]
         self.dropout = nn.Dropout(self.dropout_rate)
         fan_in = self.widths[-1]
         self.fc = nn.Dense(self.num_classes, kernel_init=torch_linear_init(fan_in),
@@ -393,8 +401,11 @@ class SmallCNN(nn.Module):
     def features(self, x, *, train: bool = False, freeze_bn: bool = False):
         bn = dict(use_running_average=(not train) or freeze_bn, freeze_params=freeze_bn)
         last = len(self.widths) - 1
-        for index, (conv, norm) in enumerate(zip(self.conv, self.bn)):
-            x = nn.relu(norm(conv(x), **bn))
+        for index, conv in enumerate(self.conv):
+            x = conv(x)
+            if self.batchnorm:
+                x = self.bn[index](x, **bn)
+            x = nn.relu(x)
             if index < last:
                 x = _max_pool_2x2(x)
         return x
@@ -435,7 +446,8 @@ def min_image_size(name: str) -> int:
 
 def build_model(name: str, num_classes: int, dropout_rate: float = 0.5, *,
                 param_dtype: Dtype = jnp.float32) -> nn.Module:
-    """The backbone `name` ("vgg16", "vgg19", "resnet18", "resnet50", "small_cnn") with a `num_classes` head.
+    """The backbone `name` ("vgg16", "vgg19", "resnet18", "resnet50", "small_cnn", "small_cnn_nobn") with a
+    `num_classes` head.
 
     `dropout_rate` applies where torchvision has dropout (VGG's classifier, small_cnn's head); ResNet
     has none. `param_dtype` is the dtype `model.init` creates params in (float64 needs jax_enable_x64);
@@ -453,4 +465,4 @@ def build_model(name: str, num_classes: int, dropout_rate: float = 0.5, *,
     if name in RESNET_CFGS:
         block, stage_sizes = RESNET_CFGS[name]
         return ResNet(block, stage_sizes, num_classes, param_dtype=param_dtype)
-    return SmallCNN(num_classes, dropout_rate, param_dtype=param_dtype)
+    return SmallCNN(num_classes, dropout_rate, param_dtype=param_dtype, batchnorm=SMALL_CNN_BATCHNORM[name])

@@ -13,6 +13,7 @@ NUM_CLASSES = 5
 # (height, width) of the input and the expected Grad-CAM layer (h, w, channels) per backbone
 CASES = {
     "small_cnn": ((64, 48), (8, 6, 128)),
+    "small_cnn_nobn": ((64, 48), (8, 6, 128)),
     "resnet18": ((64, 48), (2, 2, 512)),
     "resnet50": ((32, 32), (1, 1, 2048)),
     "vgg16": ((32, 32), (1, 1, 512)),
@@ -163,6 +164,52 @@ def test_init_structure():
     kernel = np.asarray(variables["params"]["conv_1"]["kernel"])
     assert kernel.shape == (3, 3, 16, 32) and np.abs(kernel).max() <= 1 / 12
     assert np.abs(kernel).max() > 0.8 / 12
+
+
+def test_small_cnn_nobn_init_is_small_cnn_without_batchnorm():
+    """No BatchNorm module, hence no "batch_stats" collection; the convs and the head are small_cnn's, drawn
+    identically from the same key (flax derives each module's key from its name)."""
+    images = jnp.zeros((1, 16, 16, 3))
+    key = jax.random.PRNGKey(0)
+    nobn = jax.jit(build_model("small_cnn_nobn", NUM_CLASSES).init)(key, images)
+    with_bn = jax.jit(build_model("small_cnn", NUM_CLASSES).init)(key, images)
+    assert set(nobn) == {"params"}
+    assert sorted(nobn["params"]) == ["conv_0", "conv_1", "conv_2", "conv_3", "fc"]
+    for name, module in nobn["params"].items():
+        jax.tree_util.tree_map(np.testing.assert_array_equal, module, with_bn["params"][name])
+
+
+def test_am_batchnorm_setting_has_nothing_to_act_on_without_batchnorm():
+    """gain_forward's am_batchnorm ("frozen": running statistics; "batch": the erased batch's own) changes
+    small_cnn's attention-mining logits, and leaves small_cnn_nobn's outputs and gradients bit-identical."""
+    from gain_jax.gain import GainConfig, gain_forward, gain_losses
+
+    images = _images((2, 16, 16, 3), jnp.float32)
+    labels = jnp.asarray([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0]], jnp.float32)
+    rngs = {"dropout": jax.random.PRNGKey(3)}
+
+    def run(name, am_batchnorm):
+        model = build_model(name, NUM_CLASSES, dropout_rate=0.5)
+        variables = _variables(model, images, name)
+        cfg = GainConfig(am_batchnorm=am_batchnorm)
+
+        @jax.jit
+        def total_and_out(params):
+            out = gain_forward(model, {**variables, "params": params}, images, labels, cfg, train=True, rngs=rngs)
+            return gain_losses(out, labels, cfg)["total"], out
+
+        (_, out), grads = jax.value_and_grad(total_and_out, has_aux=True)(variables["params"])
+        return out, grads
+
+    frozen, batch = run("small_cnn", "frozen")[0], run("small_cnn", "batch")[0]
+    assert _max_relative_difference(batch.logits_am, frozen.logits_am) > 1e-3
+
+    (frozen, frozen_grads), (batch, batch_grads) = run("small_cnn_nobn", "frozen"), run("small_cnn_nobn", "batch")
+    assert frozen.model_state == {} and batch.model_state == {}
+    for field in ("logits_cl", "heatmap", "mask", "masked_images", "logits_am", "slot_labels", "selector"):
+        np.testing.assert_array_equal(getattr(batch, field), getattr(frozen, field), err_msg=field)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, batch_grads, frozen_grads)
+    assert all(np.abs(np.asarray(leaf)).max() > 0 for leaf in jax.tree_util.tree_leaves(frozen_grads))
 
 
 def test_batchnorm_train_mode_formula(x64):
