@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gain_jax.models import VGG_CFGS, VGG_POOL_SIZE, build_model
+from gain_jax.models import SMALL_CNN_BATCHNORM, VGG_CFGS, VGG_POOL_SIZE, build_model
 
 __all__ = ["from_torchvision", "torch_key_layout"]
 
@@ -55,12 +55,14 @@ def _torch_module(name: str, module_path: tuple[str, ...]) -> str:
         if kind == "conv":
             return f"features.{_vgg_conv_indices(VGG_CFGS[name])[int(index)]}"
         return f"classifier.{(0, 3, 6)[int(index)]}"  # fc_0, fc_1, fc_2 between ReLU/Dropout pairs
-    if name == "small_cnn":
+    if name in SMALL_CNN_BATCHNORM:
         (module,) = module_path
         if module == "fc":
             return "classifier.1"
         kind, index = module.rsplit("_", 1)
-        return f"features.{4 * int(index) + (0 if kind == 'conv' else 1)}"  # conv, bn, relu, pool
+        if SMALL_CNN_BATCHNORM[name]:
+            return f"features.{4 * int(index) + (0 if kind == 'conv' else 1)}"  # conv, bn, relu, pool
+        return f"features.{3 * int(index)}"  # conv, relu, pool: no BN, so only convs have weights
     parts = []
     for module in module_path:  # ResNet
         if module.startswith("layer"):
@@ -78,7 +80,7 @@ def _torch_module(name: str, module_path: tuple[str, ...]) -> str:
 def _final_layer(name: str) -> str:
     if name in VGG_CFGS:
         return "classifier.6"
-    return "classifier.1" if name == "small_cnn" else "fc"
+    return "classifier.1" if name in SMALL_CNN_BATCHNORM else "fc"
 
 
 def torch_key_layout(name: str, num_classes: int) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:

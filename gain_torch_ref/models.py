@@ -12,7 +12,7 @@ from torch import nn
 
 from gain_torch_ref.small_cnn import SmallCNN
 
-MODEL_NAMES = ("vgg16", "vgg19", "resnet18", "resnet50", "small_cnn")
+MODEL_NAMES = ("vgg16", "vgg19", "resnet18", "resnet50", "small_cnn", "small_cnn_nobn")
 
 
 def build_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
@@ -23,8 +23,8 @@ def build_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if name == "small_cnn":
-        return SmallCNN(num_classes=num_classes, dropout=dropout)
+    if name in ("small_cnn", "small_cnn_nobn"):
+        return SmallCNN(num_classes=num_classes, dropout=dropout, batchnorm=name == "small_cnn")
     constructor = getattr(torchvision.models, name)
     if name.startswith("vgg"):
         model = constructor(weights=None, dropout=dropout)

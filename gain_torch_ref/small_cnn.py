@@ -10,6 +10,14 @@ The layout (module indices inside `features`, `classifier`) is the contract that
     avgpool     AdaptiveAvgPool2d(1)  (the head starts here: Grad-CAM layer = `features` output)
     classifier.0 Dropout(p)   classifier.1 Linear(128, num_classes)
 
+With batchnorm=False (`from_torchvision("small_cnn_nobn", ...)`) there is no BatchNorm2d and the
+indices inside `features` shift; `avgpool` and `classifier` are unchanged:
+
+    features.0  Conv2d(3, 16, 3, padding=1)     1 ReLU   2 MaxPool2d(2)
+    features.3  Conv2d(16, 32, 3, padding=1)    4 ReLU   5 MaxPool2d(2)
+    features.6  Conv2d(32, 64, 3, padding=1)    7 ReLU   8 MaxPool2d(2)
+    features.9  Conv2d(64, 128, 3, padding=1)  10 ReLU
+
 At 64x64 input the Grad-CAM layer is 8x8x128.
 """
 import torch
@@ -19,12 +27,15 @@ WIDTHS = (16, 32, 64, 128)
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, num_classes: int = 6, dropout: float = 0.0):
+    def __init__(self, num_classes: int = 6, dropout: float = 0.0, batchnorm: bool = True):
         super().__init__()
         layers = []
         in_ch = 3
         for i, width in enumerate(WIDTHS):
-            layers += [nn.Conv2d(in_ch, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=False)]
+            layers.append(nn.Conv2d(in_ch, width, 3, padding=1))
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU(inplace=False))
             if i < len(WIDTHS) - 1:
                 layers.append(nn.MaxPool2d(2))
             in_ch = width
@@ -39,5 +50,5 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(feats), 1))
 
 
-def small_cnn(num_classes: int = 6, dropout: float = 0.0) -> SmallCNN:
-    return SmallCNN(num_classes=num_classes, dropout=dropout)
+def small_cnn(num_classes: int = 6, dropout: float = 0.0, batchnorm: bool = True) -> SmallCNN:
+    return SmallCNN(num_classes=num_classes, dropout=dropout, batchnorm=batchnorm)
