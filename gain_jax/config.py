@@ -101,7 +101,8 @@ class DataConfig:
 class TrainConfig:
     """Model, initialization, optimizer and schedule."""
 
-    backbone: str = _field("small_cnn", "network: vgg16, vgg19, resnet18, resnet50 or small_cnn",
+    backbone: str = _field("small_cnn", "network: vgg16, vgg19, resnet18, resnet50, small_cnn or "
+                           "small_cnn_nobn (small_cnn without BatchNorm)",
                            choices=MODEL_NAMES, resume=MUST_MATCH)
     dropout: float = _field(0.5, "dropout rate of the classifier head (VGG, small_cnn)", range=(0.0, None))
     init: str | None = _field(None, "torchvision state dict (.pth) to start from, e.g. ImageNet VGG19 weights for "

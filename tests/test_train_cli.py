@@ -177,17 +177,24 @@ def test_non_finite_loss_stops_with_the_step_named(shapes_data_dir, compile_cach
     assert [r["step"] for r in metrics["steps"]] == [1]
 
 
+def run_explain(run_dir, classes, out_dir, compile_cache):
+    """gain_jax.explain on a random 40x50 photo.png (written beside `out_dir`) for `classes`."""
+    from PIL import Image
+
+    image_path = out_dir.parent / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(image_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "gain_jax.explain", "--checkpoint", str(run_dir), "--classes", classes,
+         "--out_dir", str(out_dir), str(image_path)],
+        cwd=ROOT, env=environment(compile_cache), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_explain_writes_overlays_from_the_run_checkpoint(uninterrupted, compile_cache, tmp_path):
     from PIL import Image
 
-    image_path = tmp_path / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(image_path)
     out_dir = tmp_path / "cams"
-    result = subprocess.run(
-        [sys.executable, "-m", "gain_jax.explain", "--checkpoint", os.path.join(uninterrupted[0], "ref"),
-         "--classes", "ring,cross", "--out_dir", str(out_dir), str(image_path)],
-        cwd=ROOT, env=environment(compile_cache), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_explain(os.path.join(uninterrupted[0], "ref"), "ring,cross", out_dir, compile_cache)
     assert sorted(os.listdir(out_dir)) == ["photo_cross.png", "photo_ring.png"]
     assert Image.open(out_dir / "photo_ring.png").size == (50, 40)  # the picture's own resolution
 
@@ -274,3 +281,26 @@ def test_error_init_file_that_does_not_fit(shapes_data_dir, compile_cache, tmp_p
     result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--init", str(path)], compile_cache)
     assert_clean_error(result, tmp_path, str(path), "does not fit backbone small_cnn", "features.4.weight",
                        "(32, 16, 3, 3)", "(32, 8, 3, 3)")
+
+
+def test_backbone_small_cnn_nobn_imports_trains_resumes_and_explains(shapes_data_dir, compile_cache, tmp_path):
+    """--backbone small_cnn_nobn end to end: the torch twin's weights (--init), attention-mining steps, a
+    checkpoint without BatchNorm statistics that --resume and gain_jax.explain read back."""
+    import torch
+
+    from gain_torch_ref.small_cnn import small_cnn
+
+    init_path = tmp_path / "nobn.pth"
+    torch.save(small_cnn(num_classes=6, batchnorm=False).state_dict(), init_path)
+    flags = tiny_flags(shapes_data_dir, tmp_path, "nobn") + ["--backbone", "small_cnn_nobn", "--init", str(init_path)]
+    check_ok(run_train(flags + ["--stop_after", "3"], compile_cache))  # step 3 mines attention
+    resumed = run_train(flags + ["--resume"], compile_cache)
+    check_ok(resumed)
+    assert "at step 3" in resumed.stdout
+    metrics = read_metrics(tmp_path, "nobn")
+    assert metrics["status"] == "finished" and metrics["config"]["train"]["backbone"] == "small_cnn_nobn"
+    assert [r["attention"] for r in metrics["steps"]] == [False, False, True, True]
+    losses = step_losses(metrics)
+    assert np.all(np.isfinite(losses)) and np.all(losses[2:, 2] > 0)
+    run_explain(tmp_path / "nobn", "ring", tmp_path / "cams", compile_cache)
+    assert os.listdir(tmp_path / "cams") == ["photo_ring.png"]
