@@ -125,7 +125,8 @@ def soft_mask(scaled: jax.Array, sigma: float = 0.5, omega: float = 10.0, mask_f
 def apply_mask(images: jax.Array, mask: jax.Array, fill=0.0) -> jax.Array:
     """`x - x * T + T * fill`: erase the attended region. images ``[..., H, W, 3]``, mask ``[..., H, W]``.
 
-    `fill` is a scalar or one value per channel, in the (normalized) image space.
+    `fill`, in the (normalized) image space, is a scalar, one value per channel, or any array broadcastable
+    to `images` (e.g. a replacement image from `gain_jax.variants.ERASE_FILLS`); it is cast to images' dtype.
     """
     weight = mask[..., None]
     fill = jnp.asarray(fill, dtype=images.dtype)

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from gain_jax.attention import apply_mask, head_gradcams, minmax_normalize, resize_align_corners, soft_mask
-from gain_jax.variants import AM_FORWARDS, AM_SCORES, CAM_METHODS, MASK_FUNCTIONS
+from gain_jax.variants import AM_FORWARDS, AM_SCORES, CAM_METHODS, ERASE_FILLS, MASK_FUNCTIONS, lookup
 
 MODES = ("union", "per_label")
 CAM_GRADS = ("stop", "full")
@@ -53,7 +53,11 @@ class GainConfig:
     sigma: float = _field(0.5, "soft-mask threshold, in [0, 1] (the min-max scaled map's range)")
     omega: float = _field(10.0, "soft-mask sharpness")
     fill: float | tuple[float, ...] = _field(0.0, "value the erased region takes, in normalized image space: "
-                                             "one number or one per channel")
+                                             "one number or one per channel (with --erase constant)")
+    erase: str = _field("constant", "what replaces the erased region (gain_jax.ERASE_FILLS): constant = the "
+                        "fill value (upstream); shift = the image itself rolled by half its height and width, "
+                        "so that the erased region is not a flat patch (fill is then ignored)",
+                        choices=ERASE_FILLS)
     cam_grad: str = _field("stop", "stop: the CAM's gradient-derived weights are constants for the loss "
                            "gradient (upstream); full: differentiate through them (second order)",
                            choices=CAM_GRADS)
@@ -359,7 +363,10 @@ def gain_forward(
     heatmap = resize_align_corners(cams, (height, width))
     scaled = minmax_normalize(heatmap)
     mask = soft_mask(scaled, cfg.sigma, cfg.omega, cfg.mask)
-    masked_images = apply_mask(images[:, None], mask, cfg.fill)
+    fill_image = jnp.asarray(lookup("erase", cfg.erase)(images, cfg.fill), images.dtype)
+    if fill_image.ndim == images.ndim:  # one per image: add the slot axis of images[:, None]
+        fill_image = fill_image[:, None]
+    masked_images = apply_mask(images[:, None], mask, fill_image)
 
     # 6. attention-mining stream: one batched forward over the B*K masked images, BatchNorm as configured
     am_params = jax.lax.stop_gradient(params) if cfg.grads_off else params

@@ -1,13 +1,16 @@
 """GAIN's extension points: small pure functions in registries, chosen by name in `GainConfig`.
 
 Each registry maps a name to a function; `GainConfig(cam="layercam", score="sigmoid")` picks entries by
-name, so a variant is a configuration, not a fork. Four kinds:
+name, so a variant is a configuration, not a fork. Five kinds:
 
     CAM_METHODS     cam(feats [B,h,w,c], feat_grads [B,h,w,c]) -> cam [B,h,w]        (GainConfig.cam)
                     The class activation map at the Grad-CAM layer, before upsampling and min-max, from
                     the layer's activations and the gradient of the attended score w.r.t. them.
     MASK_FUNCTIONS  mask(scaled [...,H,W], sigma, omega) -> mask [...,H,W] in [0, 1]   (GainConfig.mask)
                     Which part of the image the attention-mining stream erases.
+    ERASE_FILLS     fill_image(images [B,H,W,3], fill) -> broadcastable to images        (GainConfig.erase)
+                    What the erased region is replaced by: the erased image is x - x*T + T*fill_image
+                    (`fill` is GainConfig.fill, a scalar or one value per channel).
     AM_SCORES       score(logits_am [...,C]) -> scores [...,C]                         (GainConfig.score)
                     What L_am minimizes for the attended classes on the erased image.
     AM_FORWARDS     forward(model, variables, images, train, rngs) -> logits [N,C]     (GainConfig.am_batchnorm)
@@ -36,12 +39,14 @@ CAM_METHODS: dict[str, Callable] = {}
 MASK_FUNCTIONS: dict[str, Callable] = {}
 AM_SCORES: dict[str, Callable] = {}
 AM_FORWARDS: dict[str, Callable] = {}
+ERASE_FILLS: dict[str, Callable] = {}
 REGISTRIES: dict[str, dict[str, Callable]] = {
-    "cam": CAM_METHODS, "mask": MASK_FUNCTIONS, "score": AM_SCORES, "am_batchnorm": AM_FORWARDS}
+    "cam": CAM_METHODS, "mask": MASK_FUNCTIONS, "score": AM_SCORES, "am_batchnorm": AM_FORWARDS,
+    "erase": ERASE_FILLS}
 
 
 def register(kind: str, name: str, fn: Callable | None = None):
-    """Add `fn` to the registry of `kind` ("cam", "mask", "score" or "am_batchnorm") under `name`.
+    """Add `fn` to the registry of `kind` ("cam", "mask", "score", "am_batchnorm" or "erase") under `name`.
 
     Use as a decorator (`@register("cam", "mine")`) or call (`register("cam", "mine", fn)`); returns `fn`.
     Registering a name that exists replaces it only when it is the same function (re-imports).
@@ -128,6 +133,27 @@ def straight_through_mask(scaled, sigma, omega):
     soft = jax.nn.sigmoid(omega * (scaled - sigma))
     hard = (scaled > sigma).astype(scaled.dtype)
     return soft + jax.lax.stop_gradient(hard - soft)
+
+
+# ---------------------------------------------------------------------------------------------- erase fills
+# images: [B, H, W, 3] (NHWC). Each returns what the erased region takes, broadcastable to images; a result
+# with the batch axis ([B, H, W, 3]) is per image, and gain_forward inserts the slot axis after it.
+
+@register("erase", "constant")
+def constant_fill(images, fill):
+    """Upstream: the erased region takes the constant `fill` (a scalar or one value per channel)."""
+    del images  # the same value everywhere, whatever the image
+    return fill
+
+
+@register("erase", "shift")
+def shifted_image_fill(images, fill):
+    """The image itself, rolled circularly by half its height and half its width: the erased region takes
+    other content of the same image (mostly background where objects are small), so no flat patch marks
+    the erased image. `fill` is ignored."""
+    del fill
+    height, width = images.shape[-3:-1]  # counted from the end, so that it also works under vmap
+    return jnp.roll(images, (height // 2, width // 2), axis=(-3, -2))
 
 
 # ---------------------------------------------------------------------------------------------- L_am scores

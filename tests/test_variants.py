@@ -1,4 +1,4 @@
-"""Every registered GAIN variant (CAM method, mask, L_am score, attention-mining BatchNorm) in one
+"""Every registered GAIN variant (CAM method, mask, L_am score, attention-mining BatchNorm, erase fill) in one
 parametrized test, plus registering a variant of one's own. A new built-in entry is tested by adding it."""
 import dataclasses
 
@@ -16,7 +16,7 @@ MASKS = np.array([np.full((24, 32), c) for c in (1, 2, 5, 4)], np.int32)  # any 
 ENTRIES = [(kind, name) for kind, registry in variants.REGISTRIES.items() for name in sorted(registry)]
 BUILT_IN = {"cam": {"gradcam", "gradcam_pp", "xgradcam", "layercam", "hirescam"},
             "mask": {"sigmoid", "straight_through"}, "score": {"softmax", "sigmoid"},
-            "am_batchnorm": {"frozen", "batch"}}
+            "am_batchnorm": {"frozen", "batch"}, "erase": {"constant", "shift"}}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def test_built_in_entries_are_registered_and_the_defaults_are_upstreams():
     assert {kind: set(registry) >= BUILT_IN[kind] for kind, registry in variants.REGISTRIES.items()} == {
         kind: True for kind in BUILT_IN}
     defaults = gj.GainConfig()
-    assert (defaults.cam, defaults.mask, defaults.score, defaults.am_batchnorm) == (
-        "gradcam", "sigmoid", "softmax", "frozen")
+    assert (defaults.cam, defaults.mask, defaults.score, defaults.am_batchnorm, defaults.erase) == (
+        "gradcam", "sigmoid", "softmax", "frozen", "constant")
 
 
 @pytest.mark.parametrize("kind,name", ENTRIES, ids=[f"{kind}={name}" for kind, name in ENTRIES])
