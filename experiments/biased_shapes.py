@@ -82,6 +82,15 @@ ARMS = {
     "ablation:omega=30": _EXT + " --ex_fraction {ex_fraction} --omega 30",
     # the mask loss alone with every training mask: how much of GAIN_ext@100% is L_am's
     "ex_only@100%": "--am_weight 0 --ex_weight {ex_weight} --ex_fraction 1 " + _UPSTREAM,
+    # BatchNorm: the same arms on small_cnn without BatchNorm (am_batchnorm has nothing to act on)
+    "baseline:nobn": "--am_weight 0 --ex_weight 0 --ex_fraction 1 --pretrain_epochs {epochs} --backbone small_cnn_nobn "
+                     + _UPSTREAM,
+    "GAIN_ext:nobn": _EXT + " --ex_fraction {ex_fraction} --backbone small_cnn_nobn",
+    # the erased region filled with the image rolled by half its size instead of a flat value: is L_am gamed
+    # by recognising the flat patch?
+    "GAIN:erase=shift": _AM + " --ex_weight 0 --ex_fraction 1 --erase shift",
+    "ablation:erase=shift": _EXT + " --ex_fraction {ex_fraction} --erase shift",
+    "ablation:am_weight=1,erase=shift": _EXT + " --ex_fraction {ex_fraction} --am_weight 1 --erase shift",
 }
 STUDIES = {
     "main": ("baseline", "GAIN_upstream", "GAIN", "GAIN_ext", "ex_only"),
@@ -91,6 +100,9 @@ STUDIES = {
     "ablations": ("GAIN_ext", "ex_only", "ablation:am_batchnorm=frozen", "ablation:score=softmax",
                   "ablation:am_weight=1", "ablation:ex_weight=10", "ablation:grads_off", "ablation:cam_grad=full",
                   "ablation:pretrain_epochs=0", "ablation:sigma=0.25", "ablation:omega=30"),
+    "batchnorm": ("baseline", "GAIN_ext", "ablation:am_batchnorm=frozen", "baseline:nobn", "GAIN_ext:nobn"),
+    "erase": ("GAIN", "GAIN:erase=shift", "GAIN_ext", "ablation:erase=shift", "ablation:am_weight=1",
+              "ablation:am_weight=1,erase=shift"),
 }
 # (key in the summary, split in metrics.json, metric in that split, column title)
 METRICS = (
@@ -452,16 +464,16 @@ def example_heatmaps(args, count: int):
     chosen = sorted(chosen[:count])
     images = np.asarray(batch["image"])[chosen]
     classes = first_class[chosen]
-    model = gj.build_model("small_cnn", num_classes=info.num_classes, dropout_rate=0.0)
     maps = {}
     for arm in args.arms:
+        config = run_config_of(arm, seed, args)
+        model = gj.build_model(config.train.backbone, num_classes=info.num_classes, dropout_rate=0.0)
         checkpoint_dir = os.path.join(run_dir(arm, seed, args), "checkpoints")
         step = checkpoint.open_manager(checkpoint_dir).latest_step() if os.path.isdir(checkpoint_dir) else None
         if step is None:
             raise SystemExit(f"biased_shapes: no checkpoint in {run_dir(arm, seed, args)}/checkpoints")
         variables = checkpoint.restore_variables(checkpoint.open_manager(checkpoint_dir), step)
-        gain_cfg = run_config_of(arm, seed, args).gain  # the run's CAM method
-        _, cams = gj.class_cams(model, variables, jax.numpy.asarray(images), gain_cfg)
+        _, cams = gj.class_cams(model, variables, jax.numpy.asarray(images), config.gain)  # the run's CAM method
         maps[arm] = np.asarray(cams)[np.arange(len(chosen)), classes]
     captions = [" + ".join(info.class_names[c] for c in np.flatnonzero(row > 0))
                 for row in np.asarray(batch["labels"])[chosen]]
