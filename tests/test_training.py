@@ -1,4 +1,5 @@
-"""Train/eval steps: the optimizer step is Adam on the GAIN total, attention switches on without recompiling."""
+"""Train/eval steps: the optimizer step is Adam on the GAIN total; the attention losses, and attention mining
+alone, switch on without recompiling."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,12 +22,14 @@ def setup():
     return model, variables, batch
 
 
-def manual_step(model, variables, batch, cfg, tx, attention_on):
+def manual_step(model, variables, batch, cfg, tx, attention_on, mining_on=1.0):
     def loss(params):
         if attention_on:
             out = gj.gain_forward(model, {**variables, "params": params}, batch["image"], batch["labels"], cfg,
                                   rngs={"dropout": jax.random.PRNGKey(0)})
             terms = gj.gain_losses(out, batch["labels"], cfg, gt_masks=batch["mask"], has_mask=batch["has_mask"])
+            if not mining_on:  # the mask loss without attention mining
+                return cfg.cl_weight * terms["cl"] + cfg.ex_weight * terms["ex"], out.model_state
             return terms["total"], out.model_state
         out = gj.gain_forward(model, {**variables, "params": params}, batch["image"], batch["labels"], cfg,
                               rngs={"dropout": jax.random.PRNGKey(0)})
@@ -39,8 +42,8 @@ def manual_step(model, variables, batch, cfg, tx, attention_on):
     return value, optax.apply_updates(variables["params"], updates), state
 
 
-@pytest.mark.parametrize("attention_on", [0.0, 1.0])
-def test_train_step_applies_the_optimizer_to_the_right_loss(setup, attention_on):
+@pytest.mark.parametrize("attention_on, mining_on", [(0.0, 1.0), (1.0, 1.0), (1.0, 0.0)])
+def test_train_step_applies_the_optimizer_to_the_right_loss(setup, attention_on, mining_on):
     """SGD with lr 1 makes the step's parameter change the gradient itself. (Adam would hide the gradient's
     size, and turn the float noise in the exactly-zero gradients of conv biases before BatchNorm into
     full-size steps.)"""
@@ -49,8 +52,8 @@ def test_train_step_applies_the_optimizer_to_the_right_loss(setup, attention_on)
     tx = optax.sgd(1.0)
     step = gj.make_train_step(model, cfg, donate=False)
     state = gj.create_train_state(variables, tx)
-    new_state, metrics = step(state, batch, jax.random.PRNGKey(0), attention_on)
-    want_loss, want_params, want_state = manual_step(model, variables, batch, cfg, tx, attention_on)
+    new_state, metrics = step(state, batch, jax.random.PRNGKey(0), attention_on, mining_on)
+    want_loss, want_params, want_state = manual_step(model, variables, batch, cfg, tx, attention_on, mining_on)
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
     for got, want, old in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(want_params),
                               jax.tree_util.tree_leaves(variables["params"])):
@@ -63,18 +66,37 @@ def test_train_step_applies_the_optimizer_to_the_right_loss(setup, attention_on)
     assert float(metrics["am"]) > 0 and float(metrics["ex"]) > 0
 
 
-def test_switching_attention_on_does_not_recompile(setup):
+def test_switching_attention_and_mining_on_does_not_recompile(setup):
     model, variables, batch = setup
     step = gj.make_train_step(model, gj.GainConfig(mode="per_label", max_labels=2))
     # the step donates its state: give it copies, the fixture's arrays are shared with other tests
     state = gj.create_train_state(jax.tree_util.tree_map(jnp.copy, variables), optax.adam(1e-3))
     losses = []
-    for i, attention_on in enumerate([0.0, 0.0, 1.0, 1.0]):
-        state, metrics = step(state, batch, jax.random.PRNGKey(i), jnp.float32(attention_on))
+    for i, (attention_on, mining_on) in enumerate([(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (1.0, 1.0)]):
+        state, metrics = step(state, batch, jax.random.PRNGKey(i), jnp.float32(attention_on), jnp.float32(mining_on))
         losses.append(float(metrics["loss"]))
     assert step._cache_size() == 1
     assert all(np.isfinite(losses))
     assert int(state.step) == 4
+
+
+def test_total_loss_mining_switch_drops_exactly_the_attention_mining_term():
+    cfg = gj.GainConfig(cl_weight=1.5, am_weight=0.3, ex_weight=2.0)
+    cl, am, ex = (jnp.float32(value) for value in (0.6931, 0.2718, 0.0123))
+    terms = {"cl": cl, "am": am, "ex": ex}
+    # before mining_on existed: cl_weight*cl + attention_on*(am_weight*am + ex_weight*ex), bit for bit
+    for attention_on in (0.0, 1.0):
+        before = cfg.cl_weight * cl + jnp.float32(attention_on) * (cfg.am_weight * am + cfg.ex_weight * ex)
+        assert gj.total_loss(terms, cfg, attention_on).tobytes() == before.tobytes()
+        assert gj.total_loss(terms, cfg, attention_on, 1.0).tobytes() == before.tobytes()
+    assert gj.total_loss(terms, cfg).tobytes() == gj.total_loss(terms, cfg, 1.0).tobytes()
+    # mining off: the classification and mask losses alone, exactly; with attention off as well: cl alone
+    assert float(gj.total_loss(terms, cfg, 1.0, 0.0)) == float(cfg.cl_weight * cl + cfg.ex_weight * ex)
+    assert float(gj.total_loss(terms, cfg, 1.0, jnp.float32(0.0))) == float(cfg.cl_weight * cl + cfg.ex_weight * ex)
+    assert float(gj.total_loss(terms, cfg, 0.0, 0.0)) == float(cfg.cl_weight * cl)
+    # and the gradient of L_am is 0 with mining off, am_weight with it on
+    grad_am = jax.grad(lambda value, on: gj.total_loss({**terms, "am": value}, cfg, 1.0, on))
+    assert float(grad_am(am, 0.0)) == 0.0 and float(grad_am(am, 1.0)) == pytest.approx(0.3)
 
 
 def test_eval_step_outputs_and_class_cams(setup):
