@@ -57,6 +57,7 @@ from gain_jax.config import (
     Config,
     RunError,
     RunInterrupted,
+    TrainConfig,
     changed_settings,
     config_to_dict,
     output_folder_problem,
@@ -246,15 +247,46 @@ def topk_accuracy(scores: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.where(labelled.any(), per_image.sum() / jnp.maximum(labelled.sum(), 1), jnp.nan)
 
 
+def mining_start_epoch(train: TrainConfig) -> int:
+    """The 0-based epoch from which L_am counts: `am_start_epoch`, or with 0, `pretrain_epochs`."""
+    return max(train.pretrain_epochs, train.am_start_epoch)
+
+
+def loss_switches(train: TrainConfig, epoch: int) -> tuple[np.float32, np.float32]:
+    """(attention_on, mining_on) of the 0-based `epoch`, as the train step's float32 scalars: the epoch alone
+    decides them, so a resumed run switches where an uninterrupted one does. attention_on: L_am and L_ext
+    count (after the classification-only `pretrain_epochs`); mining_on: L_am counts (from
+    `mining_start_epoch`, never before attention_on)."""
+    return np.float32(epoch >= train.pretrain_epochs), np.float32(epoch >= mining_start_epoch(train))
+
+
+def schedule_text(train: TrainConfig) -> str:
+    """When the attention losses start, in 1-based epochs, for the run's first line."""
+    mining_start = mining_start_epoch(train)
+    if mining_start == train.pretrain_epochs:
+        return f"attention mining from epoch {train.pretrain_epochs + 1}"
+    mining = f"from epoch {mining_start + 1}" if mining_start < train.epochs else "never"
+    return f"extra supervision (L_ext) from epoch {train.pretrain_epochs + 1}, attention mining (L_am) {mining}"
+
+
+def phase_text(attention_on, mining_on) -> str:
+    """The epoch line's note on which attention losses counted."""
+    if mining_on:
+        return " (attention mining)"
+    return " (L_ext, L_am not yet)" if attention_on else ""
+
+
 def make_loop_train_step(model, gain_cfg: GainConfig) -> Callable:
-    """`step(state, batch, dropout_key, global_step, attention_on) -> (state, metrics)`, jit-compiled, the
-    state donated. The dropout key of a step is `fold_in(dropout_key, global_step)` (a resumed run draws
-    the same ones); metrics are device scalars: the loss terms and the batch's top-k accuracy."""
+    """`step(state, batch, dropout_key, global_step, attention_on, mining_on) -> (state, metrics)`,
+    jit-compiled, the state donated. `attention_on` and `mining_on` are the epoch's switches (`loss_switches`),
+    traced: changing them does not recompile. The dropout key of a step is `fold_in(dropout_key, global_step)`
+    (a resumed run draws the same ones); metrics are device scalars: the loss terms and the batch's top-k
+    accuracy."""
     train_step = make_train_step(model, gain_cfg, donate=False)  # the outer jit donates
 
-    def step(state, batch, dropout_key, global_step, attention_on):
+    def step(state, batch, dropout_key, global_step, attention_on, mining_on):
         rng = jax.random.fold_in(dropout_key, global_step)
-        state, step_metrics = train_step(state, batch, rng, attention_on)
+        state, step_metrics = train_step(state, batch, rng, attention_on, mining_on)
         summary = {key: step_metrics[key] for key in LOSS_KEYS}
         summary["topk_accuracy"] = topk_accuracy(step_metrics["logits"], batch["labels"])
         return state, summary
@@ -932,8 +964,7 @@ def _train(run: Run, manager, state: TrainState, dropout_key: jax.Array, positio
     if run.is_main:
         print(f"run {run.paths.run_dir}: {train.backbone} on {config.data.dataset} ({run.num_classes} classes, "
               f"{config.data.image_size}x{config.data.image_size}), {train.epochs} epochs x {train.steps_per_epoch} "
-              f"steps of {train.batch_size} on {jax.device_count()} device(s), attention mining from epoch "
-              f"{train.pretrain_epochs + 1}", flush=True)
+              f"steps of {train.batch_size} on {jax.device_count()} device(s), {schedule_text(train)}", flush=True)
 
     if config.eval.test_first and position.global_step == 0:
         validation = evaluate_split(run, state, "validation", stop)
@@ -947,7 +978,7 @@ def _train(run: Run, manager, state: TrainState, dropout_key: jax.Array, positio
     grid_batch = None
     for epoch in range(position.epoch, train.epochs):
         epoch_started = time.time()
-        attention_on = np.float32(epoch >= train.pretrain_epochs)
+        attention_on, mining_on = loss_switches(train, epoch)
         step_in_epoch = position.step_in_epoch if epoch == position.epoch else 0
         progress = tqdm(total=train.steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{train.epochs}",
                         leave=False, disable=not run.is_main, dynamic_ncols=True)
@@ -966,11 +997,13 @@ def _train(run: Run, manager, state: TrainState, dropout_key: jax.Array, positio
                                            Position(epoch, step_in_epoch, global_step), history, reason, stop)
             batch = next(batches)
             dispatched = time.time()
-            state, step_metrics = run.train_step(state, batch, key_on_host, global_step, attention_on)
+            state, step_metrics = run.train_step(state, batch, key_on_host, global_step, attention_on,
+                                                  mining_on)
             global_step += 1
             step_in_epoch += 1
             steps_this_run += 1
-            pending.append(({"step": global_step, "epoch": epoch + 1, "attention": bool(attention_on)}, step_metrics))
+            pending.append(({"step": global_step, "epoch": epoch + 1, "attention": bool(attention_on),
+                             "mining": bool(mining_on)}, step_metrics))
             if timed_from is None:
                 if steps_this_run == 1:
                     jax.block_until_ready(step_metrics)
@@ -995,7 +1028,7 @@ def _train(run: Run, manager, state: TrainState, dropout_key: jax.Array, positio
         if validation is None:
             return _finish_interrupted(run, manager, state, dropout_key, at_end_of_steps, history,
                                        f"interrupted by {stop.signal_name}", stop)
-        epoch_record = {"epoch": epoch + 1, "attention": bool(attention_on),
+        epoch_record = {"epoch": epoch + 1, "attention": bool(attention_on), "mining": bool(mining_on),
                         "train": step_means(epoch_records),
                         "validation": validation}
         if epoch + 1 == train.pretrain_epochs < train.epochs:
@@ -1021,7 +1054,7 @@ def _train(run: Run, manager, state: TrainState, dropout_key: jax.Array, positio
         write_history(run, history)
         summary = epoch_record["train"]
         if run.is_main:
-            print(f"epoch {epoch + 1}/{train.epochs}{' (attention mining)' if attention_on else ''}: "
+            print(f"epoch {epoch + 1}/{train.epochs}{phase_text(attention_on, mining_on)}: "
                   f"train loss {summary['loss']:.4f} (cl {summary['cl']:.4f}, am {summary['am']:.4f}) | "
                   f"validation {summary_line(validation)} | {epoch_record['seconds']:.1f} s", flush=True)
 

@@ -99,11 +99,35 @@ def test_flags_override_only_what_is_given():
     (["--backbone", "vgg16", "--image_size", "16"],
      "--image_size 16 is too small for --backbone vgg16: its Grad-CAM layer would be 0 cells wide; use at least 64"),
     (["--fill", "nan"], "--fill must be finite"),
+    (["--am_start_epoch", "-1"], "--am_start_epoch must be >= 0, got -1"),
+    (["--am_start_epoch", "1", "--pretrain_epochs", "2"],
+     "--am_start_epoch must be 0 or in [--pretrain_epochs 2, --epochs 6], got 1"),
+    (["--am_start_epoch", "7"], "--am_start_epoch must be 0 or in [--pretrain_epochs 2, --epochs 6], got 7"),
 ])
 def test_invalid_values_raise_config_error_naming_the_flag(argv, message):
     with pytest.raises(ConfigError) as raised:
         parse(argv)
     assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_am_start_epoch_delays_attention_mining_alone():
+    from gain_jax.train_loop import loss_switches, schedule_text
+
+    assert [parse(["--am_start_epoch", str(n)]).train.am_start_epoch for n in (0, 2, 4, 6)] == [0, 2, 4, 6]
+    assert parse(["--am_start_epoch", "0", "--pretrain_epochs", "9"]).train.am_start_epoch == 0
+
+    def switches(train):
+        return [tuple(float(on) for on in loss_switches(train, epoch)) for epoch in range(train.epochs)]
+
+    off, mask_loss, both = (0.0, 0.0), (1.0, 0.0), (1.0, 1.0)
+    assert switches(TrainConfig()) == switches(TrainConfig(am_start_epoch=2)) == [off] * 2 + [both] * 4
+    assert switches(TrainConfig(am_start_epoch=4)) == [off] * 2 + [mask_loss] * 2 + [both] * 2
+    assert switches(TrainConfig(am_start_epoch=6)) == [off] * 2 + [mask_loss] * 4
+    assert all(type(on) is np.float32 for on in loss_switches(TrainConfig(), 0))  # the step's traced dtype
+    assert schedule_text(TrainConfig()) == "attention mining from epoch 3"
+    assert schedule_text(TrainConfig(am_start_epoch=4)) == ("extra supervision (L_ext) from epoch 3, "
+                                                            "attention mining (L_am) from epoch 5")
+    assert schedule_text(TrainConfig(am_start_epoch=6)).endswith("attention mining (L_am) never")
 
 
 def test_config_from_dict_checks_names_and_validate_checks_choices():
@@ -318,3 +342,27 @@ def test_per_label_runs_pack_images_with_more_labels_than_max_labels(shapes_data
     assert history["status"] == "finished"
     attention_steps = [record for record in history["steps"] if record["attention"]]
     assert attention_steps and all(np.isfinite(record["am"]) and record["am"] > 0 for record in attention_steps)
+
+
+def test_am_start_epoch_run_trains_the_mask_loss_alone_first_and_resumes_on_schedule(shapes_data_dir, tmp_path):
+    """--pretrain_epochs 1 --am_start_epoch 2 --epochs 3: epoch 1 classification, epoch 2 L_cl + L_ext, epoch
+    3 everything; stopped mid-epoch 2 and resumed, the epoch decides the switches again."""
+    from gain_jax.train_loop import train_and_evaluate
+
+    config = tiny_config(shapes_data_dir, tmp_path, "delayed", log_every=1)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=3, am_start_epoch=2))
+    _, first = train_and_evaluate(config, stop_after=3)
+    assert first["status"] == "stopped after 3 steps"
+    _, history = train_and_evaluate(config, resume=True)
+    assert history["status"] == "finished" and [r["step"] for r in history["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert [r["attention"] for r in history["steps"]] == [False] * 2 + [True] * 4
+    assert [r["mining"] for r in history["steps"]] == [False] * 4 + [True] * 2
+    assert [(r["attention"], r["mining"]) for r in history["epochs"]] == [(False, False), (True, False), (True, True)]
+    gain = config.gain  # train.py's default GAIN_ext: both weights non-zero
+    assert gain.am_weight > 0 and gain.ex_weight > 0
+    for record in history["steps"]:
+        am_weight = gain.am_weight if record["mining"] else 0.0
+        ex_weight = gain.ex_weight if record["attention"] else 0.0
+        want = gain.cl_weight * record["cl"] + am_weight * record["am"] + ex_weight * record["ex"]
+        assert record["loss"] == pytest.approx(want, rel=1e-5), record["step"]
+    assert all(record["am"] > 0 for record in history["steps"])  # L_am is computed while it does not count
