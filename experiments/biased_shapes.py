@@ -91,6 +91,8 @@ ARMS = {
     "GAIN:erase=shift": _AM + " --ex_weight 0 --ex_fraction 1 --erase shift",
     "ablation:erase=shift": _EXT + " --ex_fraction {ex_fraction} --erase shift",
     "ablation:am_weight=1,erase=shift": _EXT + " --ex_fraction {ex_fraction} --am_weight 1 --erase shift",
+    # L_am from epoch 5 only, after two epochs of the mask loss alone have moved the maps (epochs 6, pre-training 2)
+    "ablation:am_start_epoch=4": _EXT + " --ex_fraction {ex_fraction} --am_start_epoch 4",
 }
 STUDIES = {
     "main": ("baseline", "GAIN_upstream", "GAIN", "GAIN_ext", "ex_only"),
@@ -101,6 +103,7 @@ STUDIES = {
                   "ablation:am_weight=1", "ablation:ex_weight=10", "ablation:grads_off", "ablation:cam_grad=full",
                   "ablation:pretrain_epochs=0", "ablation:sigma=0.25", "ablation:omega=30"),
     "batchnorm": ("baseline", "GAIN_ext", "ablation:am_batchnorm=frozen", "baseline:nobn", "GAIN_ext:nobn"),
+    "schedule": ("GAIN_ext", "ex_only", "ablation:pretrain_epochs=0", "ablation:am_start_epoch=4"),
     "erase": ("GAIN", "GAIN:erase=shift", "GAIN_ext", "ablation:erase=shift", "ablation:am_weight=1",
               "ablation:am_weight=1,erase=shift"),
 }
