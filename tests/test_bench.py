@@ -39,3 +39,22 @@ def test_gain_overhead_memory_child_reports_host_peak():
         last = run("bench/gain_overhead.py", "--memory-child", json.dumps(dict(spec, case=case))).splitlines()[-1]
         peaks[case] = json.loads(last)["peak_bytes"]
     assert all(isinstance(peak, int) and peak > 0 for peak in peaks.values()), peaks
+
+
+def test_xla_flags_reports_each_set_and_a_rejected_flag():
+    out = run("bench/xla_flags.py", "--configs", "small_cnn:32:2", "--sets", "default",
+              "--flags", "fast_min_max=--xla_cpu_enable_fast_min_max=true", "bogus=--xla_cpu_no_such_flag=true",
+              "--steps", "1", "--warmup", "1", "--torch-threads", "1")
+    header = next(line for line in out.splitlines() if line.startswith("config"))
+    for column in ("GAIN ms", "cls ms", "torch ms", "torch/JAX", "vs default", "loss rel diff", "library calls"):
+        assert column in header, column
+    rows = {line.split()[3]: line for line in out.splitlines() if line.startswith("small_cnn 32x32 b2")}
+    assert list(rows) == ["default", "fast_min_max", "bogus"]
+    for name in ("default", "fast_min_max"):  # fast min/max is already XLA:CPU's default: the same numerics
+        fields = rows[name].split()
+        gain_ms, cls_ms, torch_ms = float(fields[4]), float(fields[5]), float(fields[7])
+        assert gain_ms > 0 and cls_ms > 0 and torch_ms > 0, rows[name]
+        assert "DIFFERS" not in rows[name] and "FAILED" not in rows[name], rows[name]
+    assert "FAILED" in rows["bogus"] and "Unknown flag" in rows["bogus"], rows["bogus"]
+    assert "XLA_FLAGS=--xla_cpu_no_such_flag=true" in out
+    assert "TensorFlow was imported" not in out
