@@ -71,3 +71,24 @@ def test_tiny_study_end_to_end_and_reuse(shapes_data_dir, tmp_path, capsys):
     assert script.main(tiny_argv(shapes_data_dir, tmp_path) + ["--reuse"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("reusing") == 2 and "  training " not in printed
+
+    # the mask-coverage diagnostic reads the same finished runs (validation_unbiased), trains nothing
+    path = os.path.join(ROOT, "experiments", "mask_coverage.py")
+    spec = importlib.util.spec_from_file_location("mask_coverage", path)
+    coverage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(coverage)
+    study_flags = tiny_argv(shapes_data_dir, tmp_path)[5:]  # after --arms A B --seeds 0: the runs' settings
+    del study_flags[study_flags.index("--out"):study_flags.index("--out") + 2]
+    out = tmp_path / "out" / "coverage"
+    assert coverage.main(["--arms", "baseline", "GAIN_ext@100%", "--seeds", "0", "--out", str(out), *study_flags]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("| baseline |") == 1 and printed.count("| GAIN_ext@100% |") == 1
+    with open(str(out) + ".json") as handle:
+        runs = json.load(handle)["runs"]
+    for arm in ("baseline", "GAIN_ext@100%"):
+        values = runs[arm]["0"]
+        assert values["pairs"] > 0 and 0.0 < values["object_pixels"] < 1.0
+        for key, _ in coverage.COLUMNS:
+            assert 0.0 <= values[key] <= 1.0, (arm, key, values[key])
+    with pytest.raises(SystemExit, match="no finished run"):
+        coverage.main(["--arms", "GAIN", "--seeds", "0", *study_flags])
