@@ -1,28 +1,12 @@
-import collections
-import glob
-import gzip
-import json
+"""Per-op time of traces written by trace.py: python agg.py cls union ... (summed over the 5 traced steps)."""
 import os
-import re
 import sys
 
-OUT = os.environ.get("PROFILE_DIR", "/tmp/profile_work")  # traces and dumps go here
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/profiles
+from profile_common import OUT, aggregate_trace
 
 for which in sys.argv[1:]:
-    p = glob.glob(f"{OUT}/trace_{which}/**/*perfetto_trace.json.gz", recursive=True)[0]
-    ev = json.load(gzip.open(p))
-    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-    tot = collections.Counter()
-    n = collections.Counter()
-    for e in ev:
-        if e.get("ph") != "X":
-            continue
-        name = e["name"]
-        if name.startswith("$") or name.startswith("ThunkExecutor") or "PjRt" in name or "Execute" in name:
-            continue
-        k = re.sub(r"\.\d+$", "", name)
-        tot[k] += e.get("dur", 0)
-        n[k] += 1
+    tot, n = aggregate_trace(f"{OUT}/trace_{which}")
     s = sum(tot.values())
     print(f"== {which}: op time summed {s / 5e3:.1f} ms/step (2 threads may overlap)")
     for k, t in tot.most_common(14):

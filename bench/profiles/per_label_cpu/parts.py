@@ -3,29 +3,27 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(__file__, "../../..")))  # bench/, for gain_overhead
-sys.path.insert(0, os.path.abspath(os.path.join(__file__, "../../../..")))  # the repository
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/profiles
+import profile_common as pc
 
-import gain_jax as gj
-from gain_jax.attention import apply_mask, head_gradcams, minmax_normalize, resize_align_corners, soft_mask
+pc.add_repository_paths()  # bench/ and the repository
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gain_jax.attention import apply_mask, head_gradcams, minmax_normalize, resize_align_corners, soft_mask  # noqa: E402
 
 B, S, C = 32, 64, 20
-rng = np.random.default_rng(0)
-model = gj.build_model("small_cnn", C, dropout_rate=0.5)
-imgs = jnp.asarray(rng.normal(size=(3 * B, S, S, 3)).astype(np.float32))
-variables = model.init(jax.random.PRNGKey(0), imgs[:1])
+setup = pc.small_cnn_setup(3 * B, S, C)
+rng, model, imgs, variables = setup.rng, setup.model, setup.images, setup.variables
 params, bstats = variables["params"], variables["batch_stats"]
 key = jax.random.PRNGKey(1)
 
 
 def cost(f, *a):
     c = jax.jit(f).lower(*a).compile()
-    ca = c.cost_analysis()
-    ca = ca[0] if isinstance(ca, list) else ca
-    return c, ca.get("flops", 0) / 1e9, ca.get("bytes accessed", 0) / 1e6
+    flops, bytes_accessed = pc.cost_analysis(c)
+    return c, flops / 1e9, bytes_accessed / 1e6
 
 
 def timeit(c, *a, steps=15, warm=3):
@@ -52,31 +50,20 @@ def cls_fb(p, x):  # classification fwd+bwd, train BN, weight grads only
     return jax.grad(loss)(p)
 
 
-def am_fb(p, x):  # AM stream: frozen BN, grads w.r.t. params and input pixels
+def am_grads(wrt_params: bool, wrt_pixels: bool):
+    """AM stream fwd+bwd: frozen BN; gradients w.r.t. the parameters and/or the input pixels."""
+    argnums = tuple(i for i, on in enumerate((wrt_params, wrt_pixels)) if on)
+
     def loss(p, x):
         return jax.nn.softmax(
             model.apply({"params": p, "batch_stats": bstats}, x, train=True, freeze_bn=True, rngs={"dropout": key})
         ).sum()
 
-    return jax.grad(loss, argnums=(0, 1))(p, x)
+    def grads(p, x):
+        g = jax.grad(loss, argnums=argnums)(p, x)
+        return g if len(argnums) > 1 else g[0]
 
-
-def am_fb_noinput(p, x):
-    def loss(p):
-        return jax.nn.softmax(
-            model.apply({"params": p, "batch_stats": bstats}, x, train=True, freeze_bn=True, rngs={"dropout": key})
-        ).sum()
-
-    return jax.grad(loss)(p)
-
-
-def am_fb_inputonly(p, x):
-    def loss(x):
-        return jax.nn.softmax(
-            model.apply({"params": p, "batch_stats": bstats}, x, train=True, freeze_bn=True, rngs={"dropout": key})
-        ).sum()
-
-    return jax.grad(loss)(x)
+    return grads
 
 
 def fwd_only(p, x):
@@ -87,9 +74,9 @@ for n in (B, 2 * B, 3 * B):
     x = imgs[:n]
     run(f"cls fwd only N={n}", fwd_only, params, x)
     run(f"cls fwd+bwd (param grads) N={n}", cls_fb, params, x)
-    run(f"AM fwd+bwd (param+pixel grads) N={n}", am_fb, params, x)
-    run(f"AM fwd+bwd (param grads only) N={n}", am_fb_noinput, params, x)
-    run(f"AM fwd+bwd (pixel grads only) N={n}", am_fb_inputonly, params, x)
+    run(f"AM fwd+bwd (param+pixel grads) N={n}", am_grads(True, True), params, x)
+    run(f"AM fwd+bwd (param grads only) N={n}", am_grads(True, False), params, x)
+    run(f"AM fwd+bwd (pixel grads only) N={n}", am_grads(False, True), params, x)
 
 feats = model.apply(variables, imgs[:B], train=False, method="features")
 

@@ -1,18 +1,16 @@
 import os
-import statistics
 import sys
-import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(__file__, "../../..")))  # bench/, for gain_overhead
-sys.path.insert(0, os.path.abspath(os.path.join(__file__, "../../../..")))  # the repository
-import gain_overhead as go
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/profiles
+import profile_common as pc
 
-import gain_jax as gj
-import gain_jax.models as gm
+pc.add_repository_paths()  # bench/ and the repository
+import gain_overhead as go  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import gain_jax as gj  # noqa: E402
+import gain_jax.models as gm  # noqa: E402
 
 orig_pool = gm._max_pool_2x2
 
@@ -24,20 +22,10 @@ def reshape_pool(x):  # floor mode 2x2/2 max pool via reshape + max (gradient: e
 
 
 B, S, C = 32, 64, 20
-rng = np.random.default_rng(0)
-model = gj.build_model("small_cnn", C, dropout_rate=0.5)
-images = jnp.asarray(rng.normal(size=(B, S, S, 3)).astype(np.float32))
-variables = model.init(jax.random.PRNGKey(0), images[:1])
+setup = pc.small_cnn_setup(B, S, C)
+rng, model, images, fresh, key0, on = setup.rng, setup.model, setup.images, setup.fresh, setup.key0, setup.on
 x = jnp.maximum(images, 0)
 print("pool fwd equal:", bool(jnp.all(orig_pool(x) == reshape_pool(x))))
-tx = optax.adam(1e-4)
-
-
-def fresh():
-    return gj.create_train_state(jax.tree_util.tree_map(jnp.copy, variables), tx)
-
-
-key0, on = jax.random.PRNGKey(0), jnp.float32(1.0)
 fixed = {k: go.labels_with(k, B, C, rng) for k in (2, 3)}
 
 
@@ -75,26 +63,14 @@ print(
     float(st["orig"][1]["loss"]),
     float(st["reshape"][1]["loss"]),
 )
-times = {(v, n): [] for v in progs for n in progs[v]}
-states = {(v, n): fresh() for v in progs for n in progs[v]}
-for _rnd in range(int(os.environ.get("ROUNDS", 4))):
-    for n in progs["orig"]:
-        for v in progs:
-            c, b, e = progs[v][n]
-            s = states[(v, n)]
-            for i in range(4):
-                t = time.perf_counter()
-                s, m = c(s, b, key0, *e)
-                jax.block_until_ready(m)
-                if i:
-                    times[(v, n)].append(time.perf_counter() - t)
-            states[(v, n)] = s
+flat = {(v, n): progs[v][n] for n in progs["orig"] for v in progs}  # interleaved: each case, both pools
+times = pc.interleaved_step_times(flat, {k: fresh() for k in flat}, key0, int(os.environ.get("ROUNDS", 4)))
 for v in progs:
-    base = statistics.median(times[(v, "cls")])
+    base = pc.median_ms(times[(v, "cls")])
     print(
         v,
         " ".join(
-            f"{n}: {statistics.median(times[(v, n)]) * 1e3:.1f}ms ({statistics.median(times[(v, n)]) / base:.2f})"
+            f"{n}: {pc.median_ms(times[(v, n)]):.1f}ms ({pc.median_ms(times[(v, n)]) / base:.2f})"
             for n in progs[v]
         ),
     )

@@ -1,18 +1,17 @@
 import os
-import statistics
 import sys
-import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(__file__, "../../..")))  # bench/, for gain_overhead
-sys.path.insert(0, os.path.abspath(os.path.join(__file__, "../../../..")))  # the repository
-import gain_overhead as go
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/profiles
+import profile_common as pc
 
-import gain_jax as gj
-import gain_jax.models as gm
+pc.add_repository_paths()  # bench/ and the repository
+import gain_overhead as go  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import gain_jax as gj  # noqa: E402
+import gain_jax.models as gm  # noqa: E402
 
 orig = gm._max_pool_2x2
 
@@ -42,9 +41,8 @@ def bwd(res, g):
 
 
 pool_first.defvjp(fwd, bwd)
-m = gj.build_model("small_cnn", 20, dropout_rate=0.5)
-x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 64, 64, 3)).astype(np.float32))
-v = m.init(jax.random.PRNGKey(0), x[:1])
+setup = pc.small_cnn_setup(32, 64, 20)
+m, x, v, fresh, key0, on = setup.model, setup.images, setup.variables, setup.fresh, setup.key0, setup.on
 
 
 def g(pool):
@@ -70,14 +68,6 @@ print(
     "first-argmax custom_vjp: max abs diff",
     max(float(jnp.max(jnp.abs(p - q))) for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))),
 )
-tx = optax.adam(1e-4)
-key0, on = jax.random.PRNGKey(0), jnp.float32(1.0)
-
-
-def fresh():
-    return gj.create_train_state(jax.tree_util.tree_map(jnp.copy, v), tx)
-
-
 lab = go.labels_with(2, 32, 20, np.random.default_rng(1))
 progs = {}
 for name, pool in (("orig", orig), ("first_vjp", pool_first)):
@@ -87,17 +77,6 @@ for name, pool in (("orig", orig), ("first_vjp", pool_first)):
     cfg, b2, _ = go.gain_batch(go.Case("p", "packed", [lab], 0), x, lab)
     progs[(name, "K=2 packed")] = (gj.make_train_step(m, cfg).lower(fresh(), b2, key0, on).compile(), b2, (on,))
     gm._max_pool_2x2 = orig
-times = {k: [] for k in progs}
-states = {k: fresh() for k in progs}
-for _r in range(4):
-    for k, (c, b, e) in progs.items():
-        s = states[k]
-        for i in range(4):
-            t = time.perf_counter()
-            s, o = c(s, b, key0, *e)
-            jax.block_until_ready(o)
-            if i:
-                times[k].append(time.perf_counter() - t)
-        states[k] = s
+times = pc.interleaved_step_times(progs, {k: fresh() for k in progs}, key0)
 for k in progs:
-    print(k, f"{statistics.median(times[k]) * 1e3:.1f} ms")
+    print(k, f"{pc.median_ms(times[k]):.1f} ms")

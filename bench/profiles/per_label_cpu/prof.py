@@ -4,41 +4,22 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(__file__, "../../..")))  # bench/, for gain_overhead
-sys.path.insert(0, os.path.abspath(os.path.join(__file__, "../../../..")))  # the repository
-import gain_overhead as go
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/profiles
+import profile_common as pc
 
-import gain_jax as gj
+pc.add_repository_paths()  # bench/ and the repository
+import gain_overhead as go  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
-OUT = os.environ.get("PROFILE_DIR", "/tmp/profile_work")  # traces and dumps go here
+import gain_jax as gj  # noqa: E402
 
 B, S, C = 32, 64, 20
 STEPS = int(os.environ.get("STEPS", 10))
-rng = np.random.default_rng(0)
-model = gj.build_model("small_cnn", C, dropout_rate=0.5)
-images_all = jnp.asarray(rng.normal(size=(3 * B, S, S, 3)).astype(np.float32))
+setup = pc.small_cnn_setup(3 * B, S, C)
+rng, model, images_all, fresh, key0, on = setup.rng, setup.model, setup.images, setup.fresh, setup.key0, setup.on
 images = images_all[:B]
-variables = model.init(jax.random.PRNGKey(0), images[:1])
-tx = optax.adam(1e-4)
-
-
-def fresh():
-    return gj.create_train_state(jax.tree_util.tree_map(jnp.copy, variables), tx)
-
-
-key0, on = jax.random.PRNGKey(0), jnp.float32(1.0)
 fixed = {k: go.labels_with(k, B, C, rng) for k in (2, 3)}
-
-
-def cost(compiled):
-    ca = compiled.cost_analysis()
-    if isinstance(ca, list):
-        ca = ca[0]
-    return ca.get("flops", float("nan")), ca.get("bytes accessed", float("nan"))
 
 
 def timeit(fn, *args, steps=STEPS, warm=2, state_first=False):
@@ -72,7 +53,7 @@ def cls_step(n):
 
 for n in (B, 2 * B, 3 * B):
     c, st, batch = cls_step(n)
-    fl, by = cost(c)
+    fl, by = pc.cost_analysis(c)
     rec(f"cls step B={n}", timeit(c, st, batch, key0, state_first=True), fl, by)
 
 cases = [
@@ -94,8 +75,8 @@ for name, mode, k in cases:
             c2 = dataclasses.replace(cfg, grads_off=True)
         st = fresh()
         c = gj.make_train_step(model, c2).lower(st, batch, key0, on).compile()
-        fl, by = cost(c)
+        fl, by = pc.cost_analysis(c)
         rec(f"GAIN {name} {shape} {variant}", timeit(c, st, batch, key0, on, state_first=True), fl, by)
     c, st, b2 = cls_step(B)
     rec(f"  cls step B={B} again", timeit(c, st, b2, key0, state_first=True))
-json.dump(rows, open(f"{OUT}/steps{os.environ.get('TAG', '')}.json", "w"))
+json.dump(rows, open(f"{pc.OUT}/steps{os.environ.get('TAG', '')}.json", "w"))

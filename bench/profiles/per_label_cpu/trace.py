@@ -1,35 +1,19 @@
-import collections
-import glob
-import gzip
-import json
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(__file__, "../../..")))  # bench/, for gain_overhead
-sys.path.insert(0, os.path.abspath(os.path.join(__file__, "../../../..")))  # the repository
-import gain_overhead as go
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/profiles
+import profile_common as pc
 
-import gain_jax as gj
+pc.add_repository_paths()  # bench/ and the repository
+import gain_overhead as go  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
-OUT = os.environ.get("PROFILE_DIR", "/tmp/profile_work")  # traces and dumps go here
+import gain_jax as gj  # noqa: E402
 
 B, S, C = 32, 64, 20
-rng = np.random.default_rng(0)
-model = gj.build_model("small_cnn", C, dropout_rate=0.5)
-images = jnp.asarray(rng.normal(size=(B, S, S, 3)).astype(np.float32))
-variables = model.init(jax.random.PRNGKey(0), images[:1])
-tx = optax.adam(1e-4)
-
-
-def fresh():
-    return gj.create_train_state(jax.tree_util.tree_map(jnp.copy, variables), tx)
-
-
-key0, on = jax.random.PRNGKey(0), jnp.float32(1.0)
+setup = pc.small_cnn_setup(B, S, C)
+rng, model, images, fresh, key0, on = setup.rng, setup.model, setup.images, setup.fresh, setup.key0, setup.on
 labels = go.labels_with(2, B, C, rng)
 which = sys.argv[1]
 if which == "cls":
@@ -46,20 +30,12 @@ else:
 for _i in range(3):
     st, o = f(st, batch, key0, *extra)
     jax.block_until_ready(o)
-d = f"{OUT}/trace_{which}"
+d = f"{pc.OUT}/trace_{which}"
 with jax.profiler.trace(d, create_perfetto_trace=True):
     for _i in range(5):
         st, o = f(st, batch, key0, *extra)
         jax.block_until_ready(o)
-p = glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True)[0]
-ev = json.load(gzip.open(p))
-ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-tot = collections.Counter()
-cnt = collections.Counter()
-for e in ev:
-    if e.get("ph") == "X":
-        tot[e["name"]] += e.get("dur", 0)
-        cnt[e["name"]] += 1
+tot, cnt = pc.aggregate_trace(d, strip_suffix=False, skip_runtime=False)
 print(which, "top ops (ms per step, 5 steps):")
 for n, t in tot.most_common(30):
     print(f"  {t / 5e3:8.2f}  x{cnt[n] // 5:<4} {n[:110]}")
