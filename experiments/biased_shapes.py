@@ -283,21 +283,13 @@ def finished_metrics(arm: str, seed: int, args) -> dict | None:
         metrics = json.load(handle)
     if metrics.get("status") != "finished":
         return None
-    wanted = run_config.config_to_dict(run_config_of(arm, seed, args))
     if not isinstance(metrics.get("config"), dict):
         return None
     # a setting added after the run was trained reads as the value the run implicitly had (config_from_saved)
-    saved = run_config.config_to_dict(run_config.config_from_saved(metrics["config"]))
-    for section, values in wanted.items():
-        if section == "log":
-            continue
-        if not isinstance(saved.get(section), dict):
-            return None  # an earlier layout: train again
-        for key, value in values.items():
-            if key in ("data_dir", "manual_dir") or value is None:
-                continue
-            if saved[section].get(key) != value and not _same_number(saved[section].get(key), value):
-                return None
+    saved = run_config.config_from_saved(metrics["config"])
+    for _, saved_value, value in run_config.setting_differences(saved, run_config_of(arm, seed, args)):
+        if value is not None and not _same_number(saved_value, value):  # None: resolved by the run
+            return None
     return metrics
 
 

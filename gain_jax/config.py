@@ -448,25 +448,27 @@ def resume_mismatches(saved: Mapping[str, Any], config: Config) -> list[tuple[st
     return mismatches
 
 
-def changed_settings(saved: Mapping[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
-    """[(field, saved value, this run's value)] for the settings other than where things are (data and log
-    paths) that differ between a saved run's config (as `config_from_saved` reads it) and `config`: what a
-    resumed run changes, e.g. when train.py's defaults changed since the run started."""
-    try:
-        before = config_to_dict(config_from_saved(saved))
-    except (ConfigError, TypeError, ValueError):
-        return []  # an earlier layout: resume_mismatches has checked what must match
-    after = config_to_dict(config)
-    changed = []
-    for section_name, values in after.items():
+def setting_differences(before: Config, after: Config) -> list[tuple[str, Any, Any]]:
+    """[(field, value in `before`, value in `after`)] for the settings that differ between two configs, other
+    than where things are (the log section, data_dir, manual_dir)."""
+    before_values, differences = config_to_dict(before), []
+    for section_name, values in config_to_dict(after).items():
         if section_name == "log":
             continue
         for name, value in values.items():
-            if name in ("data_dir", "manual_dir"):
-                continue
-            if before[section_name].get(name) != value:
-                changed.append((name, before[section_name].get(name), value))
-    return changed
+            if name not in ("data_dir", "manual_dir") and before_values[section_name].get(name) != value:
+                differences.append((name, before_values[section_name].get(name), value))
+    return differences
+
+
+def changed_settings(saved: Mapping[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
+    """`setting_differences` between a saved run's config (as `config_from_saved` reads it) and `config`:
+    what a resumed run changes, e.g. when train.py's defaults changed since the run started."""
+    try:
+        before = config_from_saved(saved)
+    except (ConfigError, TypeError, ValueError):
+        return []  # an earlier layout: resume_mismatches has checked what must match
+    return setting_differences(before, config)
 
 
 def config_flags(config: Config, base: Config | None = None) -> list[str]:
