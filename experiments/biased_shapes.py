@@ -91,6 +91,16 @@ ARMS = {
     "GAIN:erase=shift": _AM + " --ex_weight 0 --ex_fraction 1 --erase shift",
     "ablation:erase=shift": _EXT + " --ex_fraction {ex_fraction} --erase shift",
     "ablation:am_weight=1,erase=shift": _EXT + " --ex_fraction {ex_fraction} --am_weight 1 --erase shift",
+    # L_am kept from moving the maps (--mask_grad stop): it can only teach the classifier to lose the class on
+    # the erased image; alone, with Grad-CAM differentiated (maps on the objects), and at alpha 1
+    "ablation:mask_grad=stop": _EXT + " --ex_fraction {ex_fraction} --mask_grad stop",
+    "GAIN_ext:full,mask_stop": _EXT + " --ex_fraction {ex_fraction} --cam_grad full --mask_grad stop",
+    "GAIN_ext:full,mask_stop,alpha1": _EXT + " --ex_fraction {ex_fraction} --cam_grad full --mask_grad stop"
+                                      " --am_weight 1",
+    "GAIN:mask_grad=stop": _AM + " --ex_weight 0 --ex_fraction 1 --mask_grad stop",
+    # the mask loss alone through differentiated Grad-CAM: how much of cam_grad=full's maps is L_am's
+    "ex_only:cam_grad=full": "--am_weight 0 --ex_weight {ex_weight} --ex_fraction {ex_fraction} --cam_grad full "
+                             + _UPSTREAM,
     # L_am from epoch 5 only, after two epochs of the mask loss alone have moved the maps (epochs 6, pre-training 2)
     "ablation:am_start_epoch=4": _EXT + " --ex_fraction {ex_fraction} --am_start_epoch 4",
 }

@@ -21,6 +21,7 @@ from gain_jax.variants import AM_FORWARDS, AM_SCORES, CAM_METHODS, ERASE_FILLS, 
 
 MODES = ("union", "per_label")
 CAM_GRADS = ("stop", "full")
+MASK_GRADS = ("through", "stop")
 
 
 def _field(default, help: str, **metadata):
@@ -63,6 +64,10 @@ class GainConfig:
                            choices=CAM_GRADS)
     grads_off: bool = _field(False, "the attention-mining forward sees stop_gradient(params): L_am reaches "
                              "the weights only through the mask")
+    mask_grad: str = _field("through", "through: L_am's gradient also reaches the weights through the soft "
+                            "mask, i.e. it can move the attention maps (upstream); stop: the mask is a constant "
+                            "for L_am, which then trains only the classifier to lose the class on the erased "
+                            "image (the maps cannot shrink or wander to lower L_am)", choices=MASK_GRADS)
     max_labels: int = _field(4, "label slots per image in the padded per_label path (gain_forward without "
                              "`packing`; train.py packs, so that no image is refused, on one host)",
                              resume="must_match")
@@ -366,7 +371,8 @@ def gain_forward(
     fill_image = jnp.asarray(lookup("erase", cfg.erase)(images, cfg.fill), images.dtype)
     if fill_image.ndim == images.ndim:  # one per image: add the slot axis of images[:, None]
         fill_image = fill_image[:, None]
-    masked_images = apply_mask(images[:, None], mask, fill_image)
+    erase_mask = jax.lax.stop_gradient(mask) if cfg.mask_grad == "stop" else mask
+    masked_images = apply_mask(images[:, None], erase_mask, fill_image)
 
     # 6. attention-mining stream: one batched forward over the B*K masked images, BatchNorm as configured
     am_params = jax.lax.stop_gradient(params) if cfg.grads_off else params
