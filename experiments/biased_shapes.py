@@ -98,6 +98,10 @@ ARMS = {
     "GAIN_ext:full,mask_stop,alpha1": _EXT + " --ex_fraction {ex_fraction} --cam_grad full --mask_grad stop"
                                       " --am_weight 1",
     "GAIN:mask_grad=stop": _AM + " --ex_weight 0 --ex_fraction 1 --mask_grad stop",
+    # the 10% of images with masks drawn again for half of the examples (--ex_oversample 0.5): about 55% of
+    # each batch feeds the mask loss instead of 10%; alone and with Grad-CAM differentiated
+    "GAIN_ext:oversample": _EXT + " --ex_fraction {ex_fraction} --ex_oversample 0.5",
+    "GAIN_ext:oversample,full": _EXT + " --ex_fraction {ex_fraction} --ex_oversample 0.5 --cam_grad full",
     # the mask loss alone through differentiated Grad-CAM: how much of cam_grad=full's maps is L_am's
     "ex_only:cam_grad=full": "--am_weight 0 --ex_weight {ex_weight} --ex_fraction {ex_fraction} --cam_grad full "
                              + _UPSTREAM,

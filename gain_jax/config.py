@@ -95,6 +95,11 @@ class DataConfig:
     ex_fraction: float = _field(1.0, "fraction of training images whose masks feed the extra-supervision loss "
                                      "(GAIN_ext); selected per image from a hash of (seed, filename), the same "
                                      "in every epoch", range=(0.0, 1.0))
+    ex_oversample: float = _field(0.0, "share of the training examples drawn again, at random, from the images "
+                                       "whose masks feed the mask loss (--ex_fraction's), so that few masks "
+                                       "still come several to a batch; an epoch keeps its step count (it then "
+                                       "reaches about 1 - share of the other images); 0 = off",
+                                  range=(0.0, 0.99))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +194,10 @@ class Config:
         if train.am_start_epoch and not train.pretrain_epochs <= train.am_start_epoch <= train.epochs:
             raise ConfigError(f"--am_start_epoch must be 0 or in [--pretrain_epochs {train.pretrain_epochs}, "
                               f"--epochs {train.epochs}], got {train.am_start_epoch}")
+        if self.data.ex_oversample and (self.data.ex_fraction == 0 or self.gain.ex_weight == 0):
+            raise ConfigError(f"--ex_oversample {self.data.ex_oversample} draws again from the images whose masks "
+                              f"feed the mask loss: it needs --ex_weight > 0 and --ex_fraction > 0 (got "
+                              f"{self.gain.ex_weight}, {self.data.ex_fraction})")
         if self.data.dataset == "gain_voc2012" and self.data.manual_dir is None and self.data.data_dir is None:
             raise ConfigError("gain_voc2012 needs --manual_dir (the VOC 2012 files) or a --data_dir where it is "
                               "prepared")

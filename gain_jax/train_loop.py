@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -524,6 +525,10 @@ def pipeline(run: Run, split: str, train: bool, seed: int) -> Iterator[dict]:
     config = run.config
     sharding = {} if train else {"process_index": 0, "process_count": 1}
     batch_size = config.train.batch_size // jax.process_count() if train else config.train.batch_size
+    if train and config.data.ex_oversample:
+        sharding["oversample"] = config.data.ex_oversample
+        sharding["oversample_filter"] = functools.partial(
+            selected_for_extra_supervision, seed=config.train.seed, fraction=config.data.ex_fraction)
     return _data().input_pipeline(config.data.dataset, split, data_dir=config.data.data_dir,
                                   manual_dir=config.data.manual_dir, image_size=config.data.image_size,
                                   batch_size=batch_size, train=train, seed=seed,

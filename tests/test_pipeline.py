@@ -271,3 +271,32 @@ def test_quiet_console_and_verbose(tmp_path):
     assert verbose.stdout.endswith("program output 48\n")
     assert "`FeatureConnector.dtype` is deprecated" in verbose.stderr  # tfds' warning, shown again
     assert "did not fully read" not in verbose.stderr  # nothing cached, even with nothing filtered
+
+
+def test_oversample_draws_from_the_pool_and_refuses_what_it_cannot_do(data_dir):
+    pool = {f"shapes_train_{index:06d}" for index in (0, 1, 2, 3)}
+
+    def select(names):
+        return np.array([name in pool for name in names])
+
+    def names(oversample, seed=0):
+        dataset = gd.make_dataset("gain_shapes", "train", data_dir=data_dir, batch_size=8, seed=seed,
+                                  cache_decoded=True, oversample=oversample, oversample_filter=select)
+        return [n.decode() for batch in _take(tfds.as_numpy(dataset), 10) for n in batch["filename"]]
+
+    plain, oversampled = names(0.0), names(0.6)
+    share = np.mean([name in pool for name in oversampled])
+    assert np.mean([name in pool for name in plain]) < 0.25 and 0.45 < share < 0.8, share
+    assert names(0.6) == oversampled and names(0.6, seed=1) != oversampled
+    with pytest.raises(ValueError, match="oversample needs the decoded split in memory"):
+        gd.make_dataset("gain_shapes", "train", data_dir=data_dir, cache_decoded=False, oversample=0.5,
+                        oversample_filter=select)
+    with pytest.raises(ValueError, match="the filter selects none of the 40 images"):
+        gd.make_dataset("gain_shapes", "train", data_dir=data_dir, cache_decoded=True, oversample=0.5,
+                        oversample_filter=lambda names: np.zeros(len(names), bool))
+    with pytest.raises(ValueError, match=r"oversample must be in \[0, 1\)"):
+        gd.make_dataset("gain_shapes", "train", data_dir=data_dir, oversample=1.0, oversample_filter=select)
+    with pytest.raises(ValueError, match="oversample is for training"):
+        gd.make_dataset("gain_shapes", "train", data_dir=data_dir, train=False, oversample=0.5,
+                        oversample_filter=select)
+    gd.clear_decoded_cache()

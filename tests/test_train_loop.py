@@ -2,6 +2,7 @@
 training runs on the embedded gain_shapes set (batch 8, 2 steps per epoch, 2 epochs, 32x32 images)."""
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -103,6 +104,10 @@ def test_flags_override_only_what_is_given():
     (["--am_start_epoch", "1", "--pretrain_epochs", "2"],
      "--am_start_epoch must be 0 or in [--pretrain_epochs 2, --epochs 6], got 1"),
     (["--am_start_epoch", "7"], "--am_start_epoch must be 0 or in [--pretrain_epochs 2, --epochs 6], got 7"),
+    (["--ex_oversample", "0.5", "--ex_weight", "0"],
+     "--ex_oversample 0.5 draws again from the images whose masks feed the mask loss: it needs --ex_weight > 0 "
+     "and --ex_fraction > 0 (got 0.0, 1.0)"),
+    (["--ex_oversample", "1"], "--ex_oversample must be in [0, 0.99], got 1.0"),
 ])
 def test_invalid_values_raise_config_error_naming_the_flag(argv, message):
     with pytest.raises(ConfigError) as raised:
@@ -366,3 +371,26 @@ def test_am_start_epoch_run_trains_the_mask_loss_alone_first_and_resumes_on_sche
         want = gain.cl_weight * record["cl"] + am_weight * record["am"] + ex_weight * record["ex"]
         assert record["loss"] == pytest.approx(want, rel=1e-5), record["step"]
     assert all(record["am"] > 0 for record in history["steps"])  # L_am is computed while it does not count
+
+
+def test_ex_oversample_puts_more_of_the_few_masks_in_each_batch(shapes_data_dir, tmp_path):
+    """--ex_fraction 0.1: about 10% of a batch's images feed the mask loss; --ex_oversample 0.5 draws half of
+    the examples again from those images (about 0.5 + 0.5 * 0.1), the same ones, deterministically."""
+    from gain_jax.train_loop import create_run, selected_for_extra_supervision, train_batches
+
+    def mask_share(oversample, epoch=0):
+        config = tiny_config(shapes_data_dir, tmp_path, f"oversample_{oversample}")
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, ex_fraction=0.1,
+                                                                      ex_oversample=oversample))
+        batches = list(itertools.islice(train_batches(create_run(config), epoch), 10))
+        names = [name.decode() for batch in batches for name in batch["filename"]]
+        has_mask = np.concatenate([batch["has_mask"] for batch in batches])
+        # the images that come with a mask are exactly --ex_fraction's selection
+        np.testing.assert_array_equal(has_mask, selected_for_extra_supervision(names, 0, 0.1))
+        return has_mask.mean(), names
+
+    plain, _ = mask_share(0.0)
+    oversampled, names = mask_share(0.5)
+    assert plain < 0.25 and 0.4 < oversampled < 0.75, (plain, oversampled)
+    assert mask_share(0.5)[1] == names  # deterministic from the seed
+    assert mask_share(0.5, epoch=1)[1] != names

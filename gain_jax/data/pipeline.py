@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -145,7 +146,8 @@ def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: bool | None = None,
                  num_epochs: int | None = None, process_index: int | None = None,
                  process_count: int | None = None, prepare: bool = True,
-                 cache_decoded: bool | None = None) -> tf.data.Dataset:
+                 cache_decoded: bool | None = None, oversample: float = 0.0,
+                 oversample_filter: Callable[[list[str]], np.ndarray] | None = None) -> tf.data.Dataset:
     """The batched tf.data.Dataset behind `input_pipeline` (same arguments).
 
     cache_decoded: keep this process's share of the split decoded and resized (uint8 images and masks) in
@@ -157,6 +159,11 @@ def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image
       and without it, bit for bit: the examples come in the order tfds reads them (the files shuffled
       with `seed`, again on each pass), the shuffle buffer draws the same, and the random draws of each
       example depend only on (seed, position in the stream).
+    oversample, oversample_filter: training only, with cache_decoded: before the shuffle buffer, each
+      example is, with probability `oversample` (in [0, 1)), drawn instead from the images that
+      `oversample_filter(filenames) -> bool array` selects (a pool reshuffled on each pass through it),
+      else the next one of the split's pass; e.g. more of the few images with masks in every batch. The
+      draws depend only on (seed, position).
     """
     info = dataset_info(name)
     size = info.image_size if image_size is None else image_size
@@ -171,6 +178,10 @@ def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image
     drop_remainder = train if drop_remainder is None else drop_remainder
     if num_epochs is None:
         num_epochs = -1 if train else 1  # -1: repeat forever
+    if not 0.0 <= oversample < 1.0:
+        raise ValueError(f"oversample must be in [0, 1), got {oversample!r}")
+    if oversample and (not train or oversample_filter is None):
+        raise ValueError("oversample is for training (train=True) and needs oversample_filter")
 
     if cache_decoded is None:
         cache_decoded = train and _fits_in_memory(name, split, size, data_dir, process_index, process_count)
@@ -180,6 +191,11 @@ def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image
                                  process_index=process_index, process_count=process_count, prepare=prepare)
         # rows of the in-memory split, in the order decoded_examples reads the examples
         dataset = decoded.rows(train=train, seed=seed)
+        if oversample:
+            dataset = _mix_in_pool(dataset, decoded, oversample, oversample_filter, seed)
+    elif oversample:
+        raise ValueError(f"oversample needs the decoded split in memory (cache_decoded); {split!r} of {name} "
+                         f"is not kept (it does not fit in half of the available memory, or cache_decoded=False)")
     else:
         dataset = decoded_examples(name, split, data_dir=data_dir, manual_dir=manual_dir, train=train, seed=seed,
                                    process_index=process_index, process_count=process_count, prepare=prepare)
@@ -203,6 +219,23 @@ def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image
     dataset = dataset.map(lambda batch: {**batch, "image": normalize(batch["image"])},
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _mix_in_pool(rows: tf.data.Dataset, decoded, share: float, select: Callable, seed: int) -> tf.data.Dataset:
+    """`rows` with each position replaced, with probability `share`, by a row of the pool that `select`
+    picks from the split's filenames (see make_dataset's oversample); ends with `rows`."""
+    filenames = [name.decode() if isinstance(name, bytes) else str(name)
+                 for name in decoded.examples["filename"].numpy()]
+    pool_rows = np.flatnonzero(np.asarray(select(filenames), bool))
+    if not len(pool_rows):
+        raise ValueError(f"oversample: the filter selects none of the {len(filenames)} images")
+    pool = tf.data.Dataset.from_tensor_slices(tf.constant(pool_rows, tf.int64))
+    pool = pool.shuffle(len(pool_rows), seed=seed, reshuffle_each_iteration=True).repeat()
+    # stateless draws of (seed, position): the same choices whatever was read before
+    choices = tf.data.Dataset.range(2 ** 62).map(lambda position: tf.cast(
+        tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64), position]), dtype=tf.float32)
+        < share, tf.int64))
+    return tf.data.Dataset.choose_from_datasets([rows, pool], choices, stop_on_empty_dataset=True)
 
 
 # The decoded, resized split `make_dataset(cache_decoded=True)` keeps: the most recent one only.
@@ -350,7 +383,8 @@ def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_
                    batch_size: int = 8, train: bool = True, seed: int = 0, autoaugment: bool = True,
                    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: bool | None = None,
                    num_epochs: int | None = None, process_index: int | None = None,
-                   process_count: int | None = None, cache_decoded: bool | None = None) -> Iterator[dict]:
+                   process_count: int | None = None, cache_decoded: bool | None = None,
+                   oversample: float = 0.0, oversample_filter: Callable | None = None) -> Iterator[dict]:
     """Batches of numpy dicts from a tfds data set, prepared (built) first when needed.
 
     name: "gain_shapes", "gain_voc2012" (from `manual_dir`) or "voc/2012" (tfds' download, no masks).
@@ -362,6 +396,8 @@ def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_
       process index and count when JAX is imported, else the whole split. `batch_size` is per process.
     cache_decoded: keep the split decoded and resized in memory across passes and calls (see
       `make_dataset`); None: in training when it fits in half of the available memory. Same batches.
+    oversample / oversample_filter: draw about this share of the training examples again from the images
+      the filter selects (see `make_dataset`).
     Yields {"image": float32 [B,S,S,3] (ImageNet-normalized), "labels": float32 [B,C],
             "mask": uint8 [B,S,S] (0 bg, class + 1, 255 ignore), "has_mask": bool [B], "filename": bytes [B]},
       and for gain_shapes "bias_conflicting": bool [B] (the background texture is a non-label class's own).
@@ -369,5 +405,6 @@ def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_
     dataset = make_dataset(name, split, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size,
                            batch_size=batch_size, train=train, seed=seed, autoaugment=autoaugment,
                            shuffle_buffer=shuffle_buffer, drop_remainder=drop_remainder, num_epochs=num_epochs,
-                           process_index=process_index, process_count=process_count, cache_decoded=cache_decoded)
+                           process_index=process_index, process_count=process_count, cache_decoded=cache_decoded,
+                           oversample=oversample, oversample_filter=oversample_filter)
     return iter(tfds.as_numpy(dataset))
