@@ -102,6 +102,10 @@ ARMS = {
     # each batch feeds the mask loss instead of 10%; alone and with Grad-CAM differentiated
     "GAIN_ext:oversample": _EXT + " --ex_fraction {ex_fraction} --ex_oversample 0.5",
     "GAIN_ext:oversample,full": _EXT + " --ex_fraction {ex_fraction} --ex_oversample 0.5 --cam_grad full",
+    "GAIN_ext:oversample=0.25": _EXT + " --ex_fraction {ex_fraction} --ex_oversample 0.25",
+    "GAIN_ext:oversample=0.75": _EXT + " --ex_fraction {ex_fraction} --ex_oversample 0.75",
+    "ex_only:oversample": "--am_weight 0 --ex_weight {ex_weight} --ex_fraction {ex_fraction} --ex_oversample 0.5 "
+                          + _UPSTREAM,
     # the mask loss alone through differentiated Grad-CAM: how much of cam_grad=full's maps is L_am's
     "ex_only:cam_grad=full": "--am_weight 0 --ex_weight {ex_weight} --ex_fraction {ex_fraction} --cam_grad full "
                              + _UPSTREAM,
@@ -110,14 +114,21 @@ ARMS = {
 }
 STUDIES = {
     "main": ("baseline", "GAIN_upstream", "GAIN", "GAIN_ext", "ex_only"),
-    "mask_fraction": ("baseline", "GAIN", "ex_only@100%", "GAIN_ext@1%", "GAIN_ext@5%", "GAIN_ext",
-                      "GAIN_ext@100%"),  # GAIN_ext: 10%; GAIN_ext@2% is defined, not run yet
+    "mask_fraction": ("baseline", "GAIN", "ex_only@100%", "GAIN_ext@1%", "GAIN_ext@2%", "GAIN_ext@5%", "GAIN_ext",
+                      "GAIN_ext@100%"),  # GAIN_ext: 10%
     # one setting of GAIN_ext changed per arm; more arms are defined above (run them with --arms)
     "ablations": ("GAIN_ext", "ex_only", "ablation:am_batchnorm=frozen", "ablation:score=softmax",
                   "ablation:am_weight=1", "ablation:ex_weight=10", "ablation:grads_off", "ablation:cam_grad=full",
-                  "ablation:pretrain_epochs=0", "ablation:sigma=0.25"),  # ablation:omega=30: defined, not run yet
+                  "ablation:pretrain_epochs=0", "ablation:sigma=0.25", "ablation:omega=30"),
     "batchnorm": ("baseline", "GAIN_ext", "ablation:am_batchnorm=frozen", "baseline:nobn", "GAIN_ext:nobn"),
     "schedule": ("GAIN_ext", "ex_only", "ablation:pretrain_epochs=0", "ablation:am_start_epoch=4"),
+    # which gradient paths make the 10% maps and the classifier move (cam_grad, mask_grad)
+    "gradient_paths": ("baseline", "GAIN", "GAIN:mask_grad=stop", "GAIN_ext", "ablation:mask_grad=stop",
+                       "ablation:cam_grad=full", "GAIN_ext:full,mask_stop", "GAIN_ext:full,mask_stop,alpha1",
+                       "ex_only", "ex_only:cam_grad=full"),
+    # the 10% of masks drawn more often
+    "oversample": ("baseline", "GAIN_ext", "ablation:cam_grad=full", "GAIN_ext:oversample=0.25", "GAIN_ext:oversample",
+                   "GAIN_ext:oversample=0.75", "GAIN_ext:oversample,full", "ex_only:oversample", "GAIN_ext@100%"),
     "erase": ("GAIN", "GAIN:erase=shift", "GAIN_ext", "ablation:erase=shift", "ablation:am_weight=1",
               "ablation:am_weight=1,erase=shift"),
 }

@@ -41,7 +41,7 @@ def test_arms_studies_and_flags():
     script.check_args(args, parser)
     assert args.name == "mask_fraction" and args.arms == list(script.STUDIES["mask_fraction"])
     curve, references = script.fraction_arms(args)
-    assert [fraction for fraction, _ in curve] == [0.01, 0.05, 0.1, 1.0]
+    assert [fraction for fraction, _ in curve] == [0.01, 0.02, 0.05, 0.1, 1.0]
     assert references == ["baseline", "GAIN", "ex_only@100%"]
     with pytest.raises(SystemExit):
         script.check_args(parser.parse_args(["--arms", "nope"]), parser)
