@@ -134,15 +134,13 @@ def affine_nearest(image, mask, matrix, fill=None):
     src_x = tf.round(((norm_x + 1.0) * w_f - 1.0) / 2.0)
     src_y = tf.round(((norm_y + 1.0) * h_f - 1.0) / 2.0)
     inside = (src_x >= 0) & (src_x <= w_f - 1) & (src_y >= 0) & (src_y <= h_f - 1)
-    width_i = tf.cast(width, tf.int32)
-    src_x = tf.clip_by_value(tf.cast(src_x, tf.int32), 0, width_i - 1)
+    src_x = tf.clip_by_value(tf.cast(src_x, tf.int32), 0, tf.cast(width, tf.int32) - 1)
     src_y = tf.clip_by_value(tf.cast(src_y, tf.int32), 0, tf.cast(height, tf.int32) - 1)
-    # one gather of 32-bit words (R, G, B, mask) by flat index: a quarter faster than two gather_nd
-    pixels = tf.bitcast(tf.reshape(tf.concat([image, mask[..., None]], axis=-1), [-1, 4]), tf.uint32)
-    image_fill = tf.zeros([3], image.dtype) if fill is None else tf.broadcast_to(tf.cast(fill, image.dtype), [3])
-    fill_word = tf.bitcast(tf.concat([image_fill, tf.constant([MASK_FILL], mask.dtype)], axis=0), tf.uint32)
-    warped = tf.bitcast(tf.where(inside, tf.gather(pixels, src_y * width_i + src_x), fill_word), tf.uint8)
-    return warped[..., :3], warped[..., 3]
+    indices = tf.stack([src_y, src_x], axis=-1)
+    image_fill = tf.zeros([], image.dtype) if fill is None else tf.cast(fill, image.dtype)
+    warped_image = tf.where(inside[..., None], tf.gather_nd(image, indices), image_fill)
+    warped_mask = tf.where(inside, tf.gather_nd(mask, indices), tf.constant(MASK_FILL, mask.dtype))
+    return warped_image, warped_mask
 
 
 def shear_x(image, mask, magnitude, fill=None):
