@@ -385,11 +385,11 @@ def metric_value(metrics: dict, key: str) -> float:
 
 # ---------------------------------------------------------------------------------------------- summary
 
-def summarize(results: dict, args) -> dict:
+def summarize(results: dict, args, metrics=METRICS) -> dict:
     summary = {}
     for arm in args.arms:
         summary[arm] = {}
-        for key, *_ in METRICS:
+        for key, *_ in metrics:
             values = [metric_value(results[(arm, seed)], key) for seed in args.seeds]
             summary[arm][key] = {
                 "mean": float(np.mean(values)),
@@ -421,11 +421,11 @@ def floors_line(floors: dict) -> str:
     return f"floors on test_unbiased (maps that ignore the image: {' / '.join(names)}): {figures}"
 
 
-def summary_table(summary: dict, args) -> str:
-    header = "| arm | " + " | ".join(title for *_, title in METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
+def summary_table(summary: dict, args, metrics=METRICS) -> str:
+    header = "| arm | " + " | ".join(title for *_, title in metrics) + " |"
+    lines = [header, "|" + "---|" * (len(metrics) + 1)]
     for arm in args.arms:
-        cells = [f"{summary[arm][key]['mean']:.3f} ± {summary[arm][key]['std']:.3f}" for key, *_ in METRICS]
+        cells = [f"{summary[arm][key]['mean']:.3f} ± {summary[arm][key]['std']:.3f}" for key, *_ in metrics]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -625,6 +625,9 @@ def main(argv=None) -> int:
     print(f"\nmean ± std (ddof=1) over seeds {args.seeds} (choose configurations on validation_unbiased):")
     print(table)
     print(floors_line(floors))
+    validation_summary = summarize(results, args, EXTRA_METRICS)
+    validation_table = summary_table(validation_summary, args, EXTRA_METRICS)
+    print(f"\nthe maps on validation_unbiased (for choosing on localization):\n{validation_table}")
 
     os.makedirs(args.out, exist_ok=True)
     figure_path = os.path.join(args.out, f"{args.name}.png")
@@ -648,6 +651,7 @@ def main(argv=None) -> int:
         "train_commands": {run_name(a, s): shlex.join(["python", "train.py"] + run_flags(a, s, args))
                            for a in args.arms for s in args.seeds},
         "summary": summary,
+        "summary_validation_unbiased_maps": validation_summary,
         "floors_test_unbiased": floors,
         "per_run": {run_name(a, s): {"arm": a, "seed": s, "seconds": seconds[(a, s)],
                                      "cpu_seconds": cpu_seconds[(a, s)],
@@ -661,7 +665,8 @@ def main(argv=None) -> int:
         json.dump(record, handle, indent=1)
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as handle:
         handle.write(f"gain_shapes {data_version()}, study {args.name}; mean ± std over seeds {args.seeds}\n\n"
-                     f"{table}\n\n{floors_line(floors)}\n\narms\n\n{arms_table(args)}\n\nper run\n\n{runs}\n")
+                     f"{table}\n\n{floors_line(floors)}\n\nthe maps on validation_unbiased (for choosing on "
+                     f"localization)\n\n{validation_table}\n\narms\n\n{arms_table(args)}\n\nper run\n\n{runs}\n")
     return 0
 
 

@@ -59,12 +59,20 @@ def test_tiny_study_end_to_end_and_reuse(shapes_data_dir, tmp_path, capsys):
         for key, value in metrics.items():
             assert 0.0 <= value["mean"] <= 1.0 or key == "test_mAP_conflicting", (arm, key, value)
             assert list(value["per_seed"]) == ["0"]
+    maps = record["summary_validation_unbiased_maps"]
+    assert set(maps) == {"baseline", "GAIN_ext@100%"}
+    for arm, metrics in maps.items():
+        assert set(metrics) == {key for key, *_ in script.EXTRA_METRICS}
+        assert all(0.0 <= value["mean"] <= 1.0 for value in metrics.values()), (arm, metrics)
+        assert metrics["val_unbiased_cam_mIoU"]["per_seed"]["0"] == record["per_run"][
+            f"{script.run_name(arm, 0)}"]["val_unbiased_cam_mIoU"]
     assert set(record["floors_test_unbiased"]) == {"zero", "centre", "random"}
     assert set(record["per_run"]) == {"baseline_seed0", "GAIN_ext_100pct_seed0"}
     assert "--test" in record["train_commands"]["baseline_seed0"]
     assert os.path.getsize(tmp_path / "out" / f"{name}.png") > 0
     text = (tmp_path / "out" / f"{name}.md").read_text()
     assert "validation_unbiased mAP" in text and "floors on test_unbiased" in text
+    assert "the maps on validation_unbiased" in text and "validation_unbiased CAM mIoU" in text
     assert os.path.isfile(tmp_path / "runs" / "baseline_seed0.log")
     capsys.readouterr()
 
