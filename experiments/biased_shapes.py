@@ -513,6 +513,12 @@ def fraction_arms(args) -> tuple[list, list]:
     return sorted(curve), references
 
 
+def has_fraction_curve(curve: list) -> bool:
+    """A curve needs two or more points, one per fraction (arms that differ in other settings at one fraction,
+    as in the ablations, are not a curve)."""
+    return len(curve) >= 2 and len({fraction for fraction, _ in curve}) == len(curve)
+
+
 def make_figure(summary: dict, floors: dict, args, path: str) -> int:
     import matplotlib  # only for the figure (checked at the start)
 
@@ -524,7 +530,7 @@ def make_figure(summary: dict, floors: dict, args, path: str) -> int:
     images, maps, cam_classes, captions = example_heatmaps(args, args.heatmap_images)
     columns, panels = len(images), len(METRICS)
     curve, references = fraction_arms(args)
-    with_curve = len(curve) >= 2
+    with_curve = has_fraction_curve(curve)
     rows = 1 + len(args.arms)
     top = [2.4] + ([0.7, 2.2] if with_curve else []) + [0.7]  # spacers under the rotated arm names
     figure = plt.figure(figsize=(max(13.0, 1.35 * columns + 1.2), 1.2 + sum(top) + 1.35 * rows), dpi=80)

@@ -43,6 +43,10 @@ def test_arms_studies_and_flags():
     curve, references = script.fraction_arms(args)
     assert [fraction for fraction, _ in curve] == [0.01, 0.02, 0.05, 0.1, 1.0]
     assert references == ["baseline", "GAIN", "ex_only@100%"]
+    assert script.has_fraction_curve(curve)
+    args = parser.parse_args(["--study", "oversample"])
+    script.check_args(args, parser)
+    assert not script.has_fraction_curve(script.fraction_arms(args)[0])  # several arms at 10%: no curve
     with pytest.raises(SystemExit):
         script.check_args(parser.parse_args(["--arms", "nope"]), parser)
 
