@@ -4,6 +4,7 @@ instead of a background that correlates with the class?
     python experiments/biased_shapes.py                          # the main study: 5 arms x 3 seeds
     python experiments/biased_shapes.py --study mask_fraction    # GAIN_ext with 1% ... 100% of the masks
     python experiments/biased_shapes.py --study ablations        # GAIN_ext with one setting changed per arm
+    python experiments/biased_shapes.py --study oversample       # 10% of the masks, drawn more often
     python experiments/biased_shapes.py --arms GAIN "GAIN_ext@5%" --seeds 0   # chosen arms
     python experiments/biased_shapes.py --arm "GAIN_lr=--am_weight 1 --lr 3e-4" --arms baseline GAIN_lr
     python experiments/biased_shapes.py --reuse                  # re-read finished runs, redo tables and figure
