@@ -529,10 +529,16 @@ def pipeline(run: Run, split: str, train: bool, seed: int) -> Iterator[dict]:
         sharding["oversample"] = config.data.ex_oversample
         sharding["oversample_filter"] = functools.partial(
             selected_for_extra_supervision, seed=config.train.seed, fraction=config.data.ex_fraction)
-    return _data().input_pipeline(config.data.dataset, split, data_dir=config.data.data_dir,
-                                  manual_dir=config.data.manual_dir, image_size=config.data.image_size,
-                                  batch_size=batch_size, train=train, seed=seed,
-                                  autoaugment=config.data.autoaugment and train, **sharding)
+    try:
+        return _data().input_pipeline(config.data.dataset, split, data_dir=config.data.data_dir,
+                                      manual_dir=config.data.manual_dir, image_size=config.data.image_size,
+                                      batch_size=batch_size, train=train, seed=seed,
+                                      autoaugment=config.data.autoaugment and train, **sharding)
+    except ValueError as error:
+        if "oversample" not in sharding:
+            raise
+        # e.g. no image selected by a tiny --ex_fraction, or a split too large to keep in memory
+        raise RunError(f"--ex_oversample {config.data.ex_oversample}: {error}") from None
 
 
 def selected_for_extra_supervision(filenames, seed: int, fraction: float) -> np.ndarray:

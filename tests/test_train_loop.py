@@ -394,3 +394,9 @@ def test_ex_oversample_puts_more_of_the_few_masks_in_each_batch(shapes_data_dir,
     assert plain < 0.25 and 0.4 < oversampled < 0.75, (plain, oversampled)
     assert mask_share(0.5)[1] == names  # deterministic from the seed
     assert mask_share(0.5, epoch=1)[1] != names
+    # no image selected: one line naming the flag, before any step
+    config = tiny_config(shapes_data_dir, tmp_path, "oversample_none")
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, ex_fraction=1e-9, ex_oversample=0.5))
+    message = r"--ex_oversample 0.5: oversample: the filter selects none of the \d+ images"
+    with pytest.raises(run_config.RunError, match=message):
+        train_batches(create_run(config), 0)
