@@ -525,17 +525,17 @@ def pipeline(run: Run, split: str, train: bool, seed: int) -> Iterator[dict]:
     config = run.config
     sharding = {} if train else {"process_index": 0, "process_count": 1}
     batch_size = config.train.batch_size // jax.process_count() if train else config.train.batch_size
+    oversampling = {}
     if train and config.data.ex_oversample:
-        sharding["oversample"] = config.data.ex_oversample
-        sharding["oversample_filter"] = functools.partial(
-            selected_for_extra_supervision, seed=config.train.seed, fraction=config.data.ex_fraction)
+        oversampling = {"oversample": config.data.ex_oversample, "oversample_filter": functools.partial(
+            selected_for_extra_supervision, seed=config.train.seed, fraction=config.data.ex_fraction)}
     try:
         return _data().input_pipeline(config.data.dataset, split, data_dir=config.data.data_dir,
                                       manual_dir=config.data.manual_dir, image_size=config.data.image_size,
                                       batch_size=batch_size, train=train, seed=seed,
-                                      autoaugment=config.data.autoaugment and train, **sharding)
+                                      autoaugment=config.data.autoaugment and train, **sharding, **oversampling)
     except ValueError as error:
-        if "oversample" not in sharding:
+        if not oversampling:
             raise
         # e.g. no image selected by a tiny --ex_fraction, or a split too large to keep in memory
         raise RunError(f"--ex_oversample {config.data.ex_oversample}: {error}") from None
