@@ -68,6 +68,20 @@ def test_eval_batches_shapes_dtypes_and_normalization(data_dir):
     assert len(set(names)) == EXAMPLES_PER_SPLIT
 
 
+def test_normalize_batch_is_normalize_bit_for_bit():
+    """The pipeline's compiled table lookup gives normalize()'s float32 bits for every level of every
+    channel and on any batch shape; XLA-compiled arithmetic would not (its divisions differ in the last bit)."""
+    from gain_jax.data import pipeline
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    rng = np.random.default_rng(0)
+    for images in (levels, levels[None], rng.integers(0, 256, (5, 7, 9, 3), dtype=np.uint8),
+                   rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)):
+        looked_up = pipeline.normalize_batch(images).numpy()
+        computed = pipeline.normalize(images).numpy()
+        assert looked_up.dtype == computed.dtype == np.float32 and looked_up.shape == images.shape
+        np.testing.assert_array_equal(looked_up.view(np.uint32), computed.view(np.uint32))
+
+
 def test_resize_to_image_size(data_dir):
     batch = next(gd.input_pipeline("gain_shapes", "validation", data_dir=data_dir, image_size=32, batch_size=4,
                                    train=False))
