@@ -58,3 +58,21 @@ def test_xla_flags_reports_each_set_and_a_rejected_flag():
     assert "FAILED" in rows["bogus"] and "Unknown flag" in rows["bogus"], rows["bogus"]
     assert "XLA_FLAGS=--xla_cpu_no_such_flag=true" in out
     assert "TensorFlow was imported" not in out
+
+
+def test_voc_label_counts_follow_the_voc_histogram():
+    """gain_overhead.py's VOC rows: a systematic sample of the VOC 2012 train counts, so that even 16 images
+    have about the population's labels per image (16 drawn at random had 1.12 against 1.55)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gain_overhead as go
+    import numpy as np
+    population = go.voc_mean_labels()
+    for num_images in (16, 128, 512):
+        counts = go.voc_label_counts(num_images, np.random.default_rng(go.VOC_SEED))
+        assert len(counts) == num_images and set(counts) <= set(go.VOC2012_TRAIN_LABEL_HISTOGRAM)
+        assert abs(counts.mean() - population) < 0.06, (num_images, counts.mean())
+        share_single = (counts == 1).mean()  # 3437 / 5717 = 0.601 in the population
+        assert abs(share_single - 3437 / 5717) < 1 / num_images + 1e-9, (num_images, share_single)
+    large = go.voc_label_counts(512, np.random.default_rng(0))
+    assert large.max() >= 5  # the tail of 5- and 6-label images is represented
+    assert not np.array_equal(large, np.sort(large))  # shuffled, not in quantile order
