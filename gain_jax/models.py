@@ -19,6 +19,9 @@ Numerics follow torch so that `gain_jax.convert.from_torchvision` reproduces tor
 explicit symmetric padding, floor-mode pools, ResNet's 3x3/s2/p1 max-pool padded with -inf,
 torch's AdaptiveAvgPool2d bins, and a BatchNorm with torch's running-statistics update. The compute
 dtype follows the params and inputs (float64 end to end when both are float64 under jax_enable_x64).
+Two computations are written for XLA:CPU's sake, with the same results: the 2x2 max pool has its own
+backward, and a convolution whose output is smaller than its kernel is a matrix product over patches
+(`conv_general_dilated`).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax import lax
 
 Dtype = Any
 
@@ -137,13 +141,50 @@ class BatchNorm(nn.Module):
         return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None):
+    """`lax.conv_general_dilated`, except that a convolution whose output is smaller than its kernel is one
+    matrix product over explicitly gathered patches (the same sums, in another order).
+
+    Such convolutions are ResNet's layer4 on 64-pixel images (2x2 outputs of 3x3 kernels). XLA:CPU does not
+    hand them to YNNPACK, and its fallback kernel took 140 ms for one [16,2,2,512] x [3,3,512,512] forward
+    where the product takes 6 ms (bench/README.md, "Tiny convolutions"). Every other convolution, and any
+    dilated, grouped or non-NHWC/HWIO one, goes to lax unchanged.
+    """
+    kernel_height, kernel_width, in_features, out_features = rhs.shape
+    simple = (lhs.ndim == 4 and rhs.ndim == 4 and feature_group_count == 1
+              and all(d == 1 for d in (lhs_dilation or (1,))) and all(d == 1 for d in (rhs_dilation or (1,)))
+              and not isinstance(padding, str)
+              and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO))
+    if simple:
+        (pad_top, pad_bottom), (pad_left, pad_right) = padding
+        stride_h, stride_w = window_strides
+        out_height = (lhs.shape[1] + pad_top + pad_bottom - kernel_height) // stride_h + 1
+        out_width = (lhs.shape[2] + pad_left + pad_right - kernel_width) // stride_w + 1
+    if not simple or (out_height >= kernel_height and out_width >= kernel_width):
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count, precision=precision)
+    padded = jnp.pad(lhs, ((0, 0), (pad_top, pad_bottom), (pad_left, pad_right), (0, 0)))
+    taps = [padded[:, row:row + stride_h * (out_height - 1) + 1:stride_h,
+                   col:col + stride_w * (out_width - 1) + 1:stride_w]
+            for row in range(kernel_height) for col in range(kernel_width)]
+    patches = jnp.stack(taps, axis=3).reshape(lhs.shape[0], out_height, out_width, -1)  # (row, col, channel)
+    weights = rhs.reshape(kernel_height * kernel_width * in_features, out_features)
+    return jnp.dot(patches, weights, precision=precision)
+
+
 def _conv(features, kernel_size, *, strides=1, padding=0, use_bias=True, kernel_init, bias_init=None,
           param_dtype):
     """A torch-style Conv2d: symmetric explicit padding (never "SAME")."""
     kwargs = {} if bias_init is None else {"bias_init": bias_init}
     return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                    padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-                   kernel_init=kernel_init, param_dtype=param_dtype, **kwargs)
+                   kernel_init=kernel_init, param_dtype=param_dtype, conv_general_dilated=conv_general_dilated,
+                   **kwargs)
 
 
 def _max_pool_2x2(x):

@@ -354,3 +354,34 @@ def test_max_pool_2x2_matches_reduce_window_values_and_gradients_with_ties(shape
     assert int((x == 0).sum()) > 0 and float(jnp.abs(ours).sum()) > 0
     batched = jax.vmap(lambda one: _max_pool_2x2(one[None])[0])(x)
     np.testing.assert_array_equal(batched, reference(x))
+
+
+# (batch, height, width, in, out, kernel, stride, padding): outputs smaller than the kernel (ResNet's layer4 on
+# 64-pixel images, its strided first conv, a 1x1 output, the 7x7 stem on a tiny image), and one that is not
+@pytest.mark.parametrize("case", [(2, 2, 2, 5, 7, 3, 1, 1), (2, 2, 3, 5, 7, 3, 1, 1), (2, 4, 4, 5, 7, 3, 2, 1),
+                                  (1, 1, 1, 3, 4, 3, 1, 1), (2, 5, 5, 3, 4, 7, 2, 3), (2, 8, 8, 3, 4, 3, 1, 1)])
+def test_conv_as_patch_product_equals_lax_conv_in_float64(case, x64):
+    """gain_jax.models.conv_general_dilated (a matrix product over patches where the output is smaller than
+    the kernel) gives lax.conv_general_dilated's outputs and gradients to float64 roundoff."""
+    from jax import lax
+
+    from gain_jax.models import conv_general_dilated
+
+    batch, height, width, in_features, out_features, kernel, stride, pad = case
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, height, width, in_features)))
+    weights = jnp.asarray(rng.normal(size=(kernel, kernel, in_features, out_features)))
+    numbers = lax.conv_dimension_numbers(x.shape, weights.shape, ("NHWC", "HWIO", "NHWC"))
+    arguments = ((stride, stride), ((pad, pad), (pad, pad)))
+    expected, expected_vjp = jax.vjp(
+        lambda a, b: lax.conv_general_dilated(a, b, *arguments, dimension_numbers=numbers), x, weights)
+    got, got_vjp = jax.vjp(lambda a, b: conv_general_dilated(a, b, *arguments, dimension_numbers=numbers), x, weights)
+    assert got.dtype == jnp.float64 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-13)
+    cotangent = jnp.asarray(rng.normal(size=expected.shape))
+    for ours, theirs in zip(got_vjp(cotangent), expected_vjp(cotangent)):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-13)
+    patch_product = expected.shape[1] < kernel or expected.shape[2] < kernel
+    hlo = jax.jit(lambda a, b: conv_general_dilated(a, b, *arguments, dimension_numbers=numbers)).lower(
+        x, weights).as_text()
+    assert ("convolution" not in hlo) == patch_product  # the path taken is the one documented
