@@ -154,17 +154,19 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
     where the product takes 6 ms (bench/README.md, "Tiny convolutions"). Every other convolution, and any
     dilated, grouped or non-NHWC/HWIO one, goes to lax unchanged.
     """
-    kernel_height, kernel_width, in_features, out_features = rhs.shape
     simple = (lhs.ndim == 4 and rhs.ndim == 4 and feature_group_count == 1
               and all(d == 1 for d in (lhs_dilation or (1,))) and all(d == 1 for d in (rhs_dilation or (1,)))
               and not isinstance(padding, str)
               and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO))
     if simple:
+        kernel_height, kernel_width, in_features, out_features = rhs.shape
         (pad_top, pad_bottom), (pad_left, pad_right) = padding
         stride_h, stride_w = window_strides
         out_height = (lhs.shape[1] + pad_top + pad_bottom - kernel_height) // stride_h + 1
         out_width = (lhs.shape[2] + pad_left + pad_right - kernel_width) // stride_w + 1
-    if not simple or (out_height >= kernel_height and out_width >= kernel_width):
+        # an empty output is lax's to refuse, with its own message
+        simple = min(out_height, out_width) >= 1 and (out_height < kernel_height or out_width < kernel_width)
+    if not simple:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count, precision=precision)
