@@ -314,3 +314,37 @@ def test_oversample_draws_from_the_pool_and_refuses_what_it_cannot_do(data_dir):
         gd.make_dataset("gain_shapes", "train", data_dir=data_dir, train=False, oversample=0.5,
                         oversample_filter=select)
     gd.clear_decoded_cache()
+
+
+SHIELD_SCRIPT = """
+import os
+import numpy as np
+{imports}
+img, mask = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)
+{run}
+print("ran; XLA_FLAGS", os.environ.get("XLA_FLAGS"))
+"""
+
+
+def test_tensorflows_xla_does_not_read_the_xla_flags_meant_for_jax():
+    """TensorFlow's own XLA copy aborts the process on an XLA_FLAGS entry it does not know (e.g. one of a newer
+    jaxlib's); gain_jax.data starts it with XLA_FLAGS unset, so the pipeline's compiled ops run, and puts
+    them back for JAX."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS="--xla_gain_flag_unknown_to_tensorflow=1")
+
+    def run(imports, code):
+        script = SHIELD_SCRIPT.format(imports=imports, run=code)
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+
+    bare = run("import tensorflow as tf", "tf.function(lambda x: x * 2, jit_compile=True)(tf.constant([1.0]))")
+    assert bare.returncode != 0 and "Unknown flag in XLA_FLAGS" in bare.stderr  # the hazard is real
+    shielded = run("import tensorflow as tf\nfrom gain_jax.data import autoaugment as aa, pipeline",
+                   "dataset = tf.data.Dataset.from_tensors((img, mask)).repeat(4).enumerate().map(\n"
+                   "    lambda p, e: aa.augment(e[0], e[1], tf.stack([tf.constant(0, tf.int64), p])))\n"
+                   "for batch in dataset.batch(2).map(lambda i, m: pipeline.normalize_batch(i)): pass\n"
+                   "aa.equalize(tf.constant(img))\naa.rotate(tf.constant(img), tf.constant(mask), 30.0)")
+    assert shielded.returncode == 0, shielded.stderr[-3000:]
+    assert shielded.stdout.strip() == "ran; XLA_FLAGS --xla_gain_flag_unknown_to_tensorflow=1"

@@ -164,6 +164,26 @@ def normalize_batch(images):
     return tf.gather(tf.constant(_NORMALIZED_LEVELS), index)
 
 
+def _start_tensorflow_xla_without_xla_flags() -> None:
+    """Compile one tiny lookup with XLA_FLAGS unset, then put them back.
+
+    TensorFlow carries its own copy of XLA, which reads XLA_FLAGS once, at its first compile, and aborts
+    the process on any flag it does not know. XLA_FLAGS in a gain_jax process are meant for JAX's XLA, a
+    different version; the pipeline's compiled lookups need none of them."""
+    flags = os.environ.pop("XLA_FLAGS", None)
+    try:
+        pixels = np.zeros((1, 1, 3), np.uint8)
+        normalize_batch(pixels)
+        for _ in tf.data.Dataset.from_tensors(pixels).map(normalize_batch):  # and as the pipeline runs it
+            pass
+    finally:
+        if flags is not None:
+            os.environ["XLA_FLAGS"] = flags
+
+
+_start_tensorflow_xla_without_xla_flags()
+
+
 def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image_size: int | None = None,
                  batch_size: int = 8, train: bool = True, seed: int = 0, autoaugment: bool = True,
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: bool | None = None,
