@@ -26,6 +26,9 @@ Rows, per backbone:
 Each row prints the GAIN/classification ratio and the target `1 + 0.6 n` (n = the mean labels per image of
 the row's batches; union: 2.3), and for small_cnn packed and sampled K=2/K=3 the issue-12 targets (<= 2.0,
 <= 2.5).
+"flops" is the GAIN step's floating-point operations over the plain step's, by XLA's cost analysis of the two
+compiled programs (`Compiled.cost_analysis()`; the mean over the row's programs): the work the time ratio is
+measured against. A target below it asks the GAIN step to run its flops faster than the plain step runs its own.
 "XLA temp MiB" is the compiled step's temporary buffer size (`Compiled.memory_analysis()`: working memory
 beyond arguments and outputs, the largest over the row's programs). On a GPU the device's peak bytes in
 use over the whole process is printed at the end (JAX cannot reset it per row).
@@ -147,6 +150,16 @@ def compile_step(jitted, *args):
     return compiled, temp
 
 
+def xla_flops(compiled) -> float | None:
+    """The compiled program's floating-point operations by XLA's cost analysis; None if not reported."""
+    try:
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis  # a list in older jax
+        return float(analysis["flops"])
+    except Exception:  # not every backend reports it
+        return None
+
+
 def xla_program_bytes(compiled, with_arguments: bool = False) -> int | None:
     """What the compiled program allocates when it runs, by XLA's buffer assignment: outputs + temp buffers -
     outputs aliased to donated arguments (+ the arguments with `with_arguments`); None if not reported."""
@@ -219,6 +232,7 @@ class Row:
     issue_target: float | None
     shapes: str
     temp_bytes: int | None
+    flops_ratio: float | None = None    # GAIN step's flops / the plain step's (mean over the row's programs)
     peak_bytes: int | None = None       # GAIN step, largest over the row's programs (see the module docstring)
     cls_peak_bytes: int | None = None   # the plain classification step
 
@@ -285,22 +299,22 @@ CLS_CASE = -1  # --memory-child's case index of the plain classification step
 
 
 def programs(bench_setup: Setup, case_index: int):
-    """(compiled step, state, batch, extra args, shape, XLA temp bytes, XLA program bytes) for each program
-    of a row (the row's label batches), compiled one at a time; CLS_CASE: the classification step."""
+    """(compiled step, state, batch, extra args, shape, XLA temp bytes, XLA program bytes, XLA flops) for each
+    program of a row (the row's label batches), compiled one at a time; CLS_CASE: the classification step."""
     key0, on = jax.random.PRNGKey(0), jnp.float32(1.0)
     model, images = bench_setup.model, bench_setup.images
     if case_index == CLS_CASE:
         batch = {"image": images, "labels": jnp.asarray(bench_setup.fixed[2])}
         state = bench_setup.fresh_state()
         compiled, temp = compile_step(make_classification_step(model), state, batch, key0)
-        yield compiled, state, batch, (), "", temp, xla_program_bytes(compiled)
+        yield compiled, state, batch, (), "", temp, xla_program_bytes(compiled), xla_flops(compiled)
         return
     case = bench_setup.cases[case_index]
     for labels in case.label_batches:
         cfg, batch, shape = gain_batch(case, images, labels)
         state = bench_setup.fresh_state()
         compiled, temp = compile_step(gj.make_train_step(model, cfg), state, batch, key0, on)
-        yield compiled, state, batch, (on,), shape, temp, xla_program_bytes(compiled)
+        yield compiled, state, batch, (on,), shape, temp, xla_program_bytes(compiled), xla_flops(compiled)
 
 
 def memory_child(spec: dict) -> None:
@@ -343,27 +357,29 @@ def bench(backbone: str, image_size: int, batch_size: int, steps: int, warmup: i
         batch = {"image": bench_setup.images, "labels": jnp.asarray(labels)}
         state = bench_setup.fresh_state()
         compiled, _ = compile_step(make_classification_step(bench_setup.model), state, batch, jax.random.PRNGKey(0))
-        return time_steps(compiled, state, batch, steps, warmup)[0]
+        return time_steps(compiled, state, batch, steps, warmup)[0], xla_flops(compiled)
 
     def largest(values):
         return None if not values or None in values else max(values)
 
     rows, xla_bytes = [], {}
     # interleave baseline and GAIN runs so that machine noise hits both alike
-    base_time = time_baseline(bench_setup.fixed[2])
+    base_time, base_flops = time_baseline(bench_setup.fixed[2])
     for index, case in enumerate(bench_setup.cases):
-        times, shapes, temps, program_bytes = [], [], [], []
-        for compiled, state, batch, extra, shape, temp, footprint in programs(bench_setup, index):
+        times, shapes, temps, program_bytes, flops = [], [], [], [], []
+        for compiled, state, batch, extra, shape, temp, footprint, program_flops in programs(bench_setup, index):
             times.append(time_steps(compiled, state, batch, steps, warmup, extra_args=extra)[0])
             shapes.append(shape)
             temps.append(temp)
             program_bytes.append(footprint)
+            flops.append(program_flops)
         xla_bytes[index] = largest(program_bytes)
-        base_again = time_baseline(case.label_batches[0])
+        flops_ratio = None if None in flops or not base_flops else float(np.mean(flops)) / base_flops
+        base_again, _ = time_baseline(case.label_batches[0])
         baseline = statistics.median([base_time, base_again])
         mean_labels = float(np.mean([(labels > 0).sum(axis=-1).mean() for labels in case.label_batches]))
         rows.append(Row(case.name, baseline, statistics.median(times), mean_labels, case.target, case.issue_target,
-                        ", ".join(dict.fromkeys(shapes)), largest(temps)))
+                        ", ".join(dict.fromkeys(shapes)), largest(temps), flops_ratio))
 
     if memory_steps is not None:
         # after every timed step: the children do not run while anything is timed
@@ -374,7 +390,7 @@ def bench(backbone: str, image_size: int, batch_size: int, steps: int, warmup: i
             for index, row in enumerate(rows):
                 row.peak_bytes, row.cls_peak_bytes = measure(index), cls_peak
         else:
-            cls_peak = next(programs(bench_setup, CLS_CASE))[-1]
+            cls_peak = next(programs(bench_setup, CLS_CASE))[6]
             for index, row in enumerate(rows):
                 row.peak_bytes, row.cls_peak_bytes = xla_bytes[index], cls_peak
     return rows
@@ -393,6 +409,7 @@ def format_row(backbone: str, size: int, batch_size: int, row: Row, memory: bool
     line = (f"{backbone:<10} {f'{size}x{size}':>9} {batch_size:>5}  {row.name:<22} {row.mean_labels:>5.2f} "
             f"{row.baseline * 1e3:>11.1f} {row.gain * 1e3:>12.1f} {row.ratio:>6.2f} {f'<={row.target:.2f}':>7} "
             f"{met:>4} ")
+    line += f"{'-' if row.flops_ratio is None else f'{row.flops_ratio:.2f}':>6} "
     temp = "-" if row.temp_bytes is None else f"{row.temp_bytes / 2**20:.1f}"
     line += f"{temp:>12}"
     if memory:
@@ -445,8 +462,8 @@ def main(argv=None):
         print(MEMORY_NOTE["cpu" if jax.default_backend() == "cpu" else "other"])
     memory_header = f" {'cls peak MiB':>12} {'GAIN peak MiB':>13} {'mem ratio':>9}" if memory else ""
     print(f"{'backbone':<10} {'input':>9} {'batch':>5}  {'case':<22} {'n':>5} {'cls step ms':>11} "
-          f"{'GAIN step ms':>12} {'ratio':>6} {'target':>7} {'met':>4} {'XLA temp MiB':>12}{memory_header}  "
-          f"shapes (K slots, R rows)")
+          f"{'GAIN step ms':>12} {'ratio':>6} {'target':>7} {'met':>4} {'flops':>6} {'XLA temp MiB':>12}"
+          f"{memory_header}  shapes (K slots, R rows)")
     for backbone, size, batch_size in configs:
         for row in bench(backbone, size, batch_size, args.steps, args.warmup, voc_batches=args.voc_batches,
                          memory_steps=args.memory_steps if memory else None):

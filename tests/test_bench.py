@@ -1,6 +1,7 @@
-"""The benchmark scripts' own paths, at the smallest sizes (no figure is checked, only that they run and
-report what bench/README.md says): step_time.py --gpu (issue 12 item 5) on the CPU, without TensorFlow, and
-gain_overhead.py's per-program host-memory child (item 6)."""
+"""The benchmark scripts' own paths, at the smallest sizes (no time is checked, only that they run and
+report what bench/README.md says): step_time.py --gpu (issue 12 item 5) on the CPU, without TensorFlow,
+gain_overhead.py's per-program host-memory child (item 6) and its flops column (XLA's cost analysis, which
+does not depend on the machine's speed)."""
 import json
 import os
 import subprocess
@@ -76,3 +77,34 @@ def test_voc_label_counts_follow_the_voc_histogram():
     large = go.voc_label_counts(512, np.random.default_rng(0))
     assert large.max() >= 5  # the tail of 5- and 6-label images is represented
     assert not np.array_equal(large, np.sort(large))  # shuffled, not in quantile order
+
+
+def test_gain_step_work_grows_with_the_rows_present():
+    """gain_overhead.py's "flops" column (XLA's cost analysis): a GAIN step does one classification
+    forward+backward plus an attention-mining forward+backward over R rows, so its flops are about 1 + R/B plain
+    steps; packed per-label pays for the (image, label) pairs present, padded for every slot."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gain_overhead as go
+    batch_size = 4
+    bench_setup = go.setup("small_cnn", 32, batch_size, voc_batches=1)
+    names = [case.name for case in bench_setup.cases]
+
+    def flops_and_rows(name):
+        index = go.CLS_CASE if name == "cls" else names.index(name)
+        ((*_, shape, _temp, _bytes, flops),) = list(go.programs(bench_setup, index))
+        rows = int(shape.split("R=")[1]) if "R=" in shape else batch_size
+        return flops, rows
+
+    cls_flops, _ = flops_and_rows("cls")
+    assert cls_flops and cls_flops > 0
+    voc_labels = bench_setup.cases[names.index("per-label VOC packed")].label_batches[0]
+    present = int((voc_labels > 0).sum())
+    for name in ("union (2 labels)", "per-label K=2 padded", "per-label K=2 packed", "per-label VOC padded",
+                 "per-label VOC packed", "per-label K=3 sampled"):
+        flops, rows = flops_and_rows(name)
+        expected = 1 + rows / batch_size
+        assert abs(flops / cls_flops - expected) < 0.1 * expected, (name, flops / cls_flops, rows)
+        if name == "per-label VOC packed":
+            assert rows == go.gj.gain.row_count(present, batch_size), (rows, present)  # the pairs present
+        if name == "per-label VOC padded":
+            assert rows == batch_size * int((voc_labels > 0).sum(-1).max())
