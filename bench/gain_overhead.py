@@ -150,14 +150,19 @@ def compile_step(jitted, *args):
     return compiled, temp
 
 
-def xla_flops(compiled) -> float | None:
-    """The compiled program's floating-point operations by XLA's cost analysis; None if not reported."""
+def xla_cost_analysis(compiled) -> dict:
+    """XLA's cost analysis of a compiled program ("flops", "bytes accessed", ...); {} if not reported."""
     try:
         analysis = compiled.cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, list) else analysis  # a list in older jax
-        return float(analysis["flops"])
     except Exception:  # not every backend reports it
-        return None
+        return {}
+    return (analysis[0] if isinstance(analysis, list) else analysis) or {}  # a list in older jax
+
+
+def xla_flops(compiled) -> float | None:
+    """The compiled program's floating-point operations by XLA's cost analysis; None if not reported."""
+    flops = xla_cost_analysis(compiled).get("flops")
+    return None if flops is None else float(flops)
 
 
 def xla_program_bytes(compiled, with_arguments: bool = False) -> int | None:
