@@ -250,7 +250,7 @@ import itertools, sys
 {prelude}
 import gain_jax.data as gd
 from gain_jax.data import shapes
-shapes.SPLIT_SIZES.update(train=64, validation=48, validation_unbiased=16, test_unbiased=16)  # a small build
+shapes.SPLIT_SIZES.update(train=64, validation=48, validation_unbiased=16, test_unbiased=16, train_unbiased=16)
 data_dir = sys.argv[1]
 # like train.py: the pipeline (built here on first use) re-created per epoch and left part-way
 for epoch in range(2):

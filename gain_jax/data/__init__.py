@@ -1,9 +1,9 @@
 """gain_jax.data: tfds builders, AutoAugment and the tf.data input pipeline.
 
 The one part of gain_jax that imports TensorFlow. Importing it registers two tfds builders:
-"gain_shapes" (embedded synthetic set with a background-texture bias; splits train, validation (both biased),
-validation_unbiased, test_unbiased) and "gain_voc2012" (PASCAL VOC 2012 from local files in `manual_dir`;
-splits train, validation).
+"gain_shapes" (embedded synthetic set with a texture-cue bias; splits train, validation (both biased),
+validation_unbiased, test_unbiased, train_unbiased) and "gain_voc2012" (PASCAL VOC 2012 from local files in
+`manual_dir`; splits train, validation).
 
     import gain_jax.data as gd
     batches = gd.input_pipeline("gain_voc2012", "train", manual_dir=..., image_size=224, batch_size=8)

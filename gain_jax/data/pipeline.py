@@ -28,8 +28,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SHUFFLE_BUFFER = 1024
 OUTPUT_KEYS = ("image", "labels", "mask", "has_mask", "filename")
-# Per-data-set keys beside OUTPUT_KEYS. gain_shapes' "bias_conflicting": the image's background texture is
-# the own texture of a class that is not among its labels (the texture points away from the answer).
+# Per-data-set keys beside OUTPUT_KEYS. gain_shapes' "bias_conflicting": the image's cue texture (2.0.0: the
+# background; 3.0.0: the first object's patch) is the own texture of a class that is not among its labels (the
+# texture points away from the answer).
 EXTRA_KEYS = {"gain_shapes": ("bias_conflicting",)}
 
 
@@ -440,7 +441,7 @@ def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_
       the filter selects (see `make_dataset`).
     Yields {"image": float32 [B,S,S,3] (ImageNet-normalized), "labels": float32 [B,C],
             "mask": uint8 [B,S,S] (0 bg, class + 1, 255 ignore), "has_mask": bool [B], "filename": bytes [B]},
-      and for gain_shapes "bias_conflicting": bool [B] (the background texture is a non-label class's own).
+      and for gain_shapes "bias_conflicting": bool [B] (the cue texture is a non-label class's own).
     """
     dataset = make_dataset(name, split, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size,
                            batch_size=batch_size, train=train, seed=seed, autoaugment=autoaugment,

@@ -1,26 +1,33 @@
-""""gain_shapes": an embedded synthetic set with a known background bias, generated locally (no download).
+""""gain_shapes": an embedded synthetic set with a known bias, generated locally (no download).
 
-64x64 RGB images with 1 or 2 solid shapes (`NUM_OBJECTS_PROBS`) of 6 classes, radius `RADIUS_RANGE` pixels
-(a shape covers roughly 3-15% of the image), on a faint two-colour background texture (the colours differ by
-`TEXTURE_CONTRAST` per channel; the shapes' colours stand out from both). Like "boat on water", each class
-comes with a background texture of its own: in the biased splits the texture is that of the image's primary
-(first) object with probability `BIAS_PROBABILITY`, otherwise one of the other five; in the unbiased splits
-it is independent of the classes. The parameters are meant to make the texture a shortcut that a classifier
-trained from scratch takes while the shapes stay learnable within a CPU budget, so that what a method
-changes (looking at the shapes, or not) can be measured.
+64x64 RGB images with 1 or 2 solid shapes (`NUM_OBJECTS_PROBS`) of 6 classes (`CLASS_NAMES`), and a bias cue
+that predicts the class on the biased splits: like "boat on water", each class comes with a texture of its own
+(`TEXTURE_NAMES`). The images are rendered by `gain_jax.data.shapes_render`, one design per version:
+
+3.0.0 (the default): on a plain noisy background, every object brings a 16x16 cue patch of a texture
+    elsewhere in the image, its own class's texture always (`BIAS_PROBABILITY` 1) in the biased splits, any
+    texture in the unbiased ones. The shapes are smaller (radius `RADIUS_RANGE`) and closer in colour to the
+    background than 2.0.0's. Chosen so that the shortcut survives training: a classifier from scratch trained
+    for 1x to 8x the default budget stays at the cue (experiments/README.md), while the same classifier
+    trained on `train_unbiased` learns the shapes (the ceiling). The cue is local: erasing it removes it.
+2.0.0 (`tfds.builder("gain_shapes:2.0.0")`): the whole background is a faint texture, the first object's
+    class's own with probability 0.9 in the biased splits. Its shortcut fades with a longer budget.
 
 Splits (sizes in `SPLIT_SIZES`):
     train                 biased: what models learn from
     validation            biased like train: how well a model learned the training distribution
-    validation_unbiased   texture independent of the classes: for choosing configurations (methods, weights,
+    validation_unbiased   cue independent of the classes: for choosing configurations (methods, weights,
                           budgets); nothing is chosen on test_unbiased
-    test_unbiased         texture independent of the classes: looked at once, for the configurations chosen
+    test_unbiased         cue independent of the classes: looked at once, for the configurations chosen
+    train_unbiased        (3.0.0) cue independent of the classes, as large as train: the oracle's training set
 
-Per-pixel masks use VOC's encoding (0 background, class + 1, 255 ignore on a 1-pixel ring around each shape).
+Per-pixel masks use VOC's encoding (0 background, class + 1, 255 ignore on a 1-pixel ring around each shape;
+cue patches are background). The "background" feature is the cue texture (3.0.0: the first object's patch).
 Generation is seeded per (split, index): deterministic.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -28,84 +35,44 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from etils import epath
 
-CLASS_NAMES = ("circle", "square", "triangle", "cross", "ring", "diamond")
-TEXTURE_NAMES = ("horizontal_stripes", "vertical_fine_stripes", "diagonal_stripes", "checkers", "dots",
-                 "pixel_noise")  # texture k is the "own" background of class k
-IMAGE_SIZE = 64
-# The generator's parameters (changing one changes the data set: bump GainShapes.VERSION).
-TEXTURE_CONTRAST = 80  # per channel, between the background texture's two colours (at most 127)
-RADIUS_RANGE = (8, 14)  # pixels: a shape's radius is uniform in this range (smaller only when crowded)
-NUM_OBJECTS_PROBS = (0.6, 0.4)  # probability of 1, 2, ... objects in an image
-BIAS_PROBABILITY = 0.9  # biased splits: P(background texture = the primary object's class's own)
-SPLIT_SIZES = {"train": 3000, "validation": 600, "validation_unbiased": 600, "test_unbiased": 600}
-UNBIASED_SPLITS = ("validation_unbiased", "test_unbiased")  # texture independent of the classes
-_SPLIT_SEEDS = {"train": 0, "validation": 1, "validation_unbiased": 3, "test_unbiased": 2}
-_BASE_SEED = 20180301
-_IGNORE = 255
-# v1's private names of the parameters above: a script that still sets them would silently get v2's values
+from gain_jax.data import shapes_render
+from gain_jax.data.shapes_render import CLASS_NAMES, IMAGE_SIZE, TEXTURE_NAMES
+
+CURRENT_VERSION = "3.0.0"
+DESIGNS = shapes_render.DESIGNS  # version -> the generator's parameters
+_CURRENT = DESIGNS[CURRENT_VERSION]
+# The current version's parameters (changing one changes the data set: a new version). Scripts and tests may
+# set them (a small build, a probe): `current_design` reads them at generation time.
+TEXTURE_CONTRAST = _CURRENT.texture_contrast  # per channel, between the cue texture's two colours
+RADIUS_RANGE = _CURRENT.radius_range  # pixels: a shape's radius is uniform in this range
+NUM_OBJECTS_PROBS = _CURRENT.num_objects_probs  # probability of 1, 2, ... objects in an image
+BIAS_PROBABILITY = _CURRENT.bias_probability  # biased splits: P(cue texture = the class's own)
+SHAPE_COLOUR_DISTANCE = _CURRENT.shape_colour_distance  # L1 from the background's colours
+PATCH_SIZE = _CURRENT.patch_size  # side of a cue patch, pixels
+BACKGROUND_NOISE = _CURRENT.background_noise  # per-pixel noise amplitude of the plain background
+SPLIT_SIZES = _CURRENT.splits
+UNBIASED_SPLITS = _CURRENT.unbiased_splits  # cue independent of the classes
+# v1's private names of the parameters above: a script that still sets them would silently get the defaults
 _RENAMED = {"_TEXTURE_CONTRAST": "TEXTURE_CONTRAST", "_RADIUS_RANGE": "RADIUS_RANGE",
             "_NUM_OBJECTS_PROBS": "NUM_OBJECTS_PROBS"}
-_GRID_Y, _GRID_X = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
-_GRID_YF, _GRID_XF = _GRID_Y.astype(np.float32), _GRID_X.astype(np.float32)
 
 
-def _texture(texture_id: int, rng: np.random.Generator) -> np.ndarray:
-    """Binary [64,64] pattern of one texture, with a random phase."""
-    y, x = _GRID_Y, _GRID_X
-    phase_x, phase_y = rng.integers(0, 16, size=2)
-    if texture_id == 0:
-        return ((y + phase_y) // 4) % 2 == 0
-    if texture_id == 1:
-        return ((x + phase_x) // 2) % 2 == 0
-    if texture_id == 2:
-        return ((x + y + phase_x) // 3) % 2 == 0
-    if texture_id == 3:
-        return ((x + phase_x) // 8 + (y + phase_y) // 8) % 2 == 0
-    if texture_id == 4:
-        return ((x + phase_x) % 8 < 3) & ((y + phase_y) % 8 < 3)
-    if texture_id == 5:
-        return rng.random((IMAGE_SIZE, IMAGE_SIZE)) < 0.5
-    raise ValueError(f"texture id {texture_id} not in 0..{len(TEXTURE_NAMES) - 1}")
+def current_design() -> shapes_render.Design:
+    """The current version's design with this module's parameters as they are now."""
+    return dataclasses.replace(
+        _CURRENT, texture_contrast=TEXTURE_CONTRAST, radius_range=tuple(RADIUS_RANGE),
+        num_objects_probs=tuple(NUM_OBJECTS_PROBS), bias_probability=BIAS_PROBABILITY,
+        shape_colour_distance=SHAPE_COLOUR_DISTANCE, patch_size=PATCH_SIZE, background_noise=BACKGROUND_NOISE,
+        split_sizes=tuple(SPLIT_SIZES.items()))
 
 
-def _shape_region(class_id: int, center_y: float, center_x: float, radius: float) -> np.ndarray:
-    """Boolean [64,64] region of one shape."""
-    dy, dx = _GRID_YF - center_y, _GRID_XF - center_x
-    if class_id == 0:  # circle
-        return dx ** 2 + dy ** 2 <= radius ** 2
-    if class_id == 1:  # square
-        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.8 * radius
-    if class_id == 2:  # triangle, apex up
-        return (dy >= -radius) & (dy <= 0.8 * radius) & (np.abs(dx) <= (dy + radius) / 1.8)
-    if class_id == 3:  # cross
-        arm = radius / 3.0
-        return (((np.abs(dx) <= arm) & (np.abs(dy) <= radius))
-                | ((np.abs(dy) <= arm) & (np.abs(dx) <= radius)))
-    if class_id == 4:  # ring
-        dist2 = dx ** 2 + dy ** 2
-        return (dist2 <= radius ** 2) & (dist2 >= (0.5 * radius) ** 2)
-    if class_id == 5:  # diamond
-        return np.abs(dx) + np.abs(dy) <= radius
-    raise ValueError(f"class id {class_id} not in 0..{len(CLASS_NAMES) - 1}")
-
-
-def _dilate(region: np.ndarray) -> np.ndarray:
-    padded = np.pad(region, 1)
-    out = region.copy()
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            out |= padded[1 + dy:1 + dy + IMAGE_SIZE, 1 + dx:1 + dx + IMAGE_SIZE]
-    return out
-
-
-def _distinct_colour(rng: np.random.Generator, avoid: list, min_distance: int) -> np.ndarray:
-    """A random RGB colour at L1 distance >= min_distance from every colour in `avoid` (best of 64 tries)."""
-    candidates = rng.integers(0, 256, size=(64, 3))
-    if not avoid:
-        return candidates[0].astype(np.uint8)
-    distances = np.min([np.abs(candidates - c).sum(axis=1) for c in avoid], axis=0)
-    good = np.flatnonzero(distances >= min_distance)
-    return candidates[good[0] if good.size else np.argmax(distances)].astype(np.uint8)
+def design_of(version: str) -> shapes_render.Design:
+    """The design of `version` ("3.0.0": `current_design()`)."""
+    if version == CURRENT_VERSION:
+        return current_design()
+    if version not in DESIGNS:
+        raise ValueError(f"unknown gain_shapes version {version!r}; versions: {tuple(DESIGNS)}")
+    return DESIGNS[version]
 
 
 def _encode_png(image: np.ndarray) -> bytes:
@@ -119,78 +86,40 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(PIL.Image.open(io.BytesIO(data)))
 
 
-def generate_example(split: str, index: int) -> dict:
-    """One example of `split` (deterministic in (split, index)): the tfds feature dict, the image as PNG
-    bytes (`decode_png` reads it back)."""
-    if split not in _SPLIT_SEEDS:
-        raise ValueError(f"unknown gain_shapes split {split!r}; splits: {tuple(SPLIT_SIZES)}")
+def generate_example(split: str, index: int, version: str = CURRENT_VERSION) -> dict:
+    """One example of `split` of `version` (deterministic in (split, index)): the tfds feature dict, the image
+    as PNG bytes (`decode_png` reads it back)."""
     stale = [name for name in _RENAMED if name in globals()]
     if stale:
         raise AttributeError(f"gain_shapes 2.0: {stale} were renamed to {[_RENAMED[name] for name in stale]}")
-    rng = np.random.default_rng([_BASE_SEED, _SPLIT_SEEDS[split], index])
-    num_classes = len(CLASS_NAMES)
-    num_objects = int(rng.choice(len(NUM_OBJECTS_PROBS), p=NUM_OBJECTS_PROBS)) + 1
-    classes = rng.choice(num_classes, size=num_objects, replace=False)
-
-    if split in UNBIASED_SPLITS:
-        background = int(rng.integers(num_classes))
-    elif rng.random() < BIAS_PROBABILITY:
-        background = int(classes[0])
-    else:  # one of the other textures, uniformly
-        background = int((classes[0] + rng.integers(1, num_classes)) % num_classes)
-
-    colour_a = _distinct_colour(rng, [], 0)
-    # a faint texture: the second colour differs by TEXTURE_CONTRAST in every channel (up where that fits)
-    signs = np.where(colour_a.astype(int) + TEXTURE_CONTRAST > 255, -1, 1)
-    colour_b = (colour_a.astype(int) + signs * TEXTURE_CONTRAST).astype(np.uint8)
-    pattern = _texture(background, rng)
-    image = np.where(pattern[..., None], colour_a, colour_b).astype(np.uint8)
-    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-
-    placed = []  # (cy, cx, r): objects do not overlap, so every label stays visible
+    example = shapes_render.render(split, index, design_of(version))
+    labels = np.zeros(len(CLASS_NAMES), np.float32)
+    labels[example["classes"]] = 1.0
     objects = []
-    for class_id in classes:
-        for attempt in range(200):
-            low, high = RADIUS_RANGE
-            if attempt >= 50:  # crowded: try smaller objects, down to the range's lower end
-                high = max(low, high - (high - low) * (attempt - 50) / 100)
-            radius = float(rng.uniform(low, high))
-            cy, cx = rng.uniform(radius + 1, IMAGE_SIZE - radius - 2, size=2)
-            if all((cy - py) ** 2 + (cx - px) ** 2 > (radius + pr + 3) ** 2 for py, px, pr in placed):
-                break
-        else:
-            raise RuntimeError(f"gain_shapes: could not place {num_objects} objects ({split} {index})")
-        placed.append((cy, cx, radius))
-        region = _shape_region(int(class_id), cy, cx, radius)
-        ring = _dilate(region) & ~region
-        image[region] = _distinct_colour(rng, [colour_a, colour_b], 180)
-        mask[ring] = _IGNORE
-        mask[region] = class_id + 1
+    for class_id, region in zip(example["classes"], example["regions"]):
         rows, cols = np.nonzero(region)
         objects.append({
             "label": int(class_id),
             "bbox": tfds.features.BBox(ymin=rows.min() / IMAGE_SIZE, xmin=cols.min() / IMAGE_SIZE,
                                        ymax=(rows.max() + 1) / IMAGE_SIZE, xmax=(cols.max() + 1) / IMAGE_SIZE),
         })
-
-    labels = np.zeros(num_classes, np.float32)
-    labels[classes] = 1.0
     return {
-        "image": _encode_png(image),
+        "image": _encode_png(example["image"]),
         "labels": labels,
-        "mask": mask,
+        "mask": example["mask"],
         "has_mask": True,
         "filename": f"shapes_{split}_{index:06d}",
-        "background": background,
+        "background": example["cue"],
         "objects": objects,
     }
 
 
 class GainShapes(tfds.core.GeneratorBasedBuilder):
-    """Synthetic shapes on class-correlated background textures (see module docstring)."""
+    """Synthetic shapes with a class-correlated texture cue (see module docstring)."""
 
     name = "gain_shapes"
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version(CURRENT_VERSION)
+    SUPPORTED_VERSIONS = [tfds.core.Version("2.0.0")]  # still generated byte for byte: "gain_shapes:2.0.0"
     RELEASE_NOTES = {
         "1.0.0": "First version: 6 classes, 64x64, bias 0.9 in train/validation.",
         "2.0.0": "Learnable shapes and a split for choosing configurations. v1's high-contrast textures (and 1-3 "
@@ -200,6 +129,12 @@ class GainShapes(tfds.core.GeneratorBasedBuilder):
                  "channel), 1 or 2 larger shapes (radius RADIUS_RANGE), placement that shrinks shapes rather "
                  "than failing when crowded, and a new unbiased split validation_unbiased (for choosing "
                  "configurations; test_unbiased is looked at once). Every image differs from v1's.",
+        "3.0.0": "A shortcut that survives training (issue 20): on 2.0.0 the classification-only baseline left "
+                 "the background cue on its own with a longer budget (unbiased test mAP 0.393 at 600 steps, 0.712 "
+                 "at 1,200). 3.0.0: a local cue, a 16x16 texture patch per object elsewhere in the image (its "
+                 "class's own texture always in the biased splits), on a plain noisy background; smaller shapes "
+                 "(radius 6-10) closer in colour to the background (L1 >= 90); a new split train_unbiased (the "
+                 "oracle). Chosen on validation splits only. 2.0.0 stays available as gain_shapes:2.0.0.",
     }
     # tfds derives this through `importlib_resources`, a package its wheel does not declare.
     code_path = epath.Path(__file__)
@@ -225,8 +160,10 @@ class GainShapes(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
-        return {split: self._generate_examples(split, size) for split, size in SPLIT_SIZES.items()}
+        version = str(self.version)
+        return {split: self._generate_examples(split, size, version)
+                for split, size in design_of(version).splits.items()}
 
-    def _generate_examples(self, split, size):
+    def _generate_examples(self, split, size, version):
         for index in range(size):
-            yield index, generate_example(split, index)
+            yield index, generate_example(split, index, version)
