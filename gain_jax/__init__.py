@@ -28,7 +28,16 @@ from gain_jax.gain import (
     total_loss,
 )
 from gain_jax.models import build_model
-from gain_jax.training import TrainState, class_cams, create_train_state, make_eval_step, make_train_step
+from gain_jax.training import (
+    TrainState,
+    class_cams,
+    create_train_state,
+    make_eval_step,
+    make_sweep_train_step,
+    make_train_step,
+    stack_trees,
+    tree_slice,
+)
 from gain_jax.variants import AM_FORWARDS, AM_SCORES, CAM_METHODS, ERASE_FILLS, MASK_FUNCTIONS, register
 
 __version__ = "0.1.0"
@@ -37,6 +46,7 @@ __all__ = [
     "AM_FORWARDS", "AM_SCORES", "CAM_METHODS", "ERASE_FILLS", "MASK_FUNCTIONS", "Config", "ConfigError", "GainConfig",
     "GainOutput", "LabelPacking", "RunError", "TrainState", "apply_mask", "build_model", "cam_from_gradients",
     "check_max_labels", "class_cams", "create_train_state", "extra_supervision_loss", "from_torchvision",
-    "gain_forward", "gain_losses", "gradcam", "head_gradcams", "make_eval_step", "make_train_step", "minmax_normalize",
-    "pack_labels", "register", "resize_align_corners", "slot_labels_from_multihot", "soft_mask", "total_loss",
+    "gain_forward", "gain_losses", "gradcam", "head_gradcams", "make_eval_step", "make_sweep_train_step",
+    "make_train_step", "minmax_normalize", "pack_labels", "register", "resize_align_corners", "slot_labels_from_multihot",
+    "soft_mask", "stack_trees", "total_loss", "tree_slice",
 ]
