@@ -6,7 +6,8 @@ one after another, in one process.
 
 The step is the default run's (`train.py` with no flags: `BENCHMARK_GAIN`, small_cnn, 64x64, batch 32, Adam,
 dropout 0.5, six classes, the mask loss on every image). For each N, three ways to advance N runs by one step
-each, timed in alternation (median of `--steps` rounds after `--warmup` untimed ones):
+each, timed in alternation (median of `--steps` rounds after `--warmup` untimed ones; above `--max-unrolled` runs
+only vmap):
 - sequential: N calls of the single-run step (`make_train_step`), the way N runs one after another spend it;
 - unrolled: `make_sweep_train_step(strategy="unrolled")`, N copies of the step in one program;
 - vmap: `make_sweep_train_step(strategy="vmap")`, the step batched over the run axis.
@@ -66,7 +67,7 @@ def ways(model, runs: int, batch_size: int, image_size: int, learning_rate: floa
     keys = [jax.random.PRNGKey(1000 + run) for run in range(runs)]
     single = gj.make_train_step(model, BENCHMARK_GAIN)
     sweeps = {strategy: gj.make_sweep_train_step(model, BENCHMARK_GAIN, strategy=strategy)
-              for strategy in gj.training.SWEEP_STRATEGIES}
+              for strategy in gj.training.SWEEP_STRATEGIES}  # compiled on first call only
     held = {"sequential": states, **{strategy: gj.stack_trees(states) for strategy in sweeps}}
     stacked_batches, stacked_keys = gj.stack_trees(batches), jnp.stack(keys)
 
@@ -93,6 +94,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed rounds per way (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compilation)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating passes over the ways; best kept")
+    parser.add_argument("--max-unrolled", type=int, default=20,
+                        help="largest N timed unrolled and sequential (their compile and dispatch grow with N)")
     args = parser.parse_args(argv)
     try:
         run_counts = [int(text) for text in args.seeds.split(",")]
@@ -109,12 +112,15 @@ def main(argv=None) -> None:
     print(f"{'runs':>4}  {'way':<10} {'ms/round':>9} {'run-steps/s':>11} {'speed-up':>8}")
     for runs in run_counts:
         closures = ways(model, runs, args.batch_size, args.image_size, 1e-3)
+        if runs > args.max_unrolled:
+            closures = {"vmap": closures["vmap"]}
         best = {name: float("inf") for name in closures}
         for _ in range(args.repeats):
             for name, run_once in closures.items():
                 best[name] = min(best[name], median_ms(run_once, args.steps, args.warmup))
         for name, ms in best.items():
-            print(f"{runs:>4}  {name:<10} {ms:>9.1f} {1e3 * runs / ms:>11.1f} {best['sequential'] / ms:>7.2f}x")
+            speed_up = f"{best['sequential'] / ms:>7.2f}x" if "sequential" in best else "    n/a"
+            print(f"{runs:>4}  {name:<10} {ms:>9.1f} {1e3 * runs / ms:>11.1f} {speed_up}")
     assert "tensorflow" not in sys.modules and "torch" not in sys.modules
 
 

@@ -47,6 +47,6 @@ __all__ = [
     "GainOutput", "LabelPacking", "RunError", "TrainState", "apply_mask", "build_model", "cam_from_gradients",
     "check_max_labels", "class_cams", "create_train_state", "extra_supervision_loss", "from_torchvision",
     "gain_forward", "gain_losses", "gradcam", "head_gradcams", "make_eval_step", "make_sweep_train_step",
-    "make_train_step", "minmax_normalize", "pack_labels", "register", "resize_align_corners", "slot_labels_from_multihot",
-    "soft_mask", "stack_trees", "total_loss", "tree_slice",
+    "make_train_step", "minmax_normalize", "pack_labels", "register", "resize_align_corners",
+    "slot_labels_from_multihot", "soft_mask", "stack_trees", "total_loss", "tree_slice",
 ]
