@@ -1,6 +1,6 @@
 """The benchmark scripts' own paths, at the smallest sizes (no time is checked, only that they run and
-report what bench/README.md says): step_time.py --gpu (issue 12 item 5) on the CPU, without TensorFlow,
-gain_overhead.py's per-program host-memory child (item 6) and its flops column (XLA's cost analysis, which
+report what bench/README.md says): step_time.py --gpu (issue 12 item 5) and seed_sweep.py on the CPU, without
+TensorFlow, gain_overhead.py's per-program host-memory child (item 6) and its flops column (XLA's cost analysis, which
 does not depend on the machine's speed)."""
 import json
 import os
@@ -108,3 +108,14 @@ def test_gain_step_work_grows_with_the_rows_present():
             assert rows == go.gj.gain.row_count(present, batch_size), (rows, present)  # the pairs present
         if name == "per-label VOC padded":
             assert rows == batch_size * int((voc_labels > 0).sum(-1).max())
+
+
+def test_seed_sweep_reports_every_way_for_each_run_count():
+    out = run("bench/seed_sweep.py", "--seeds", "1,2,3", "--max-unrolled", "2", "--image-size", "16",
+              "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("1", "sequential"), ("1", "unrolled"), ("1", "vmap"),
+        ("2", "sequential"), ("2", "unrolled"), ("2", "vmap"), ("3", "vmap")]
+    assert all(float(row[2]) > 0 for row in rows)
+    assert rows[0][4] == "1.00x" and rows[-1][4] == "n/a"
