@@ -55,9 +55,9 @@ def make_train_step(model, cfg: GainConfig, donate: bool = True) -> Callable:
     `attention_on` (a scalar, 0 or 1) multiplies the attention-mining and extra losses in the total
     (`total_loss`), so switching them on after pre-training reuses the same compiled program; `mining_on`
     (a scalar, 0 or 1) multiplies the attention-mining loss alone (TrainConfig.am_start_epoch), likewise.
-    Both streams run in every step, so L_am is logged during pre-training too. A
-    `lax.cond` that skipped the attention-mining stream while it is off was measured 8x slower than this
-    on XLA:CPU (small_cnn, 64x64, batch 16), so it is not used.
+    Both streams run in every step, so L_am is logged during pre-training too: a `lax.cond` that skipped the
+    attention-mining stream while it is off was slower on XLA:CPU (docs/design.md, "`attention_on`
+    multiplies, it does not branch"), so it is not used.
     With `donate`, the input state's buffers are reused for the new state: don't read the old state (nor
     the variables it was created from) after the call.
     metrics: "loss" (the total optimized), "cl", "am", "ex" (unweighted terms), "logits" [B,C].

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
 
@@ -18,6 +20,7 @@ def run(*args):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_step_time_gpu_path_runs_on_cpu_without_tensorflow():
     out = run("bench/step_time.py", "--gpu", "--backbone", "small_cnn", "--image-size", "32", "--batch-size", "2",
               "--steps", "1", "--warmup", "1", "--torch-threads", "1")
@@ -33,6 +36,7 @@ def test_step_time_gpu_path_runs_on_cpu_without_tensorflow():
     assert out.rstrip().endswith("TensorFlow imported: no")
 
 
+@pytest.mark.slow
 def test_gain_overhead_memory_child_reports_host_peak():
     spec = dict(backbone="small_cnn", image_size=32, batch_size=2, num_classes=20, voc_batches=1, steps=1)
     peaks = {}
@@ -42,6 +46,7 @@ def test_gain_overhead_memory_child_reports_host_peak():
     assert all(isinstance(peak, int) and peak > 0 for peak in peaks.values()), peaks
 
 
+@pytest.mark.slow
 def test_xla_flags_reports_each_set_and_a_rejected_flag():
     out = run("bench/xla_flags.py", "--configs", "small_cnn:32:2", "--sets", "default",
               "--flags", "fast_min_max=--xla_cpu_enable_fast_min_max=true", "bogus=--xla_cpu_no_such_flag=true",
@@ -79,6 +84,7 @@ def test_voc_label_counts_follow_the_voc_histogram():
     assert not np.array_equal(large, np.sort(large))  # shuffled, not in quantile order
 
 
+@pytest.mark.slow
 def test_gain_step_work_grows_with_the_rows_present():
     """gain_overhead.py's "flops" column (XLA's cost analysis): a GAIN step does one classification
     forward+backward plus an attention-mining forward+backward over R rows, so its flops are about 1 + R/B plain

@@ -23,9 +23,10 @@ FLOAT32_BOUND = 2e-5
 PARITY_CASES = [
     ("small_cnn", 2, 64, 48, (8, 6)),
     ("resnet18", 2, 64, 48, (2, 2)),
-    ("resnet50", 1, 48, 64, (2, 2)),
-    ("vgg16", 1, 64, 96, (2, 3)),  # feature map smaller than 7x7 and not dividing it
-    ("vgg19", 2, 32, 32, (1, 1)),
+    pytest.param("resnet50", 1, 48, 64, (2, 2), marks=pytest.mark.slow),
+    # feature map smaller than 7x7 and not dividing it
+    pytest.param("vgg16", 1, 64, 96, (2, 3), marks=pytest.mark.slow),
+    pytest.param("vgg19", 2, 32, 32, (1, 1), marks=pytest.mark.slow),
 ]
 
 

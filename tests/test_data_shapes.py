@@ -47,6 +47,7 @@ def test_registered_and_described():
     assert str(builder.version) == "2.0.0" and "2.0.0" in builder.RELEASE_NOTES
 
 
+@pytest.mark.slow
 def test_split_sizes_dtypes_and_shapes(splits):
     for split, size in shapes.SPLIT_SIZES.items():
         columns = splits[split]
@@ -57,6 +58,7 @@ def test_split_sizes_dtypes_and_shapes(splits):
         assert sorted(columns["filename"]) == [f"shapes_{split}_{i:06d}" for i in range(size)]
 
 
+@pytest.mark.slow
 def test_labels_objects_and_masks_agree(splits):
     """Labels = the objects' classes = the classes the mask shows; the mask uses VOC's encoding."""
     for split in shapes.SPLIT_SIZES:
@@ -71,6 +73,7 @@ def test_labels_objects_and_masks_agree(splits):
             assert {v - 1 for v in values - {0, 255}} == set(objects.tolist())
 
 
+@pytest.mark.slow
 def test_objects_are_small_so_the_background_dominates(splits):
     """Every image shows each of its labels, and the background stays the larger part: the shapes (with their
     ignore ring) cover at most MAX_OBJECTS discs of radius RADIUS_RANGE[1] + 1."""
@@ -85,6 +88,7 @@ def test_objects_are_small_so_the_background_dominates(splits):
     np.testing.assert_allclose(share, shapes.NUM_OBJECTS_PROBS, atol=tolerance)
 
 
+@pytest.mark.slow
 def test_class_balance(splits):
     """Each class is about 1/6 of the primary objects and of the labels, in every split."""
     for split, columns in splits.items():
@@ -96,6 +100,7 @@ def test_class_balance(splits):
         np.testing.assert_allclose(label_share, 1 / 6, atol=tolerance, err_msg=split)
 
 
+@pytest.mark.slow
 def test_background_bias_rate(splits):
     """Background texture = the primary class's own texture: BIAS_PROBABILITY in train/validation, chance (1/6)
     in the unbiased splits (validation_unbiased, test_unbiased). In the biased splits the other images spread
@@ -114,12 +119,14 @@ def test_background_bias_rate(splits):
             assert set(offsets.tolist()) == set(range(1, NUM_CLASSES)), split
 
 
+@pytest.mark.slow
 def test_unbiased_splits_are_distinct_images(splits):
     """validation_unbiased and test_unbiased come from different seeds: no image is in both."""
     first = {image.tobytes() for image in splits["validation_unbiased"]["image"]}
     assert not any(image.tobytes() in first for image in splits["test_unbiased"]["image"])
 
 
+@pytest.mark.slow
 def test_faint_texture_two_colours_differ_by_the_contrast(splits):
     """v2's background: exactly two colours per image, TEXTURE_CONTRAST apart in every channel."""
     for split in ("train", "validation_unbiased"):
@@ -130,6 +137,7 @@ def test_faint_texture_two_colours_differ_by_the_contrast(splits):
             np.testing.assert_array_equal(np.abs(colours[0] - colours[1]), [shapes.TEXTURE_CONTRAST] * 3)
 
 
+@pytest.mark.slow
 def test_textures_differ_between_classes(splits):
     """Textures are strongly discriminative: a crude statistic of the background pixels (the fraction of
     horizontal vs vertical neighbour changes) already separates most of them."""
@@ -144,6 +152,7 @@ def test_textures_differ_between_classes(splits):
     assert (nearest == columns["background"]).mean() > 0.6
 
 
+@pytest.mark.slow
 def test_generation_is_deterministic_and_matches_the_builder(splits):
     columns = splits["train"]
     position = columns["filename"].index("shapes_train_000123")

@@ -70,6 +70,7 @@ CORRUPTIONS = {
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+@pytest.mark.slow
 def test_resume_from_a_corrupt_newest_checkpoint_falls_back_to_the_newest_intact_one(
         corruption, finished_run, shapes_data_dir, tmp_path, capfd):
     from gain_jax.train_loop import train_and_evaluate
@@ -92,6 +93,7 @@ def test_resume_from_a_corrupt_newest_checkpoint_falls_back_to_the_newest_intact
     assert listing(run_dir) == ["2", "3", "4.corrupt"]  # the unreadable one is kept, aside
 
 
+@pytest.mark.slow
 def test_resume_when_no_checkpoint_restores_is_an_error_that_changes_nothing(finished_run, shapes_data_dir,
                                                                               tmp_path, capfd):
     from gain_jax.train_loop import train_and_evaluate
@@ -109,6 +111,7 @@ def test_resume_when_no_checkpoint_restores_is_an_error_that_changes_nothing(fin
         assert handle.read() == metrics_before
 
 
+@pytest.mark.slow
 def test_resume_with_a_truncated_metrics_json_is_an_error_that_changes_nothing(finished_run, shapes_data_dir,
                                                                                tmp_path):
     from gain_jax.train_loop import train_and_evaluate
@@ -126,6 +129,7 @@ def test_resume_with_a_truncated_metrics_json_is_an_error_that_changes_nothing(f
         assert handle.read() == truncated
 
 
+@pytest.mark.slow
 def test_explain_names_the_corrupt_checkpoint_and_the_intact_step(finished_run, tmp_path, capsys):
     from PIL import Image
 
@@ -146,6 +150,7 @@ def test_explain_names_the_corrupt_checkpoint_and_the_intact_step(finished_run, 
     assert err.startswith("explain: error: --out_dir /proc/x: cannot create folders in /proc"), err
 
 
+@pytest.mark.slow
 def test_checkpoint_errors_are_one_line_for_every_reader(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     shutil.rmtree(os.path.join(run_dir, "checkpoints", "4", "state"))
@@ -158,6 +163,7 @@ def test_checkpoint_errors_are_one_line_for_every_reader(finished_run, tmp_path)
 
 # ---------------------------------------------------------------------------------------------- folders
 
+@pytest.mark.slow
 def test_unwritable_or_file_folders_are_refused_before_anything_is_written(shapes_data_dir, tmp_path):
     from gain_jax.train_loop import train_and_evaluate
 
@@ -183,6 +189,7 @@ def test_unwritable_or_file_folders_are_refused_before_anything_is_written(shape
     assert sorted(os.listdir(tmp_path)) == ["a_file"]  # no run folder, no checkpoint folder elsewhere
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_that_does_not_exist_names_it_and_the_existing_runs(finished_run, shapes_data_dir,
                                                                             tmp_path):
     from gain_jax.train_loop import train_and_evaluate
@@ -198,6 +205,7 @@ def test_resume_of_a_run_that_does_not_exist_names_it_and_the_existing_runs(fini
 
 # ---------------------------------------------------------------------------------------------- stopping
 
+@pytest.mark.slow
 def test_a_stop_requested_during_start_up_writes_nothing(shapes_data_dir, tmp_path):
     from gain_jax.train_loop import StopRequest, train_and_evaluate
 
@@ -208,6 +216,7 @@ def test_a_stop_requested_during_start_up_writes_nothing(shapes_data_dir, tmp_pa
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_signals_during_evaluation_and_the_save_never_lose_the_checkpoint(shapes_data_dir, tmp_path, monkeypatch,
                                                                          capfd):
     """SIGINT during the epoch's evaluation, then two more while the checkpoint is written: the save
@@ -264,6 +273,7 @@ def finish(process, reader, stderr_lines, timeout=120):
     return returncode, "".join(stderr_lines)
 
 
+@pytest.mark.slow
 def test_a_second_sigint_right_after_the_first_keeps_the_checkpoint_and_says_what_is_saved(
         shapes_data_dir, compile_cache, tmp_path):
     flags = tiny_flags(shapes_data_dir, tmp_path, "double")
@@ -292,6 +302,7 @@ def test_a_second_sigint_right_after_the_first_keeps_the_checkpoint_and_says_wha
 
 
 @pytest.mark.parametrize("delay", [0.3, 2.0, 4.0])
+@pytest.mark.slow
 def test_sigint_at_any_moment_of_the_start_up_exits_130_cleanly(delay, shapes_data_dir, compile_cache, tmp_path):
     process, stderr_lines, reader = start_train(tiny_flags(shapes_data_dir, tmp_path, "early"), compile_cache)
     time.sleep(delay)
@@ -308,6 +319,7 @@ def test_sigint_at_any_moment_of_the_start_up_exits_130_cleanly(delay, shapes_da
 
 
 @pytest.mark.parametrize("case", ["logdir in /proc", "resume a typo"])
+@pytest.mark.slow
 def test_train_py_errors_are_one_line(case, finished_run, shapes_data_dir, compile_cache, tmp_path):
     if case == "logdir in /proc":
         flags, message = tiny_flags(shapes_data_dir, "/proc/x", "run"), "--logdir /proc/x: cannot create folders"
@@ -322,12 +334,14 @@ def test_train_py_errors_are_one_line(case, finished_run, shapes_data_dir, compi
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and message in lines[0], result.stderr
 
 
+@pytest.mark.slow
 def test_metrics_json_is_written_atomically(finished_run):
     with open(os.path.join(finished_run, "base", "metrics.json")) as handle:
         assert json.load(handle)["status"] == "finished"
     assert not glob.glob(os.path.join(finished_run, "base", "*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_shutdown_changes_nothing(shapes_data_dir, compile_cache, tmp_path):
     """Once the run's last line is printed its files are complete; a Ctrl-C while the interpreter shuts down
     (JAX, TensorFlow and orbax tear down for a while) must not turn the exit status into a kill (-2)."""

@@ -275,6 +275,7 @@ def _run_script(prelude, data_dir):
                           capture_output=True, text=True, env=env, timeout=600, check=True)
 
 
+@pytest.mark.slow
 def test_quiet_console_and_verbose(tmp_path):
     """Importing gain_jax.data, building gain_shapes and reading it prints only what the program prints;
     `quiet_libraries(verbose=True)` before the import brings the libraries' messages back."""
@@ -326,6 +327,7 @@ print("ran; XLA_FLAGS", os.environ.get("XLA_FLAGS"))
 """
 
 
+@pytest.mark.slow
 def test_tensorflows_xla_does_not_read_the_xla_flags_meant_for_jax():
     """TensorFlow's own XLA copy aborts the process on an XLA_FLAGS entry it does not know (e.g. one of a newer
     jaxlib's); gain_jax.data starts it with XLA_FLAGS unset, so the pipeline's compiled ops run, and puts

@@ -244,6 +244,7 @@ def every_step_run(shapes_data_dir, tmp_path_factory):
     return train_and_evaluate(config)
 
 
+@pytest.mark.slow
 def test_history_is_metrics_json_and_config_json_holds_the_resolved_config(every_step_run):
     state, history = every_step_run
     assert int(state.step) == 4
@@ -268,6 +269,7 @@ def test_history_is_metrics_json_and_config_json_holds_the_resolved_config(every
     assert sorted(os.listdir(os.path.join(run_dir, "heatmaps"))) == ["step_0000002.png", "step_0000004.png"]
 
 
+@pytest.mark.slow
 def test_metrics_read_back_every_n_steps_equal_the_per_step_values(every_step_run, shapes_data_dir, tmp_path):
     from gain_jax.train_loop import train_and_evaluate
 
@@ -281,6 +283,7 @@ def test_metrics_read_back_every_n_steps_equal_the_per_step_values(every_step_ru
                                                                           for r in reference]
 
 
+@pytest.mark.slow
 def test_evaluate_from_a_notebook_matches_the_runs_final_validation(every_step_run, shapes_data_dir):
     import gain_jax.data as gd
     from gain_jax.data import shapes
@@ -307,6 +310,7 @@ def test_evaluate_from_a_notebook_matches_the_runs_final_validation(every_step_r
         assert result[key] == pytest.approx(final[key], rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_a_stop_request_saves_at_the_step_boundary(shapes_data_dir, tmp_path):
     from gain_jax.train_loop import StopRequest, train_and_evaluate
 
@@ -322,6 +326,7 @@ def test_a_stop_request_saves_at_the_step_boundary(shapes_data_dir, tmp_path):
     assert os.listdir(os.path.join(tmp_path, "stopped", "checkpoints")) == ["1"]
 
 
+@pytest.mark.slow
 def test_run_errors_are_raised_before_anything_is_written(shapes_data_dir, tmp_path):
     from gain_jax.train_loop import train_and_evaluate
 
@@ -337,6 +342,7 @@ def test_run_errors_are_raised_before_anything_is_written(shapes_data_dir, tmp_p
     assert not os.path.exists(os.path.join(tmp_path, "bad"))
 
 
+@pytest.mark.slow
 def test_per_label_runs_pack_images_with_more_labels_than_max_labels(shapes_data_dir, tmp_path):
     """gain_shapes images carry up to 3 labels; packed per-label training refuses none at --max_labels 1."""
     from gain_jax.train_loop import train_and_evaluate
@@ -349,6 +355,7 @@ def test_per_label_runs_pack_images_with_more_labels_than_max_labels(shapes_data
     assert attention_steps and all(np.isfinite(record["am"]) and record["am"] > 0 for record in attention_steps)
 
 
+@pytest.mark.slow
 def test_am_start_epoch_run_trains_the_mask_loss_alone_first_and_resumes_on_schedule(shapes_data_dir, tmp_path):
     """--pretrain_epochs 1 --am_start_epoch 2 --epochs 3: epoch 1 classification, epoch 2 L_cl + L_ext, epoch
     3 everything; stopped mid-epoch 2 and resumed, the epoch decides the switches again."""
@@ -373,6 +380,7 @@ def test_am_start_epoch_run_trains_the_mask_loss_alone_first_and_resumes_on_sche
     assert all(record["am"] > 0 for record in history["steps"])  # L_am is computed while it does not count
 
 
+@pytest.mark.slow
 def test_ex_oversample_puts_more_of_the_few_masks_in_each_batch(shapes_data_dir, tmp_path):
     """--ex_fraction 0.1: about 10% of a batch's images feed the mask loss; --ex_oversample 0.5 draws half of
     the examples again from those images (about 0.5 + 0.5 * 0.1), the same ones, deterministically."""

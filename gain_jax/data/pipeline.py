@@ -23,9 +23,8 @@ import tensorflow_datasets as tfds
 from gain_jax import quiet
 from gain_jax.data import autoaugment as aa
 from gain_jax.data import shapes, voc
+from gain_jax.viz import IMAGENET_MEAN, IMAGENET_STD  # the core's; gain_jax.data re-exports them
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SHUFFLE_BUFFER = 1024
 OUTPUT_KEYS = ("image", "labels", "mask", "has_mask", "filename")
 # Per-data-set keys beside OUTPUT_KEYS. gain_shapes' "bias_conflicting": the image's background texture is
