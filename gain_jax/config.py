@@ -27,11 +27,11 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from gain_jax.datasets import DATASETS
 from gain_jax.gain import GainConfig
 from gain_jax.models import MODEL_NAMES, cam_layer_size, min_image_size
 
 MUST_MATCH = "must_match"  # metadata["resume"] of the fields a resumed run must keep
-DATASETS = ("gain_shapes", "gain_voc2012")
 
 
 class RunError(Exception):

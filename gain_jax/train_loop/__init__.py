@@ -44,7 +44,7 @@ __getattr__, __dir__, __all__ = lazy_attributes(__name__, {
               "schedule_text", "topk_accuracy", "trained_terms"),
     "batches": ("am_sampling_rng", "heatmap_batch", "pipeline", "prepare_train_batch",
                 "selected_for_extra_supervision", "train_batches"),
-    "evaluation": ("FINAL_SPLITS", "TEST_SPLITS", "evaluate_split", "final_splits", "heatmap_picture"),
+    "evaluation": ("evaluate_split", "final_splits", "heatmap_picture"),
     "records": ("RunRecords", "log_scalars", "open_summary_writer", "step_means", "write_json_atomic"),
     "checkpoints": ("restore_run", "save_checkpoint"),
     "console": ("method_name", "report", "summary_line"),

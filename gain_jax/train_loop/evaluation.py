@@ -9,8 +9,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from gain_jax import datasets, viz
 from gain_jax import evaluate as evaluation
-from gain_jax import viz
 from gain_jax.config import Config
 from gain_jax.train_loop import console
 from gain_jax.train_loop.batches import pipeline
@@ -19,16 +19,10 @@ from gain_jax.train_loop.setup import Run
 from gain_jax.train_loop.stopping import StopRequest
 from gain_jax.training import TrainState
 
-# splits evaluated at the end of a run (validation is also evaluated after every epoch, the others also when
-# pre-training ends), and the test splits added to them with --test (eval.test)
-FINAL_SPLITS = {"gain_shapes": ("validation", "validation_unbiased"), "gain_voc2012": ("validation",)}
-TEST_SPLITS = {"gain_shapes": ("test_unbiased",), "gain_voc2012": ()}
-
 
 def final_splits(config: Config) -> tuple[str, ...]:
-    """The splits evaluated at the end of the run: FINAL_SPLITS, and TEST_SPLITS with eval.test."""
-    dataset = config.data.dataset
-    return FINAL_SPLITS[dataset] + (TEST_SPLITS[dataset] if config.eval.test else ())
+    """The splits evaluated at the end of the run (`gain_jax.datasets.final_splits`)."""
+    return datasets.final_splits(config.data.dataset, config.eval.test)
 
 
 def evaluate_split(run: Run, state: TrainState, split: str, stop: StopRequest | None = None) -> dict | None:
