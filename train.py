@@ -80,6 +80,9 @@ def run(args, stop) -> int:
     if args.coordinator_address:
         jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                                    process_id=args.process_id)
+        # its preemption notifier takes SIGTERM over: give it back to the run (the processes agree on a stop
+        # themselves, gain_jax.train_loop.devices.agree_to_stop); main() restores the handlers of before
+        stopping.install_handlers(stop)
     elif args.num_processes not in (None, 1):
         raise run_config.RunError("--num_processes > 1 needs --coordinator_address")
     from gain_jax import train_loop  # imports TensorFlow only when a run starts (after torch, for --init)
