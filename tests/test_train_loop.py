@@ -503,3 +503,14 @@ def test_without_a_terminal_progress_is_plain_lines_with_every_trained_loss(shap
     epoch_lines = [line for line in lines if line.startswith("epoch 2/2 (attention mining): train loss")]
     assert len(epoch_lines) == 1 and ", ex " in epoch_lines[0]
     assert "\nGAIN_ext (union) on gain_shapes" in out
+
+
+def test_the_data_set_facts_agree_with_the_builders():
+    import gain_jax.data as gd
+    from gain_jax import datasets
+
+    field = next(f for f in dataclasses.fields(DataConfig) if f.name == "dataset")
+    assert field.metadata["choices"] == gd.DATASETS == datasets.DATASETS  # --dataset's choices
+    for name in gd.DATASETS:
+        splits = gd.dataset_info(name).splits  # the builder's own
+        assert gd.final_splits(name)[0] == "validation" and set(gd.final_splits(name, test=True)) <= set(splits)
