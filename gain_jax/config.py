@@ -23,11 +23,10 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from gain_jax.datasets import DATASETS
 from gain_jax.fields import MUST_MATCH, choice_names, field_problem, field_types, option, type_parts, type_problem
 from gain_jax.gain import GainConfig
 from gain_jax.models import MODEL_NAMES, cam_layer_size, min_image_size
-
-DATASETS = ("gain_shapes", "gain_voc2012")
 
 
 class RunError(Exception):

@@ -222,6 +222,7 @@ def test_signals_during_evaluation_and_the_save_never_lose_the_checkpoint(shapes
     """SIGINT during the epoch's evaluation, then two more while the checkpoint is written: the save
     completes, the third signal does not end the process, and the status and metrics say step 2."""
     from gain_jax import train_loop
+    from gain_jax.train_loop import loop, stopping
 
     stop = train_loop.StopRequest()
     evaluate, save = train_loop.evaluate_split, checkpoint.save
@@ -240,9 +241,9 @@ def test_signals_during_evaluation_and_the_save_never_lose_the_checkpoint(shapes
     def no_exit(status):
         raise AssertionError(f"os._exit({status}) during a save")
 
-    monkeypatch.setattr(train_loop, "evaluate_split", evaluate_then_signal)
+    monkeypatch.setattr(loop, "evaluate_split", evaluate_then_signal)
     monkeypatch.setattr(checkpoint, "save", save_with_signals)
-    monkeypatch.setattr(train_loop.os, "_exit", no_exit)
+    monkeypatch.setattr(stopping.os, "_exit", no_exit)
     stop.training = True
     config = tiny_config(shapes_data_dir, tmp_path, "stopped", checkpoint_every=2)
     _, history = train_loop.train_and_evaluate(config, stop_request=stop)
@@ -357,3 +358,35 @@ def test_a_signal_during_the_shutdown_changes_nothing(shapes_data_dir, compile_c
     assert returncode == 0, (returncode, stderr[-3000:])
     assert "stopped after 1 steps at step 1" in stderr
     no_noise(stderr)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_of_two_stops_both_at_the_same_step_with_one_checkpoint(
+        shapes_data_dir, compile_cache, tmp_path):
+    """Two train.py processes (one CPU device each) on loopback: SIGTERM to process 1 alone; the processes
+    agree on the stop (every --log_every steps), save one checkpoint together and both exit 130."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flags = tiny_flags(shapes_data_dir, tmp_path, "two_hosts") + ["--log_every", "2"]
+    flags[flags.index("--steps_per_epoch") + 1] = "100000"
+    started = [start_train(flags + ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                                    "--process_id", str(index)], compile_cache) for index in (0, 1)]
+    for line in started[0][0].stdout:  # process 0 prints the run's lines
+        if line.startswith("first train step"):
+            time.sleep(0.5)
+            started[1][0].send_signal(signal.SIGTERM)
+            break
+    results = [finish(process, reader, lines, timeout=240) for process, lines, reader in started]
+    for returncode, stderr in results:
+        assert returncode == 130, stderr[-3000:]
+        no_noise(stderr)
+    assert "SIGTERM: stopping at the next step boundary" in results[1][1]
+    metrics = read_metrics(tmp_path, "two_hosts")
+    done = metrics["global_step"]
+    assert done >= 2 and done % 2 == 0 and metrics["status"] == "interrupted by a stop on process 1"
+    assert [r["step"] for r in metrics["steps"]] == list(range(1, done + 1))
+    assert listing(os.path.join(tmp_path, "two_hosts")) == [str(done)]
+    assert f"at step {done}: checkpoint saved" in results[0][1]

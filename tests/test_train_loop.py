@@ -182,9 +182,10 @@ def test_device_topk_accuracy_matches_the_host_metric():
 
 def test_signals_never_raise_and_a_third_waits_for_a_checkpoint_being_written(capsys, monkeypatch):
     from gain_jax import train_loop
+    from gain_jax.train_loop import stopping
 
     exits = []
-    monkeypatch.setattr(train_loop.os, "_exit", exits.append)
+    monkeypatch.setattr(stopping.os, "_exit", exits.append)
     stop = train_loop.StopRequest()
     stop.training = True
     stop(signal.SIGTERM, None)
@@ -408,3 +409,116 @@ def test_ex_oversample_puts_more_of_the_few_masks_in_each_batch(shapes_data_dir,
     message = r"--ex_oversample 0.5: oversample: the filter selects none of the \d+ images"
     with pytest.raises(run_config.RunError, match=message):
         train_batches(create_run(config), 0)
+
+
+# ---------------------------------------------------------------------------------------------- what a user sees
+
+def scalar_steps(run_dir) -> dict:
+    """{TensorBoard scalar tag: [steps it was written at]} of a run folder's event files."""
+    import tensorflow as tf
+
+    steps: dict = {}
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("events.out.tfevents"):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(run_dir, name)):
+                for value in event.summary.value:
+                    if value.metadata.plugin_data.plugin_name == "scalars":
+                        steps.setdefault(value.tag, []).append(event.step)
+    return steps
+
+
+def test_every_tensorboard_scalar_is_at_the_global_step(every_step_run):
+    _, history = every_step_run
+    steps = scalar_steps(history["paths"]["run_dir"])
+    # 2 epochs x 2 steps: each epoch ends at global step 2 and 4; pre-training (1 epoch) ends at step 2
+    assert steps["train/loss"] == steps["train/ex"] == [1, 2, 3, 4]
+    assert steps["epoch_train/loss"] == steps["epoch_train/ex"] == [2, 4]
+    assert steps["validation/mAP"] == [2, 4]  # the final validation is the last epoch's, written once
+    assert steps["validation_unbiased/mAP"] == [2, 4]  # after pre-training, then at the end
+    assert {step for tag_steps in steps.values() for step in tag_steps} <= {1, 2, 3, 4}
+
+
+def test_config_json_records_the_library_versions_and_the_git_revision(every_step_run, tmp_path):
+    import importlib.metadata
+
+    from gain_jax.train_loop import provenance
+
+    _, history = every_step_run
+    with open(os.path.join(history["paths"]["run_dir"], "config.json")) as handle:
+        environment = json.load(handle)["environment"]
+    versions = environment["versions"]
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "torch"):
+        assert versions[name] == importlib.metadata.version(name), name
+    assert versions["tensorflow"] not in ("", "unknown")
+    revision = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if revision.returncode == 0:  # the tests run from a checkout
+        assert environment["git"]["revision"] == revision.stdout.strip()
+        assert isinstance(environment["git"]["dirty"], bool)
+    assert provenance.git_revision(str(tmp_path)) is None  # not a checkout: nothing, no error
+    # the checkpoints' record is what it was before the environment was recorded
+    from gain_jax import checkpoint
+
+    manager = checkpoint.open_manager(history["paths"]["checkpoint_dir"], create=False)
+    try:
+        saved = checkpoint.read_meta(manager, 4)["config"]
+    finally:
+        manager.close()
+    assert "environment" not in saved and saved == {k: v for k, v in history["config"].items() if k != "environment"}
+
+
+def test_versions_and_stopping_import_neither_torch_nor_jax():
+    code = ("import sys\n"
+            "from gain_jax.train_loop import stopping\n"
+            "assert 'jax' not in sys.modules, 'stopping imports jax'\n"
+            "from gain_jax.train_loop import provenance\n"
+            "versions = provenance.library_versions()\n"
+            "assert 'torch' in versions and 'torch' not in sys.modules\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stdout + result.stderr[-2000:]
+
+
+def test_the_report_names_what_was_trained():
+    from gain_jax.train_loop import method_name
+
+    def named(**gain):
+        config = Config(gain=dataclasses.replace(Config().gain, **gain))
+        return method_name(config)
+
+    assert named() == "GAIN_ext (union)"  # train.py's default: am_weight 0.1, ex_weight 1
+    assert named(ex_weight=0.0) == "GAIN (union)"
+    assert named(am_weight=0.0, mode="per_label") == "mask loss alone, L_cl + L_ext (per_label)"
+    assert named(am_weight=0.0, ex_weight=0.0) == "classification baseline (no attention loss)"
+    # a term the schedule never turns on is not trained: attention mining from epoch 7 of 6
+    assert method_name(Config(train=TrainConfig(am_start_epoch=6, epochs=6))) == "mask loss alone, L_cl + L_ext (union)"
+
+
+def test_without_a_terminal_progress_is_plain_lines_with_every_trained_loss(shapes_data_dir, tmp_path, capfd):
+    from gain_jax.train_loop import train_and_evaluate
+
+    config = tiny_config(shapes_data_dir, tmp_path, "plain", log_every=1, num_heatmaps=0)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps_per_epoch=3))
+    train_and_evaluate(config)
+    out, err = capfd.readouterr()  # neither is a terminal here
+    assert "\r" not in out + err and "it/s" not in err
+    lines = out.splitlines()
+    assert lines[0].startswith("run ") and "GAIN_ext (union), small_cnn on gain_shapes" in lines[0]
+    progress = [line for line in lines if " step " in line and line.startswith("epoch ")]
+    # a line about every tenth of an epoch (here each step) but the last, which the epoch line reports
+    assert [line.split(":")[0] for line in progress] == ["epoch 1/2 step 1/3", "epoch 1/2 step 2/3",
+                                                         "epoch 2/2 step 1/3", "epoch 2/2 step 2/3"]
+    assert all("(cl " in line and ", am " in line and ", ex " in line for line in progress)
+    epoch_lines = [line for line in lines if line.startswith("epoch 2/2 (attention mining): train loss")]
+    assert len(epoch_lines) == 1 and ", ex " in epoch_lines[0]
+    assert "\nGAIN_ext (union) on gain_shapes" in out
+
+
+def test_the_data_set_facts_agree_with_the_builders():
+    import gain_jax.data as gd
+    from gain_jax import datasets
+
+    field = next(f for f in dataclasses.fields(DataConfig) if f.name == "dataset")
+    assert field.metadata["choices"] == gd.DATASETS == datasets.DATASETS  # --dataset's choices
+    for name in gd.DATASETS:
+        splits = gd.dataset_info(name).splits  # the builder's own
+        assert gd.final_splits(name)[0] == "validation" and set(gd.final_splits(name, test=True)) <= set(splits)

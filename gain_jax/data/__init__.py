@@ -46,3 +46,8 @@ CLASS_NAMES = {name: dataset_info(name).class_names for name in DATASET_NAMES}
 __all__ = ["CLASS_NAMES", "DATASET_NAMES", "DatasetInfo", "GainShapes", "GainVoc2012", "IMAGENET_MEAN",
            "IMAGENET_STD", "SHAPES_CLASS_NAMES", "VOC_CLASS_NAMES", "VocFormatError", "autoaugment",
            "clear_decoded_cache", "dataset_info", "input_pipeline", "make_dataset"]
+
+# the facts that need no TensorFlow (gain_jax.config reads them before it loads) have their home there
+from gain_jax.datasets import DATASETS, FINAL_SPLITS, TEST_SPLITS, final_splits  # noqa: E402
+
+__all__ += ["DATASETS", "FINAL_SPLITS", "TEST_SPLITS", "final_splits"]
