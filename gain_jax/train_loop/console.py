@@ -63,12 +63,15 @@ class Progress:
             self._bar = tqdm(total=train.steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{train.epochs}",
                              leave=False, dynamic_ncols=True)
         self._every = max(1, train.steps_per_epoch // PLAIN_LINES_PER_EPOCH)
-        self._last_line, self._started = done, time.time()
+        self._first = self._last_line = done
+        self._started = time.time()
 
     def step(self) -> None:
         self._done += 1
         if self._bar is not None:
             self._bar.update(1)
+        elif self._done == self._first + 1:  # the rate counts from here: the first step compiles
+            self._last_line, self._started = self._done, time.time()
 
     def show(self, means: Mapping[str, float]) -> None:
         """The epoch's mean losses so far (at a read-back)."""
