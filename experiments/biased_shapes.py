@@ -8,23 +8,33 @@ instead of a background that correlates with the class?
     python experiments/biased_shapes.py --arms GAIN "GAIN_ext@5%" --seeds 0   # chosen arms
     python experiments/biased_shapes.py --arm "GAIN_lr=--am_weight 1 --lr 3e-4" --arms baseline GAIN_lr
     python experiments/biased_shapes.py --reuse                  # re-read finished runs, redo tables and figure
+    python experiments/biased_shapes.py select --study main      # choose on validation: <out>/main.selection.json
+    python experiments/biased_shapes.py test --study main        # then the chosen runs on test_unbiased, once
 
-Data: the embedded "gain_shapes" set (gain_jax/data/shapes.py): 64x64, 6 shape classes, a faint background
-texture that is the first object's class's own with probability BIAS_PROBABILITY in train and validation, and
-independent of the classes in validation_unbiased (what configurations are chosen on) and test_unbiased (looked
-at once: every run passes --test, so test_unbiased is evaluated once, at its end).
+Blind selection (issue 20): training (the default command) evaluates the validation splits only, never
+test_unbiased (a run's --test is refused). `select` reads the finished runs' checkpoints on validation_unbiased
+and writes, without computing any test number, each arm's CAM threshold and each target's arm (TARGETS: the arm
+of the target's family with the best validation_unbiased value of the target's metric) to
+<out>/<name>.selection.json, meant to be committed. `test` refuses to run without that file and evaluates only
+the chosen arms and the baseline on test_unbiased: per target, the arm - baseline differences paired by seed with
+a 95% t-interval ("met" only when its lower bound clears the margin; gain_jax.stats), and for the lead rows a 95%
+bootstrap interval over the test images of mAP and PxAP; written to <out>/<name>.test.{json,md}.
+
+Data: the embedded "gain_shapes" set (gain_jax/data/shapes.py): 64x64, 6 shape classes, a texture cue that
+predicts the class in train and validation, and is independent of the classes in validation_unbiased (what
+configurations are chosen on) and test_unbiased (looked at once, by the `test` command).
 
 Arms: an arm is a name and the train.py flags that make it (ARMS; `{epochs}`, `{pretrain_epochs}`,
 `{am_weight}`, `{ex_weight}` and `{ex_fraction}` stand for this script's flags). Every run gets the common
-flags (data set, backbone, seed, epochs, steps, batch, lr, --pretrain_epochs, --test), then --train_arg, then
+flags (data set, backbone, seed, epochs, steps, batch, lr, --pretrain_epochs), then --train_arg, then
 the arm's flags, so an arm's flag wins. Each run is trained in this process by
 `gain_jax.train_loop.train_and_evaluate` (the loop train.py runs), one at a time; the runs of one seed share
 their initialization, data order and classification-only epochs. A study (STUDIES) is a named list of arms.
 
-Reported per arm: mean and sample standard deviation (ddof=1) over the seeds of validation mAP (biased, like
-train), validation_unbiased mAP (what configurations are chosen on), and on test_unbiased: mAP, mAP of the
-bias-conflicting images, CAM mIoU, CAM object mIoU and pointing game of the ground-truth classes' CAMs; and
-the floors of the CAM metrics on test_unbiased (all-zero, centred, random maps: the same on every run). Each
+Reported per arm by training: mean and sample standard deviation (ddof=1) over the seeds of validation mAP
+(biased, like train), and on validation_unbiased (what configurations are chosen on): mAP, mAP of the
+bias-conflicting images, CAM mIoU (threshold 0.5), CAM object mIoU and pointing game of the ground-truth classes'
+CAMs; and the floors of the CAM metrics there (all-zero, centred, random maps: the same on every run). Each
 run's history (its metrics.json) and log stay under --logdir; the summary goes to <out>/<name>.json and
 <out>/<name>.md, the figure to <out>/<name>.png, where <name> is the study's (or "arms-..." for --arms).
 """
@@ -44,6 +54,7 @@ import shlex
 import shutil
 import sys
 import time
+import typing
 
 import numpy as np
 
@@ -134,24 +145,19 @@ STUDIES = {
     "erase": ("GAIN", "GAIN:erase=shift", "GAIN_ext", "ablation:erase=shift", "ablation:am_weight=1",
               "ablation:am_weight=1,erase=shift"),
 }
-# (key in the summary, split in metrics.json, metric in that split, column title)
+# (key in the summary, split in metrics.json, metric in that split, column title): validation splits only, what
+# training reports; test_unbiased is evaluated by the `test` command, for the configurations `select` chose
 METRICS = (
     ("val_mAP", "validation", "mAP", "validation mAP"),
     ("val_unbiased_mAP", "validation_unbiased", "mAP", "validation_unbiased mAP"),
-    ("test_mAP", "test_unbiased", "mAP", "test mAP"),
-    ("test_mAP_conflicting", "test_unbiased", "mAP_conflicting", "test mAP conflicting"),
-    ("cam_mIoU", "test_unbiased", "cam_mIoU", "test CAM mIoU"),
-    ("cam_object_mIoU", "test_unbiased", "cam_object_mIoU", "test CAM object mIoU"),
-    ("pointing", "test_unbiased", "pointing_game", "test pointing game"),
-)
-# per run in the JSON only: the validation_unbiased CAM metrics (configurations may be chosen on them too)
-EXTRA_METRICS = (
-    ("val_unbiased_cam_mIoU", "validation_unbiased", "cam_mIoU", "validation_unbiased CAM mIoU"),
+    ("val_unbiased_mAP_conflicting", "validation_unbiased", "mAP_conflicting", "validation_unbiased mAP conflicting"),
+    ("val_unbiased_cam_mIoU", "validation_unbiased", "cam_mIoU", "validation_unbiased CAM mIoU (0.5)"),
     ("val_unbiased_cam_object_mIoU", "validation_unbiased", "cam_object_mIoU", "validation_unbiased object mIoU"),
     ("val_unbiased_pointing", "validation_unbiased", "pointing_game", "validation_unbiased pointing"),
 )
 FLOOR_METRICS = (("cam_mIoU", "CAM mIoU"), ("cam_object_mIoU", "object mIoU"), ("pointing_game", "pointing"))
 FIGURE_BYTES_LIMIT = 300_000
+COMMANDS = ("train", "select", "test")
 RECORD_FILE = "biased_shapes_run.json"  # in each run folder: what --reuse compares beside the config
 
 
@@ -159,6 +165,10 @@ RECORD_FILE = "biased_shapes_run.json"  # in each run folder: what --reuse compa
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="train", choices=COMMANDS,
+                   help="train: the runs and their validation tables; select: each target's configuration from "
+                        "validation numbers alone, written to <out>/<name>.selection.json (commit it); test: the "
+                        "selected runs on test_unbiased, with intervals (refused without the selection file)")
     p.add_argument("--study", default="main", choices=tuple(STUDIES),
                    help=("the arms to run: " + "; ".join(f"{name}: {', '.join(arms)}"
                                                          for name, arms in STUDIES.items())).replace("%", "%%"))
@@ -183,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the summary (json, md) and the figure go")
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs whose settings match instead of training them again")
-    p.add_argument("--heatmap_images", type=int, default=6, help="unbiased test images in the figure")
+    p.add_argument("--heatmap_images", type=int, default=6, help="validation_unbiased images in the figure")
     p.add_argument("--train_arg", action="append", default=[], metavar="FLAG",
                    help="extra train.py flag for every run, before the arm's (repeat; e.g. "
                         "--train_arg=--autoaugment, --train_arg=--cam=gradcam_pp)")
@@ -220,9 +230,12 @@ def check_args(args, parser) -> None:
     args.name = output_name(args)
     for arm in args.arms:
         try:
-            run_config_of(arm, args.seeds[0], args)
+            config = run_config_of(arm, args.seeds[0], args)
         except (run_config.ConfigError, argparse.ArgumentError, KeyError, IndexError, ValueError) as error:
             parser.error(f"arm {arm} ({args.arm_flags[arm]!r}) with --train_arg {args.train_arg}: {error}")
+        if config.eval.test:
+            parser.error(f"arm {arm}: --test in a run's flags; the study trains blind to test_unbiased "
+                         "(the `test` command evaluates it, after `select`)")
 
 
 def output_name(args) -> str:
@@ -255,7 +268,7 @@ def run_flags(arm: str, seed: int, args) -> list[str]:
              "--run_name", run_name(arm, seed), "--seed", str(seed), "--epochs", str(args.epochs),
              "--pretrain_epochs", str(args.pretrain_epochs),
              "--steps_per_epoch", str(args.steps_per_epoch), "--batch_size", str(args.batch_size),
-             "--lr", f"{args.lr:g}", "--test",  # test_unbiased once, at the end of the run
+             "--lr", f"{args.lr:g}",  # no --test: training looks at validation splits only (`test` command)
              # checkpoint only the end (the figure reads it); no per-epoch heatmap PNGs (the figure makes its own)
              "--checkpoint_every", str(args.epochs), "--keep", "1", "--num_heatmaps", "0"]
     if args.data_dir:
@@ -380,7 +393,7 @@ def run_all(args) -> tuple[dict, dict, dict]:
 
 
 def metric_value(metrics: dict, key: str) -> float:
-    _, split, name, _ = next(m for m in METRICS + EXTRA_METRICS if m[0] == key)
+    _, split, name, _ = next(m for m in METRICS if m[0] == key)
     value = metrics["final"].get(split, {}).get(name)
     return float("nan") if value is None else float(value)
 
@@ -401,11 +414,11 @@ def summarize(results: dict, args, metrics=METRICS) -> dict:
     return summary
 
 
-def test_floors(results: dict) -> dict:
-    """{floor: {metric: value}} on test_unbiased; the floors ignore the model, so every run has the same ones
-    (the mean over the runs is taken all the same)."""
+def validation_floors(results: dict) -> dict:
+    """{floor: {metric: value}} on validation_unbiased; the floors ignore the model, so every run has the same
+    ones (the mean over the runs is taken all the same)."""
     floors = {}
-    runs = [r["final"]["test_unbiased"].get("floors") for r in results.values()]
+    runs = [r["final"]["validation_unbiased"].get("floors") for r in results.values()]
     runs = [r for r in runs if r]
     if not runs:
         return floors
@@ -420,7 +433,7 @@ def floors_line(floors: dict) -> str:
     names = list(floors)
     figures = ", ".join(f"{title} " + "/".join(f"{floors[name][metric]:.3f}" for name in names)
                         for metric, title in FLOOR_METRICS)
-    return f"floors on test_unbiased (maps that ignore the image: {' / '.join(names)}): {figures}"
+    return f"floors on validation_unbiased (maps that ignore the image: {' / '.join(names)}): {figures}"
 
 
 def summary_table(summary: dict, args, metrics=METRICS) -> str:
@@ -463,7 +476,7 @@ def machine_line() -> str:
 # ---------------------------------------------------------------------------------------------- figure
 
 def example_heatmaps(args, count: int):
-    """Unbiased test images (one per class of their first label, as far as possible) and, per arm, the first
+    """Unbiased validation images (one per class of their first label, as far as possible) and, per arm, the first
     seed's normalized CAM (the run's method, Grad-CAM by default) of each image's first ground-truth class."""
     import jax  # only for the figure
 
@@ -474,7 +487,7 @@ def example_heatmaps(args, count: int):
     info = gd.dataset_info("gain_shapes")
     seed = args.seeds[0]
     image_size = run_config_of(args.arms[0], seed, args).data.image_size  # None: the data set's own
-    batch = next(gd.input_pipeline("gain_shapes", "test_unbiased", data_dir=args.data_dir, batch_size=64,
+    batch = next(gd.input_pipeline("gain_shapes", "validation_unbiased", data_dir=args.data_dir, batch_size=64,
                                    image_size=image_size, train=False, autoaugment=False))
     first_class = np.argmax(np.asarray(batch["labels"]) > 0, axis=1)
     chosen, seen = [], set()
@@ -596,12 +609,238 @@ def make_figure(summary: dict, floors: dict, args, path: str) -> int:
             if row == 0:
                 axis.set_title(f"CAM: {cam_classes[column]}", fontsize=6)
     figure.suptitle(f"gain_shapes {data_version()}, small_cnn, {args.name}: mean ± std over seeds {args.seeds} "
-                    f"(dots: seeds; dotted: the best floor); CAMs: seed {args.seeds[0]}, unbiased test images",
+                    f"(dots: seeds; dotted: the best floor); CAMs: seed {args.seeds[0]}, validation_unbiased images",
                     fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return os.path.getsize(path)
+
+
+# ---------------------------------------------------------------------------------------------- select, test
+
+class Target(typing.NamedTuple):  # not a dataclass: tests load this script without registering it as a module
+    """A claim of issue 20: the chosen arm's `measure` minus the baseline's, paired by seed, >= `margin`."""
+
+    name: str
+    claim: str
+    family: str  # which arms may be chosen (FAMILIES), or "same as <target name>"
+    choose_on: str  # the validation_unbiased metric the arm is chosen on (highest mean over the seeds)
+    measure: tuple  # (split, metric) the claim is measured on
+    margin: float
+
+
+def _mask_arm(config) -> bool:  # GAIN_ext with at most 10% of the masks
+    return config.gain.am_weight > 0 and config.gain.ex_weight > 0 and config.data.ex_fraction <= 0.1
+
+
+def _self_guided_arm(config) -> bool:  # GAIN: attention mining, no mask loss
+    return config.gain.am_weight > 0 and config.gain.ex_weight == 0
+
+
+FAMILIES = {"GAIN_ext (<= 10% masks)": _mask_arm, "GAIN (self-guided)": _self_guided_arm}
+TARGETS = (
+    Target("mAP", "GAIN_ext (<= 10% masks): test_unbiased mAP >= baseline + 0.10", "GAIN_ext (<= 10% masks)",
+           "mAP", ("test_unbiased", "mAP"), 0.10),
+    Target("CAM", "GAIN_ext: test_unbiased CAM mIoU (threshold chosen on validation) >= baseline + 0.15",
+           "GAIN_ext (<= 10% masks)", "cam_mIoU", ("test_unbiased", "cam_mIoU"), 0.15),
+    Target("validation cost", "the CAM target's arm: validation mAP no more than 0.02 below the baseline's",
+           "same as CAM", "cam_mIoU", ("validation", "mAP"), -0.02),
+    Target("self-guided CAM", "GAIN (no masks): test_unbiased CAM mIoU >= baseline + 0.05", "GAIN (self-guided)",
+           "cam_mIoU", ("test_unbiased", "cam_mIoU"), 0.05),
+)
+SELECTION_RULE = ("per arm, the CAM threshold with the highest mean over the seeds of validation_unbiased CAM mIoU "
+                  "(grid 0.05..0.95, lowest on ties); per target, among the study's arms of its family, the arm with "
+                  "the highest mean over the seeds of the target's validation_unbiased metric (first in study order "
+                  "on ties). No test split is read.")
+BASELINE_ARM = "baseline"
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def selection_path(args) -> str:
+    return os.path.join(args.out, f"{args.name}.selection.json")
+
+
+def _finished_or_exit(args) -> dict:
+    """{(arm, seed): metrics.json} of every run of the study; exits naming the first unfinished one."""
+    results = {}
+    for arm in args.arms:
+        for seed in args.seeds:
+            metrics = finished_metrics(arm, seed, args)
+            if metrics is None:
+                raise SystemExit(f"biased_shapes {args.command}: {arm} seed {seed} has no finished run matching these "
+                                 f"settings in {args.logdir} (train the study first)")
+            results[(arm, seed)] = metrics
+    return results
+
+
+def evaluate_run(arm: str, seed: int, split: str, args) -> dict:
+    """`protocol.split_records` of the run's final checkpoint on `split` (its first --eval_examples images when
+    the runs were evaluated on those only)."""
+    import protocol
+
+    import gain_jax as gj
+    import gain_jax.data as gd
+
+    config = run_config_of(arm, seed, args)
+    info = gd.dataset_info("gain_shapes")
+    model = gj.build_model(config.train.backbone, num_classes=info.num_classes, dropout_rate=0.0)
+    variables, _ = protocol.restore_run(run_dir(arm, seed, args))
+    if config.eval.eval_examples:
+        split = f"{split}[:{config.eval.eval_examples}]"
+    batches = gd.input_pipeline("gain_shapes", split, data_dir=args.data_dir, batch_size=64,
+                                image_size=config.data.image_size, train=False, autoaugment=False)
+    return protocol.split_records(model, variables, config.gain, batches, info.num_classes)
+
+
+def select_main(args) -> int:
+    """Choose each target's arm and each arm's CAM threshold on validation splits; write the selection file."""
+    import protocol
+
+    from gain_jax import stats
+
+    if BASELINE_ARM not in args.arms:
+        raise SystemExit(f"biased_shapes select: the study needs the {BASELINE_ARM} arm (targets are differences "
+                         "to it)")
+    results = _finished_or_exit(args)
+    per_run, thresholds = {}, {}
+    for arm in args.arms:
+        curves = {}
+        for seed in args.seeds:
+            records = evaluate_run(arm, seed, "validation_unbiased", args)
+            curves[seed] = protocol.cam_miou_by_threshold(records)
+            summary = protocol.summarize_records(records, protocol.CAM_THRESHOLDS[0])
+            per_run[run_name(arm, seed)] = {"arm": arm, "seed": seed, "records": records,
+                                            "validation_mAP": float(results[(arm, seed)]["final"]["validation"]["mAP"]),
+                                            "mAP": summary["mAP"], "PxAP": summary["PxAP"]}
+        mean_curve = {t: float(np.mean([curves[seed][t] for seed in args.seeds])) for t in protocol.CAM_THRESHOLDS}
+        thresholds[arm] = {"threshold": stats.choose_threshold(mean_curve), "mean_cam_mIoU_by_threshold": mean_curve}
+        for seed in args.seeds:
+            entry = per_run[run_name(arm, seed)]
+            entry["cam_mIoU"] = float(curves[seed][thresholds[arm]["threshold"]])
+            print(f"  {arm} seed {seed}: validation_unbiased mAP {entry['mAP']:.3f}, PxAP {entry['PxAP']:.3f}, "
+                  f"CAM mIoU {entry['cam_mIoU']:.3f} at {thresholds[arm]['threshold']}", flush=True)
+
+    def arm_mean(arm, metric):
+        return float(np.mean([per_run[run_name(arm, seed)][metric] for seed in args.seeds]))
+
+    configs = {arm: run_config_of(arm, args.seeds[0], args) for arm in args.arms}
+    choices = {}
+    for target in TARGETS:
+        if target.family.startswith("same as "):
+            chosen = choices.get(target.family[len("same as "):], {}).get("arm")
+            candidates = [chosen] if chosen else []
+        else:
+            candidates = [arm for arm in args.arms if arm != BASELINE_ARM and FAMILIES[target.family](configs[arm])]
+        values = {arm: arm_mean(arm, target.choose_on) for arm in candidates}
+        arm = max(candidates, key=lambda a: values[a]) if candidates else None  # max keeps the first on ties
+        choices[target.name] = {"claim": target.claim, "family": target.family, "arm": arm,
+                                "chosen_on": f"validation_unbiased {target.choose_on}, mean over seeds {args.seeds}",
+                                "candidates": values, "baseline_value": arm_mean(BASELINE_ARM, target.choose_on),
+                                "measure": list(target.measure), "margin": target.margin}
+        print(f"  target {target.name}: " + (f"{arm} ({values[arm]:.3f} vs the baseline's "
+                                              f"{choices[target.name]['baseline_value']:.3f})" if arm
+                                              else "no candidate arm in this study"), flush=True)
+    record = {"study": args.name, "gain_shapes_version": data_version(), "arms": args.arms, "seeds": args.seeds,
+              "settings": {key: value for key, value in vars(args).items()
+                           if key not in ("logdir", "out", "arm_flags", "command")},
+              "train_commands": {run_name(a, s): shlex.join(["python", "train.py"] + run_flags(a, s, args))
+                                 for a in args.arms for s in args.seeds},
+              "rule": SELECTION_RULE, "thresholds": thresholds, "targets": choices,
+              "validation_unbiased": {name: {k: v for k, v in entry.items() if k != "records"}
+                                      for name, entry in per_run.items()}}
+    os.makedirs(args.out, exist_ok=True)
+    with open(selection_path(args), "w") as handle:
+        json.dump(record, handle, indent=1)
+    print(f"selection: {selection_path(args)} (commit it before running `test`)")
+    return 0
+
+
+def _interval_text(interval: dict) -> str:
+    return f"{interval['mean']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
+
+
+def test_main(args) -> int:
+    """Evaluate the selected arms and the baseline on test_unbiased; paired t-intervals and bootstrap intervals."""
+    import protocol
+
+    from gain_jax import metrics, stats
+
+    path = selection_path(args)
+    if not os.path.isfile(path):
+        raise SystemExit(f"biased_shapes test: no selection file {path}: run `select` first (choose on validation, "
+                         "then look at test once)")
+    with open(path) as handle:
+        selection = json.load(handle)
+    if (selection["arms"], selection["seeds"], selection["gain_shapes_version"]) != (
+            args.arms, args.seeds, data_version()):
+        raise SystemExit(f"biased_shapes test: {path} was made for arms {selection['arms']}, seeds "
+                         f"{selection['seeds']}, gain_shapes {selection['gain_shapes_version']}, not these")
+    results = _finished_or_exit(args)
+    chosen = {t["arm"] for t in selection["targets"].values() if t["arm"]}
+    arms = [arm for arm in args.arms if arm == BASELINE_ARM or arm in chosen]
+    records = {(arm, seed): evaluate_run(arm, seed, "test_unbiased", args) for arm in arms for seed in args.seeds}
+    per_run = {}
+    for (arm, seed), rec in records.items():
+        summary = protocol.summarize_records(rec, selection["thresholds"][arm]["threshold"])
+        summary["validation_mAP"] = float(results[(arm, seed)]["final"]["validation"]["mAP"])
+        per_run[(arm, seed)] = summary
+
+    def value(arm, seed, split, metric):
+        return per_run[(arm, seed)]["validation_mAP"] if split == "validation" else per_run[(arm, seed)][metric]
+
+    num_images = len(records[(BASELINE_ARM, args.seeds[0])]["scores"])
+    statistics = {"mAP": lambda rec, rows: metrics.mean_average_precision(rec["scores"][rows], rec["targets"][rows]),
+                  "PxAP": lambda rec, rows: protocol.pxap_statistic(rec)(rows)}
+    verdicts, lines = {}, []
+    for name, target in selection["targets"].items():
+        arm = target["arm"]
+        if arm is None:
+            continue
+        split, metric = target["measure"]
+        differences = stats.paired_differences({s: value(arm, s, split, metric) for s in args.seeds},
+                                               {s: value(BASELINE_ARM, s, split, metric) for s in args.seeds})
+        verdict = stats.target_verdict(differences, target["margin"]) if len(args.seeds) > 1 else {
+            "verdict": "undecided (one seed: no interval)", "mean": float(differences[0])}
+        verdicts[name] = {"claim": target["claim"], "arm": arm, **verdict}
+        interval = _interval_text(verdict) if "low" in verdict else f"{verdict['mean']:+.3f}"
+        lines.append(f"| {target['claim']} | {arm} | {interval} | {verdict['verdict']} |")
+    bootstrap = {}
+    for arm in arms:  # lead rows: the mean over the seeds, images resampled (the same rows for every seed)
+        bootstrap[arm] = {}
+        for metric, statistic in statistics.items():
+            def mean_over_seeds(rows, arm=arm, statistic=statistic):
+                return float(np.mean([statistic(records[(arm, seed)], rows) for seed in args.seeds]))
+
+            def difference(rows, arm=arm, statistic=statistic):
+                return float(np.mean([statistic(records[(arm, seed)], rows) - statistic(records[(BASELINE_ARM, seed)],
+                                                                                       rows) for seed in args.seeds]))
+            bootstrap[arm][metric] = stats.bootstrap_interval(mean_over_seeds, num_images, seed=0,
+                                                              resamples=BOOTSTRAP_RESAMPLES).as_dict()
+            if arm != BASELINE_ARM:
+                bootstrap[arm][f"{metric} - baseline"] = stats.bootstrap_interval(
+                    difference, num_images, seed=0, resamples=BOOTSTRAP_RESAMPLES).as_dict()
+    keys = ("mAP", "mAP_conflicting", "PxAP", "cam_mIoU", "cam_object_mIoU", "pointing_game")
+    run_lines = [f"| {arm} | {seed} | {per_run[(arm, seed)]['cam_threshold']} | "
+                 + " | ".join(f"{per_run[(arm, seed)].get(key, float('nan')):.3f}" for key in keys) + " |"
+                 for arm in arms for seed in args.seeds]
+    boot_lines = [f"| {arm} | {metric} | {b['mean']:.3f} [{b['low']:.3f}, {b['high']:.3f}] |"
+                  for arm in arms for metric, b in bootstrap[arm].items()]
+    text = (f"gain_shapes {data_version()}, study {args.name}, test_unbiased ({num_images} images), seeds "
+            f"{args.seeds}; arms chosen on validation ({os.path.basename(path)})\n\n"
+            "| target | arm | arm - baseline, paired by seed: mean [95% t-interval] | verdict |\n|---|---|---|---|\n"
+            + "\n".join(lines) + "\n\n'met' only when the interval's lower bound clears the margin.\n\n"
+            "| arm | metric (mean over seeds) | 95% bootstrap interval over test images |\n|---|---|---|\n"
+            + "\n".join(boot_lines) + "\n\n| arm | seed | CAM threshold (chosen on validation) | "
+            + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 3) + "\n" + "\n".join(run_lines) + "\n")
+    print(text)
+    record = {"selection": os.path.basename(path), "verdicts": verdicts, "bootstrap": bootstrap,
+              "per_run": {run_name(a, s): {"arm": a, "seed": s, **v} for (a, s), v in per_run.items()}}
+    with open(os.path.join(args.out, f"{args.name}.test.json"), "w") as handle:
+        json.dump(record, handle, indent=1)
+    with open(os.path.join(args.out, f"{args.name}.test.md"), "w") as handle:
+        handle.write(text)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -610,6 +849,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
+    args.logdir = os.path.abspath(args.logdir)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # protocol.py beside this script
+    if args.command == "select":
+        return select_main(args)
+    if args.command == "test":
+        return test_main(args)
     if importlib.util.find_spec("matplotlib") is None:  # fail before the training, not after
         parser.error("matplotlib is needed for the figure: pip install -e \".[bench]\"")
     args.logdir = os.path.abspath(args.logdir)
@@ -623,19 +868,16 @@ def main(argv=None) -> int:
     training_seconds = time.time() - started
 
     summary = summarize(results, args)
-    floors = test_floors(results)
+    floors = validation_floors(results)
     table = summary_table(summary, args)
     runs = per_run_table(results, seconds, cpu_seconds, args)
-    first = results[(args.arms[0], args.seeds[0])]["final"]["test_unbiased"]
+    first = results[(args.arms[0], args.seeds[0])]["final"]["validation_unbiased"]
     print(f"\nper run (CAM metrics at pointing tolerance {first.get('pointing_tolerance_px')} px, CAM threshold "
           f"{first.get('cam_threshold')}; mAP conflicting: images whose texture is a non-label class's own):")
     print(runs)
     print(f"\nmean ± std (ddof=1) over seeds {args.seeds} (choose configurations on validation_unbiased):")
     print(table)
     print(floors_line(floors))
-    validation_summary = summarize(results, args, EXTRA_METRICS)
-    validation_table = summary_table(validation_summary, args, EXTRA_METRICS)
-    print(f"\nthe maps on validation_unbiased (for choosing on localization):\n{validation_table}")
 
     os.makedirs(args.out, exist_ok=True)
     figure_path = os.path.join(args.out, f"{args.name}.png")
@@ -660,12 +902,11 @@ def main(argv=None) -> int:
         "train_commands": {run_name(a, s): shlex.join(["python", "train.py"] + run_flags(a, s, args))
                            for a in args.arms for s in args.seeds},
         "summary": summary,
-        "summary_validation_unbiased_maps": validation_summary,
-        "floors_test_unbiased": floors,
+        "floors_validation_unbiased": floors,
         "per_run": {run_name(a, s): {"arm": a, "seed": s, "seconds": seconds[(a, s)],
                                      "cpu_seconds": cpu_seconds[(a, s)],
                                      **{key: metric_value(results[(a, s)], key)
-                                        for key, *_ in METRICS + EXTRA_METRICS}}
+                                        for key, *_ in METRICS}}
                     for a in args.arms for s in args.seeds},
         "wall_seconds": {"training": training_seconds, "total": total_seconds},
         "cpu_seconds_of_runs": total_cpu,
@@ -674,8 +915,7 @@ def main(argv=None) -> int:
         json.dump(record, handle, indent=1)
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as handle:
         handle.write(f"gain_shapes {data_version()}, study {args.name}; mean ± std over seeds {args.seeds}\n\n"
-                     f"{table}\n\n{floors_line(floors)}\n\nthe maps on validation_unbiased (for choosing on "
-                     f"localization)\n\n{validation_table}\n\narms\n\n{arms_table(args)}\n\nper run\n\n{runs}\n")
+                     f"{table}\n\n{floors_line(floors)}\n\narms\n\n{arms_table(args)}\n\nper run\n\n{runs}\n")
     return 0
 
 
