@@ -19,9 +19,10 @@ Numerics follow torch so that `gain_jax.convert.from_torchvision` reproduces tor
 explicit symmetric padding, floor-mode pools, ResNet's 3x3/s2/p1 max-pool padded with -inf,
 torch's AdaptiveAvgPool2d bins, and a BatchNorm with torch's running-statistics update. The compute
 dtype follows the params and inputs (float64 end to end when both are float64 under jax_enable_x64).
-Two computations are written for XLA:CPU's sake, with the same results: the 2x2 max pool has its own
-backward, and a convolution whose output is smaller than its kernel is a matrix product over patches
-(`conv_general_dilated`).
+Three computations are written for XLA:CPU's sake, with the same results: the 2x2 max pool has its own
+backward and reads its windows as strided views; a convolution whose output is smaller than its kernel is a
+matrix product over patches; and the input gradient of a convolution with at most 16 channels on both sides is
+a matrix product with the kernel, scattered back onto the pixels (`conv_general_dilated`).
 """
 from __future__ import annotations
 
