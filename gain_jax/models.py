@@ -20,9 +20,10 @@ explicit symmetric padding, floor-mode pools, ResNet's 3x3/s2/p1 max-pool padded
 torch's AdaptiveAvgPool2d bins, and a BatchNorm with torch's running-statistics update. The compute
 dtype follows the params and inputs (float64 end to end when both are float64 under jax_enable_x64).
 Three computations are written for XLA:CPU's sake, with the same results: the 2x2 max pool has its own
-backward and reads its windows as strided views; a convolution whose output is smaller than its kernel is a
-matrix product over patches; and the input gradient of a convolution with at most 16 channels on both sides is
-a matrix product with the kernel, scattered back onto the pixels (`conv_general_dilated`).
+backward (and reads its windows as strided views at up to 16 channels); a convolution whose output is smaller
+than its kernel is a matrix product over patches; and the input gradient of a convolution with at most 16
+channels on both sides is a matrix product with the kernel, scattered back onto the pixels
+(`conv_general_dilated`).
 """
 from __future__ import annotations
 
@@ -260,14 +261,25 @@ def _max_pool_2x2(x):
     return _max_pool_2x2_even(x[:, :height, :width])
 
 
-def _pool_quarters(x):
-    """[B, H, W, C] with even H, W -> the four [B, H/2, W/2, C] pixels of each 2x2 window, in row-major order.
+# The pool reads its windows as strided views up to this many channels, as a transposed window axis above it:
+# at 16 channels XLA:CPU's copy of the transposed windows cost more than the pool, at 32 and more the strided
+# reads are the slower (bench/README.md, "Small convolutions").
+_STRIDED_POOL_MAX_CHANNELS = 16
 
-    Strided views of a free reshape, so that XLA fuses them into the reading loop: a window axis built by a
-    transpose (to [B, H/2, W/2, C, 2, 2]) is materialized by XLA:CPU, and that copy cost more than the pool."""
+
+def _pool_quarters(x):
+    """[B, H, W, C] with even H, W -> the four [B, H/2, W/2, C] pixels of each 2x2 window, in row-major order:
+    strided views of a free reshape, which XLA fuses into the reading loop."""
     batch, height, width, channels = x.shape
     grid = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
     return grid[:, :, 0, :, 0], grid[:, :, 0, :, 1], grid[:, :, 1, :, 0], grid[:, :, 1, :, 1]
+
+
+def _pool_windows(x):
+    """[B, H, W, C] with even H, W -> [B, H/2, W/2, C, 4], each window's pixels in row-major order."""
+    batch, height, width, channels = x.shape
+    windows = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+    return windows.transpose(0, 1, 3, 5, 2, 4).reshape(batch, height // 2, width // 2, channels, 4)
 
 
 # A max pool with its own backward. flax's max_pool lowers to reduce-window, whose gradient XLA:CPU builds
@@ -276,14 +288,17 @@ def _pool_quarters(x):
 # order, as in torch (and in XLA's select-and-scatter), so ties (ReLU zeros) give identical gradients.
 @jax.custom_vjp
 def _max_pool_2x2_even(x):
-    top_left, top_right, bottom_left, bottom_right = _pool_quarters(x)
-    return jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
+    return _max_pool_2x2_even_forward(x)[0]
 
 
 def _max_pool_2x2_even_forward(x):
+    """The pooled map and the position (0..3, row-major; int8 keeps the residual small) of each window's first
+    maximum."""
+    if x.shape[-1] > _STRIDED_POOL_MAX_CHANNELS:
+        windows = _pool_windows(x)
+        return windows.max(axis=-1), jnp.argmax(windows, axis=-1).astype(jnp.int8)
     top_left, top_right, bottom_left, bottom_right = _pool_quarters(x)
     pooled = jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
-    # the position (0..3, row-major) of the window's first maximum; int8 keeps the residual small
     first_max = jnp.where(top_left == pooled, 0, jnp.where(top_right == pooled, 1,
                                                             jnp.where(bottom_left == pooled, 2, 3)))
     return pooled, first_max.astype(jnp.int8)
@@ -291,6 +306,10 @@ def _max_pool_2x2_even_forward(x):
 
 def _max_pool_2x2_even_backward(first_max, pooled_grad):
     batch, half_height, half_width, channels = pooled_grad.shape
+    if channels > _STRIDED_POOL_MAX_CHANNELS:
+        window_grads = jax.nn.one_hot(first_max, 4, dtype=pooled_grad.dtype) * pooled_grad[..., None]
+        grads = window_grads.reshape(batch, half_height, half_width, channels, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+        return (grads.reshape(batch, 2 * half_height, 2 * half_width, channels),)
     # [B, H/2, 2, W/2, 2, C] is [B, H, W, C] in memory: one elementwise loop, no transpose
     positions = (2 * np.arange(2)[:, None] + np.arange(2)[None, :]).astype(np.int8)[:, None, :, None]
     grads = jnp.where(first_max[:, :, None, :, None, :] == positions, pooled_grad[:, :, None, :, None, :],

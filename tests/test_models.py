@@ -332,7 +332,8 @@ def test_cam_layer_size_matches_the_model_and_min_image_size_gives_two_cells(nam
     assert cam_layer_size(name, min_image_size(name) - 1) < 2
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3), (1, 5, 5, 2)])
+# up to 16 channels the pool reads strided views, above it a transposed window axis: both paths
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3), (1, 5, 5, 2), (2, 6, 7, 16), (2, 6, 7, 17)])
 def test_max_pool_2x2_matches_reduce_window_values_and_gradients_with_ties(shape):
     """The reshape pool with its own backward equals flax's max_pool (torch's MaxPool2d(2)) exactly, ties
     (the zeros after a ReLU) and odd sizes (the trailing row/column dropped) included."""
