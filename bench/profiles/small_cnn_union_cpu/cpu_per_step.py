@@ -1,6 +1,7 @@
-"""Process CPU time (all threads) and wall time per default GAIN step (union), small_cnn 64x64 b32, of the gain_jax
-package found in PACKAGE_ROOT: a measure of the step's work that the machine's load does not inflate the way it
-inflates wall time (a preempted thread uses no CPU), for A/B runs on a busy machine.
+"""Process CPU time (all threads) and wall time per default GAIN step (union), small_cnn 64x64 b32 (or --backbone,
+--image-size, --batch-size), of the gain_jax package found in PACKAGE_ROOT: a measure of the step's work that
+the machine's load does not inflate the way it inflates wall time (a preempted thread uses no CPU), for A/B
+runs on a busy machine.
 
     git archive main gain_jax | tar -x -C /tmp/main_tree
     for i in 1 2 3; do for root in /tmp/main_tree .; do
@@ -21,6 +22,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("package_root", help="directory holding the gain_jax package to time")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--backbone", default="small_cnn")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     root = os.path.abspath(args.package_root)
     sys.path.insert(0, root)
@@ -34,9 +38,10 @@ def main():
     if not os.path.abspath(gj.__file__).startswith(root + os.sep):
         raise SystemExit(f"gain_jax was imported from {gj.__file__}, not from {root}")
     rng = np.random.default_rng(0)
-    model = gj.build_model("small_cnn", 20, dropout_rate=0.5)
-    images = jnp.asarray(rng.normal(size=(32, 64, 64, 3)).astype(np.float32))
-    labels = np.zeros((32, 20), np.float32)
+    model = gj.build_model(args.backbone, 20, dropout_rate=0.5)
+    size, batch_size = args.image_size, args.batch_size
+    images = jnp.asarray(rng.normal(size=(batch_size, size, size, 3)).astype(np.float32))
+    labels = np.zeros((batch_size, 20), np.float32)
     for row in labels:
         row[rng.choice(20, 2, replace=False)] = 1.0
     state = gj.create_train_state(model.init(jax.random.PRNGKey(0), images[:1]), optax.adam(1e-4))
@@ -51,7 +56,8 @@ def main():
         if index >= 2:
             walls.append(time.perf_counter() - wall)
             cpus.append(time.process_time() - cpu)
-    print(f"{root}: load {os.getloadavg()[0]:.1f}; wall median {statistics.median(walls) * 1e3:.1f} min "
+    print(f"{root} {args.backbone} {size}x{size} b{batch_size}: load {os.getloadavg()[0]:.1f}; "
+          f"wall median {statistics.median(walls) * 1e3:.1f} min "
           f"{min(walls) * 1e3:.1f} ms; process CPU median {statistics.median(cpus) * 1e3:.1f} min "
           f"{min(cpus) * 1e3:.1f} ms; last loss {float(metrics['loss']):.6f}")
 
