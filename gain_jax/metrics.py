@@ -7,6 +7,9 @@ Conventions: `scores` and `targets` are `[N, C]` (targets multi-hot, any dtype, 
 `class_cams` are `[B, C, H, W]` maps in [0, 1] (min-max normalized Grad-CAM of every class);
 `gt_masks` are `[B, H, W]` with VOC's encoding: 0 background, class index + 1, 255 ignored.
 
+PxAP (`pixel_average_precision`, Choe et al., CVPR 2020): the threshold-free localization score, the area
+under the pixel precision-recall curve of normalized maps against binary masks, pixels pooled over a set.
+
 Floors: maps that know nothing of the image, scored by the same CAM metrics to tell a method from a blank
 map (`zero_maps`, `centre_maps`, `random_maps`; `floor_maps` by name, `FLOOR_NAMES`).
 """
@@ -202,3 +205,89 @@ def pointing_game(class_cams: np.ndarray, targets: np.ndarray, gt_masks: np.ndar
         trials += 1
         hits += int(np.min((ys - peak_y) ** 2 + (xs - peak_x) ** 2) <= tolerance ** 2)
     return hits, trials
+
+
+PXAP_THRESHOLD_STEP = 0.01  # Choe et al.'s default cam_curve_interval
+
+
+def normalize_map(score_map: np.ndarray) -> np.ndarray:
+    """Min-max normalization of one map to [0, 1] as Choe et al.'s `normalize_scoremap`: a constant map
+    (or one with a nan) becomes all zeros, so it ranks no pixel above another."""
+    score_map = np.asarray(score_map, dtype=np.float64)
+    if np.isnan(score_map).any() or score_map.min() == score_map.max():
+        return np.zeros_like(score_map)
+    shifted = score_map - score_map.min()
+    return shifted / shifted.max()
+
+
+def pxap_thresholds(step: float = PXAP_THRESHOLD_STEP) -> np.ndarray:
+    """The grid of PxAP: 0, step, 2 step, ... below 1, then 1 ("score >= 1" is the top bin)."""
+    count = int(round(1.0 / step))
+    return np.append(np.arange(count) * step, 1.0)
+
+
+def pixel_score_counts(score_maps: np.ndarray, pixel_masks: np.ndarray,
+                       step: float = PXAP_THRESHOLD_STEP) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel counts at or above each threshold of `pxap_thresholds(step)`: (positives, negatives), `[T]`
+    each, for `[N, H, W]` maps (each min-max normalized here by `normalize_map`) against `[N, H, W]`
+    masks (1 the object, 0 the rest, `IGNORE_LABEL` left out). Sum them over a set, then
+    `pixel_average_precision_from_counts`.
+
+    As in Choe et al.'s histograms: a pixel's score falls in a bin [t_k, t_k+1) of the grid (1.0 in the
+    top bin), so scores within one bin tie."""
+    score_maps = np.asarray(score_maps)
+    pixel_masks = np.asarray(pixel_masks)
+    if score_maps.shape != pixel_masks.shape or score_maps.ndim != 3:
+        raise ValueError(f"score maps {score_maps.shape} and masks {pixel_masks.shape} must both be [N, H, W]")
+    thresholds = pxap_thresholds(step)
+    edges = np.append(thresholds, np.inf)
+    positives = np.zeros(len(thresholds), np.int64)
+    negatives = np.zeros(len(thresholds), np.int64)
+    for score_map, mask in zip(score_maps, pixel_masks):
+        normalized = normalize_map(score_map)
+        for counts, value in ((positives, 1), (negatives, 0)):
+            histogram, _ = np.histogram(normalized[mask == value], bins=edges)
+            counts += np.cumsum(histogram[::-1])[::-1]  # at or above each threshold
+    return positives, negatives
+
+
+def pixel_average_precision_from_counts(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """PxAP of accumulated `pixel_score_counts`: sum over the thresholds, from the highest down, of the
+    precision there times the recall gained there (Choe et al.'s MaskEvaluator.compute, without the
+    x100): a step function, no interpolation and no precision envelope (unlike VOC's class AP).
+    nan when no pixel is positive."""
+    positives = np.asarray(positives, dtype=np.float64)[::-1]  # highest threshold first
+    negatives = np.asarray(negatives, dtype=np.float64)[::-1]
+    num_positives = positives[-1]  # at threshold 0: every pixel
+    if num_positives == 0:
+        return float("nan")
+    predicted = positives + negatives
+    recall = positives / num_positives
+    recall_gain = np.diff(np.concatenate([[0.0], recall]))
+    precision = np.divide(positives, predicted, out=np.zeros_like(positives), where=predicted > 0)
+    return float(np.sum(precision * recall_gain))
+
+
+def pixel_average_precision(score_maps: np.ndarray, pixel_masks: np.ndarray,
+                            step: float = PXAP_THRESHOLD_STEP) -> float:
+    """PxAP (Choe et al., "Evaluating Weakly Supervised Object Localization Methods Right", CVPR 2020):
+    the area under the pixel precision-recall curve of `[N, H, W]` score maps against `[N, H, W]` binary
+    masks (1 object, 0 background, `IGNORE_LABEL` left out), each map min-max normalized to [0, 1], the
+    pixel counts accumulated over all maps at the thresholds 0, step, ..., 1 (see `pixel_score_counts`).
+
+    Threshold-free, unlike mIoU at a fixed CAM threshold: a perfect map scores 1, a constant map the
+    prevalence of mask pixels (every pixel ties, so the only point is recall 1 at that precision)."""
+    return pixel_average_precision_from_counts(*pixel_score_counts(score_maps, pixel_masks, step))
+
+
+def class_pixel_maps(class_cams: np.ndarray, targets: np.ndarray, gt_masks: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The (map, binary mask) pairs PxAP scores on a multi-label set: one per (image, label class), the
+    class's `[H, W]` map against its pixels (1 where the VOC mask is class + 1, 0 at the other classes and
+    background, `IGNORE_LABEL` kept). Returns `[P, H, W]` maps and masks (P = number of labels)."""
+    class_cams = np.asarray(class_cams)
+    gt_masks = np.asarray(gt_masks)
+    images, classes = np.nonzero(np.asarray(targets) > 0)
+    masks = np.where(gt_masks[images] == IGNORE_LABEL, IGNORE_LABEL,
+                     (gt_masks[images] == (classes + 1)[:, None, None]).astype(np.int64))
+    return class_cams[images, classes], masks

@@ -129,3 +129,79 @@ def test_pointing_game_hit_on_the_mask():
     mask[:, 1:3, 2:4] = 1
     # image 0 peaks inside the object, image 1 at distance sqrt(5) from it.
     assert metrics.pointing_game(cams, np.ones((2, 1)), mask, tolerance=0) == (1, 2)
+
+
+def test_pixel_average_precision_perfect_map_is_one():
+    mask = np.zeros((2, 4, 4), np.int64)
+    mask[0, 1:3, 1:3] = 1
+    mask[1, 0, :] = 1
+    maps = mask * 5.0 - 2.0  # any affine map of the mask normalizes to the mask itself
+    assert metrics.pixel_average_precision(maps, mask) == pytest.approx(1.0)
+
+
+def test_pixel_average_precision_constant_map_is_the_prevalence():
+    # 5 of 16 + 1 of 16 object pixels over the two images: every pixel ties at score 0, the one point of
+    # the curve is recall 1 at precision 6/32.
+    mask = np.zeros((2, 4, 4), np.int64)
+    mask[0, 0, :] = 1
+    mask[0, 1, 0] = 1
+    mask[1, 3, 3] = 1
+    assert metrics.pixel_average_precision(np.full((2, 4, 4), 0.3), mask) == pytest.approx(6 / 32)
+
+
+def test_pixel_average_precision_hand_computed_without_envelope():
+    # One 1x3 map, scores (0.9, 0.5, 0.1) normalize to (1, 0.5, 0); pixels N, P, P.
+    # t = 1: 1 prediction, 0 hits (P 0, R 0); t = 0.5: 2 predictions, 1 hit (P 1/2, R 1/2);
+    # t = 0: 3 predictions, 2 hits (P 2/3, R 1). PxAP = 1/2 * 1/2 + 2/3 * 1/2 = 7/12 (VOC's envelope
+    # would lift the first step to 2/3: 2/3).
+    maps = np.array([[[0.9, 0.5, 0.1]]])
+    mask = np.array([[[0, 1, 1]]])
+    assert metrics.pixel_average_precision(maps, mask) == pytest.approx(7 / 12)
+
+
+def test_pixel_average_precision_pools_pixels_over_images():
+    # Two 1x2 maps (1, 0): image 0 P, N; image 1 N, P. Pooled: t = 1: 2 predictions, 1 hit (P 1/2, R 1/2);
+    # t = 0: 4 predictions, 2 hits (P 1/2, R 1): PxAP 1/2 (the mean of per-image APs, 1 and 1/2, is 3/4).
+    maps = np.array([[[1.0, 0.0]], [[1.0, 0.0]]])
+    masks = np.array([[[1, 0]], [[0, 1]]])
+    assert metrics.pixel_average_precision(maps, masks) == pytest.approx(0.5)
+    positives, negatives = (sum(counts) for counts in zip(
+        *(metrics.pixel_score_counts(maps[i:i + 1], masks[i:i + 1]) for i in range(2))))
+    assert metrics.pixel_average_precision_from_counts(positives, negatives) == pytest.approx(0.5)
+
+
+def test_pixel_average_precision_leaves_ignored_pixels_out():
+    # Scores (0.2 P, 0.1 N, 0.9 ignored) normalize to (0.125, 0, 1) (the ignored pixel takes part in the
+    # normalization, as in Choe et al.). t = 0.12: 1 prediction, 1 hit (P 1, R 1): PxAP 1; counting the
+    # ignored pixel as a negative would give P 0 at t = 1, then 1/2 at R 1: 1/2.
+    assert metrics.pixel_average_precision(np.array([[[0.2, 0.1, 0.9]]]), np.array([[[1, 0, 255]]])) == 1.0
+
+
+def test_pixel_average_precision_ties_within_a_threshold_bin():
+    # Normalized scores 1, 0.505 (P), 0.501 (N), 0 (N): the two middle ones fall in the bin [0.50, 0.51)
+    # and tie. t = 1: the top pixel, a positive (P 1, R 1/2); t = 0.5: 3 predictions, 2 hits (P 2/3, R 1).
+    # PxAP = 1/2 + 2/3 * 1/2 = 5/6 (an exact ranking would score 1).
+    maps = np.array([[[1.0, 0.505, 0.501, 0.0]]])
+    mask = np.array([[[1, 1, 0, 0]]])
+    assert metrics.pixel_average_precision(maps, mask) == pytest.approx(5 / 6)
+
+
+def test_pixel_average_precision_without_positives_is_nan_and_shapes_are_checked():
+    assert math.isnan(metrics.pixel_average_precision(np.ones((1, 2, 2)), np.zeros((1, 2, 2))))
+    with pytest.raises(ValueError, match=r"\[N, H, W\]"):
+        metrics.pixel_average_precision(np.ones((1, 2, 2)), np.zeros((1, 2, 3)))
+
+
+def test_pxap_thresholds_grid():
+    thresholds = metrics.pxap_thresholds()
+    assert len(thresholds) == 101 and thresholds[0] == 0.0 and thresholds[-1] == 1.0
+    assert thresholds[50] == pytest.approx(0.5)
+
+
+def test_class_pixel_maps_pairs_each_label_with_its_pixels():
+    cams, labels = _two_by_two_case()
+    gt = np.array([[[1, 3], [255, 0]]])
+    maps, masks = metrics.class_pixel_maps(cams, labels, gt)
+    # labels 0 and 2: class 0's map against gt == 1, class 2's against gt == 3; 255 stays ignored.
+    np.testing.assert_array_equal(maps, cams[0, [0, 2]])
+    np.testing.assert_array_equal(masks, [[[1, 0], [255, 0]], [[0, 1], [255, 0]]])
