@@ -31,7 +31,11 @@ from gain_jax.gain import GainConfig
 from gain_jax.models import MODEL_NAMES, cam_layer_size, min_image_size
 
 MUST_MATCH = "must_match"  # metadata["resume"] of the fields a resumed run must keep
-DATASETS = ("gain_shapes", "gain_voc2012")
+# gain_parts: its default config; gain_parts/<config>: each config (gain_jax/data/parts.py CONFIG_NAMES, which a
+# test checks against these)
+GAIN_PARTS_CONFIGS = tuple(f"gain_parts/part{part:02d}_rel{reliability:03d}"
+                           for part in (4, 2, 8) for reliability in (80, 60, 100))
+DATASETS = ("gain_shapes", "gain_voc2012", "gain_parts", *GAIN_PARTS_CONFIGS)
 
 
 class RunError(Exception):
@@ -82,7 +86,8 @@ BENCHMARK_GAIN = GainConfig(am_weight=0.1, am_batchnorm="batch", score="sigmoid"
 class DataConfig:
     """Which data set, where it is, and how training images are prepared."""
 
-    dataset: str = _field("gain_shapes", "tfds builder: the embedded synthetic set, or VOC 2012 from local files",
+    dataset: str = _field("gain_shapes", "tfds builder: the embedded synthetic sets (gain_parts: the part-to-whole "
+                          "benchmark, a config after a slash), or VOC 2012 from local files",
                           choices=DATASETS, resume=MUST_MATCH)
     data_dir: str | None = _field(None, "tfds data dir (must exist; the prepared data set is written there). "
                                         "Default: tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR)")
