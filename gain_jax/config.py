@@ -34,7 +34,7 @@ MUST_MATCH = "must_match"  # metadata["resume"] of the fields a resumed run must
 # gain_parts: its default config; gain_parts/<config>: each config (gain_jax/data/parts.py CONFIG_NAMES, which a
 # test checks against these)
 GAIN_PARTS_CONFIGS = tuple(f"gain_parts/part{part:02d}_rel{reliability:03d}"
-                           for part in (4, 2, 8) for reliability in (80, 60, 100))
+                           for part in (4, 2, 8) for reliability in (60, 40, 80, 100))
 DATASETS = ("gain_shapes", "gain_voc2012", "gain_parts", *GAIN_PARTS_CONFIGS)
 
 

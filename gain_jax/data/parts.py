@@ -5,9 +5,10 @@ object to the whole object? Each 112x112 RGB image shows one object of one of 4 
 background:
 
 - the *body*: an ellipse (semi-axes `BODY_RADIUS_RANGE` px, about 4-6 cells of small_cnn's 14x14 Grad-CAM
-  grid across) filled with a two-tone stripe texture (`BODY_TEXTURE_NAMES`) in greyish colours. The texture
-  is the class's own with probability `body_reliability` (a builder config), else one of the other classes'
-  (uniformly): weaker evidence, both less reliable and harder to see than the part;
+  grid across) filled with a faint two-tone stripe texture (`BODY_TEXTURE_NAMES`, tones `BODY_CONTRAST` apart)
+  in greyish colours, under the same per-pixel noise as the background. The texture is the class's own with
+  probability `body_reliability` (a builder config), else one of the other classes' (uniformly): weaker
+  evidence, both less reliable and harder to see than the part;
 - the *part*: a disc of `part_fraction` (a builder config) of the body's area, at a uniformly random place
   inside the body, in its class's saturated colour (`PART_COLOURS`, jittered by `PART_COLOUR_JITTER`): always
   right, and read by a single pixel;
@@ -23,7 +24,7 @@ Builder configs (`tfds.builder("gain_parts/part04_rel080")`; plain "gain_parts" 
 `part_fraction` in `PART_FRACTIONS` (the part's share of the body's area: how small the discriminative
 region is) crossed with `body_reliability` in `BODY_RELIABILITIES` (how often the body's texture is the
 class's own: how much evidence is left on the body once the part is erased). Their names are
-`part{100 x fraction:02d}_rel{100 x reliability:03d}`.
+`part{100 x fraction:02d}_rel{100 x reliability:03d}`; the default is part04_rel060.
 
 Splits (sizes in `SPLIT_SIZES`; every split has the same distribution, there is no bias to undo):
     train        what models learn from
@@ -56,12 +57,12 @@ PART_COLOURS = ((220, 40, 40), (40, 200, 40), (40, 80, 230), (230, 210, 30))
 PART_COLOUR_JITTER = 20  # per channel, uniform in +-this
 BODY_RADIUS_RANGE = (18.0, 26.0)  # px: each semi-axis of the body's ellipse is uniform in this range
 BODY_GREY_RANGE = (70, 185)  # the body's darker tone; the lighter one is BODY_CONTRAST above
-BODY_CONTRAST = 70
+BODY_CONTRAST = 40
 BACKGROUND_GREY_RANGE = (50, 205)
-BACKGROUND_NOISE = 35  # per pixel and channel, uniform in +-this
+BACKGROUND_NOISE = 35  # per pixel and channel, uniform in +-this, on the background and the body
 TINT = 12  # body and background colours: grey plus a per-channel tint uniform in +-this
 PART_FRACTIONS = (0.04, 0.02, 0.08)
-BODY_RELIABILITIES = (0.8, 0.6, 1.0)
+BODY_RELIABILITIES = (0.6, 0.4, 0.8, 1.0)
 SPLIT_SIZES = {"train": 2000, "validation": 500, "test": 500}
 _SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 _BASE_SEED = 20180302
@@ -141,7 +142,7 @@ def generate_example(split: str, index: int, part_fraction: float = PART_FRACTIO
     body = ((_GRID_Y - center_y) / radius_y) ** 2 + ((_GRID_X - center_x) / radius_x) ** 2 <= 1.0
     dark = _greyish(rng, BODY_GREY_RANGE)
     pattern = _body_texture(texture_id, rng)
-    image = np.where(body[..., None], np.where(pattern[..., None], dark + BODY_CONTRAST, dark), image)
+    image = np.where(body[..., None], np.where(pattern[..., None], dark + BODY_CONTRAST, dark) + noise, image)
 
     # the part: a disc of part_fraction of the body's area, its centre uniform over the places where the disc,
     # widened by 2 px, lies inside the body's ellipse (drawn in the ellipse shrunk by that radius until it fits)
