@@ -15,7 +15,8 @@ the Grad-CAM grid's) and the whole object.
 
 The train loop evaluates its final splits by name (train_loop.FINAL_SPLITS), which does not list gain_parts
 yet: this script adds gain_parts' validation split there for its runs (a follow-up moves that into the loop).
-Writes <out>/<name>.json (settings, commands, per-arm metrics, wall minutes) and <out>/<name>.md.
+Writes <out>/<name>.json (settings, commands, per-arm metrics, wall minutes), <out>/<name>.md and <out>/<name>.png
+(the first `FIGURE_IMAGES` images of the split, their body (grey) and part (white) masks, and each arm's map).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ ARMS = {
 }
 GRID_CELL = 8  # small_cnn's stride: 112 px -> a 14x14 Grad-CAM grid
 RECORD_FILE = "parts_probe.json"
+FIGURE_IMAGES = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,8 +146,9 @@ def part_erased_images(filenames, parts_config, size: int) -> np.ndarray:
     return np.asarray(pipeline.normalize_batch(images))
 
 
-def evaluate_maps(arm_variables, args) -> dict:
-    """{arm or reference: part_metrics summary} on the split; arm_variables: {arm: (model, variables, gain)}."""
+def evaluate_maps(arm_variables, args) -> tuple[dict, dict]:
+    """({arm or reference: part_metrics summary} on the split, {"images", "masks", arm: maps} of the first
+    FIGURE_IMAGES images); arm_variables: {arm: (model, variables, gain)}."""
     import jax
     import tensorflow_datasets as tfds
 
@@ -161,7 +164,7 @@ def evaluate_maps(arm_variables, args) -> dict:
                                                                                             images, gain))
                for arm, (model, _, gain) in arm_variables.items()}
     batches = gd.input_pipeline(args.dataset, args.split, data_dir=args.data_dir, batch_size=50, train=False)
-    seen = 0
+    seen, figure = 0, {}
     for batch in batches:
         if args.eval_examples and seen >= args.eval_examples:
             break
@@ -170,18 +173,33 @@ def evaluate_maps(arm_variables, args) -> dict:
         body, part = np.asarray(batch["body_mask"]), np.asarray(batch["part_mask"])
         classes = np.argmax(labels, axis=1)
         erased = part_erased_images(batch["filename"], parts_config, info.image_size)
+        if not figure:
+            figure = {"images": np.asarray(batch["image"])[:FIGURE_IMAGES],
+                      "masks": (body + 2 * part)[:FIGURE_IMAGES]}
         for arm, (_, variables, _) in arm_variables.items():
             logits, cams = cams_of[arm](variables, jax.numpy.asarray(batch["image"]))
             erased_logits, _ = cams_of[arm](variables, jax.numpy.asarray(erased))
             rows = np.arange(len(classes))
             p_image = np.asarray(jax.nn.sigmoid(logits))[rows, classes]
             p_erased = np.asarray(jax.nn.sigmoid(erased_logits))[rows, classes]
-            totals[arm].add(part_metrics.label_maps(np.asarray(cams), labels), body, part, gt, p_image, p_erased)
+            maps = part_metrics.label_maps(np.asarray(cams), labels)
+            totals[arm].add(maps, body, part, gt, p_image, p_erased)
+            figure.setdefault(arm, maps[:FIGURE_IMAGES])
         for name, cell in references.items():
             maps = ((body | part) > 0).astype(np.float32) if cell == "object" else part_metrics.part_only_maps(
                 part, cell)
             totals[name].add(maps, body, part, gt)
-    return {name: total.summarize() for name, total in totals.items()}
+    return {name: total.summarize() for name, total in totals.items()}, figure
+
+
+def save_figure(path: str, figure: dict, arms) -> None:
+    from gain_jax import viz
+
+    pictures = viz.denormalize(figure["images"])
+    masks = np.repeat((np.asarray(figure["masks"]) * 120).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    rows = [list(pictures), list(masks)] + [[viz.overlay(picture, heat) for picture, heat in zip(pictures, figure[arm])]
+                                            for arm in arms]
+    viz.save_png(path, viz.grid(rows, captions=["images", "body (grey) and part (white)", *arms], scale=2))
 
 
 def load(arm: str, args):
@@ -229,7 +247,7 @@ def main(argv=None) -> int:
         minutes[arm] = train(arm, args)
         print(f"{arm}: trained in {minutes[arm]:.1f} min", flush=True)
     started = time.time()
-    summaries = evaluate_maps({arm: load(arm, args) for arm in args.arms}, args)
+    summaries, figure = evaluate_maps({arm: load(arm, args) for arm in args.arms}, args)
     eval_minutes = (time.time() - started) / 60
     rows = {}
     for name, summary in summaries.items():
@@ -250,6 +268,7 @@ def main(argv=None) -> int:
     name = args.name or "probe_" + "_".join(args.arms)
     with open(os.path.join(args.out, f"{name}.md"), "w") as handle:
         handle.write(text + "\n")
+    save_figure(os.path.join(args.out, f"{name}.png"), figure, args.arms)
     with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
         json.dump({"command": shlex.join(["python", "experiments/parts_probe.py", *(argv or sys.argv[1:])]),
                    "settings": vars(args), "train_commands": {arm: shlex.join(["python", "train.py",

@@ -62,6 +62,7 @@ def test_tiny_probe_end_to_end(small_parts, tmp_path, capsys):
     # the grid floor spreads over the part's cells, part of which is body
     assert 0 < results["part_only_grid8"]["body_share"] < 1
     assert "| baseline |" in (out / "tiny.md").read_text() and "whole_object" in capsys.readouterr().out
+    assert (out / "tiny.png").stat().st_size > 0
     # --reuse evaluates the finished runs without training them again
     assert script.main(argv + ["--reuse"]) == 0
     assert "reusing" in capsys.readouterr().out
