@@ -43,6 +43,8 @@ ARMS = {
     "baseline": "--am_weight 0 --ex_weight 0 --pretrain_epochs {epochs}",
     "GAIN": "--am_weight 0.1 --am_batchnorm batch --score sigmoid --ex_weight 0 --erase shift",
     "GAIN_ext": "--am_weight 0.1 --am_batchnorm batch --score sigmoid --ex_weight 1 --ex_fraction 1 --erase shift",
+    "GAIN_ext_w10": "--am_weight 0.1 --am_batchnorm batch --score sigmoid --ex_weight 10 --ex_fraction 1 "
+                    "--erase shift",  # the mask loss 10x: at weight 1 it stays small (0.05-0.07) on gain_parts
     "ex_only": "--am_weight 0 --ex_weight 1 --ex_fraction 1",
 }
 GRID_CELL = 8  # small_cnn's stride: 112 px -> a 14x14 Grad-CAM grid
@@ -199,7 +201,7 @@ def save_figure(path: str, figure: dict, arms) -> None:
     masks = np.repeat((np.asarray(figure["masks"]) * 120).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
     rows = [list(pictures), list(masks)] + [[viz.overlay(picture, heat) for picture, heat in zip(pictures, figure[arm])]
                                             for arm in arms]
-    viz.save_png(path, viz.grid(rows, captions=["images", "body (grey) and part (white)", *arms], scale=2))
+    viz.save_png(path, viz.grid(rows, captions=["images", "body (grey) and part (white)", *arms]))
 
 
 def load(arm: str, args):
