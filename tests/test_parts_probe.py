@@ -1,24 +1,17 @@
 """experiments/parts_probe.py end to end on tiny settings: gain_parts built with small splits, two arms, two
 steps each, 8 evaluation images; the part/body figures land in the JSON and the reference maps score what
 they must (the whole-object map: PxAP 1, full recall; the pixel part-only map: part share 1)."""
-import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import tensorflow_datasets as tfds
 
 from gain_jax.data import parts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "parts_probe.py")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("parts_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import parts_probe as script
 
 
 @pytest.fixture
@@ -32,7 +25,6 @@ def small_parts(tmp_path, monkeypatch):
 
 
 def test_flags_of_the_arms():
-    script = load_script()
     args = script.build_parser().parse_args(["--epochs", "3"])
     baseline, gain_ext = script.config_of("baseline", args), script.config_of("GAIN_ext", args)
     assert baseline.gain.am_weight == 0 and baseline.gain.ex_weight == 0
@@ -42,7 +34,6 @@ def test_flags_of_the_arms():
 
 
 def test_tiny_probe_end_to_end(small_parts, tmp_path, capsys):
-    script = load_script()
     out = tmp_path / "out"
     argv = ["--arms", "baseline", "GAIN_ext", "--epochs", "2", "--pretrain_epochs", "1", "--steps_per_epoch", "2",
             "--batch_size", "8", "--eval_examples", "8", "--data_dir", small_parts,
