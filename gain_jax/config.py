@@ -73,7 +73,8 @@ BENCHMARK_GAIN = GainConfig(am_weight=0.1, am_batchnorm="batch", score="sigmoid"
 class DataConfig:
     """Which data set, where it is, and how training images are prepared."""
 
-    dataset: str = option("gain_shapes", "tfds builder: the embedded synthetic set, or VOC 2012 from local files",
+    dataset: str = option("gain_shapes", "tfds builder: the embedded synthetic sets (gain_parts: the part-to-whole "
+                          "benchmark, a config after a slash), or VOC 2012 from local files",
                           choices=DATASETS, resume=MUST_MATCH)
     data_dir: str | None = option(None, "tfds data dir (must exist; the prepared data set is written there). "
                                         "Default: tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR)")

@@ -5,10 +5,16 @@ knows of each set (classes, default image size, splits: `gain_jax.data.dataset_i
 """
 from __future__ import annotations
 
-DATASETS = ("gain_shapes", "gain_voc2012")
+# gain_parts: its default config; gain_parts/<config>: each config (gain_jax/data/parts.py CONFIG_NAMES, which a
+# test checks against these)
+GAIN_PARTS_CONFIGS = tuple(f"gain_parts/part{part:02d}_rel{reliability:03d}"
+                           for part in (4, 2, 8) for reliability in (60, 40, 80, 100))
+DATASETS = ("gain_shapes", "gain_voc2012", "gain_parts", *GAIN_PARTS_CONFIGS)
 # validation is also evaluated after every epoch, the other final splits also when pre-training ends
-FINAL_SPLITS = {"gain_shapes": ("validation", "validation_unbiased"), "gain_voc2012": ("validation",)}
-TEST_SPLITS = {"gain_shapes": ("test_unbiased",), "gain_voc2012": ()}  # added with --test (eval.test)
+FINAL_SPLITS = {"gain_shapes": ("validation", "validation_unbiased"), "gain_voc2012": ("validation",),
+                **{name: ("validation",) for name in DATASETS if name.startswith("gain_parts")}}
+TEST_SPLITS = {"gain_shapes": ("test_unbiased",), "gain_voc2012": (),  # added with --test (eval.test)
+               **{name: ("test",) for name in DATASETS if name.startswith("gain_parts")}}
 
 
 def final_splits(dataset: str, test: bool = False) -> tuple[str, ...]:
