@@ -278,7 +278,7 @@ def test_gradcam_weights_equal_autograd_on_resnet18():
     assert rel_diff(out["heatmap"], heatmap) < FLOAT64_TOL
 
 
-@pytest.mark.parametrize("name,size", [("small_cnn", 32), ("resnet18", 64)])
+@pytest.mark.parametrize("name,size", [("small_cnn", 32), pytest.param("resnet18", 64, marks=pytest.mark.slow)])
 def test_per_label_slot_equals_union_with_one_hot(name, size):
     torch.manual_seed(0)
     pristine = small_model() if name == "small_cnn" else ref.build_model(name, NUM_CLASSES).double()
