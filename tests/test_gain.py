@@ -165,6 +165,7 @@ def _param_grads(model, variables, images, labels, cfg, terms=("total",), gt_mas
     return jax.grad(loss, has_aux=True)(variables["params"])
 
 
+@pytest.mark.slow
 def test_padded_slot_changes_no_loss_and_no_gradient(small):
     """In float64: the attention-mining gradient is ill-conditioned in float32 (docs/design.md), where a
     different batch size alone moves it by ~1.5e-5 (measured)."""

@@ -69,6 +69,7 @@ def test_stop_equals_l_am_of_a_detached_mask_in_float64(small64, mode, am_batchn
         assert max(differences) > 1e-6
 
 
+@pytest.mark.slow
 def test_stop_leaves_the_classification_and_mask_losses_alone(small64):
     """L_cl and L_ext never pass through the erased image: their gradients are identical under both."""
     model, variables, images = small64

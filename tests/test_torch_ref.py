@@ -262,6 +262,7 @@ def test_gradcam_and_mask_match_hand_computation(mode):
     assert rel_diff(out["logits_cl"], pristine(x)) < FLOAT64_TOL  # train mode: batch stats
 
 
+@pytest.mark.slow
 def test_gradcam_weights_equal_autograd_on_resnet18():
     """ResNet: the Grad-CAM layer is layer4; weights = GAP of d(sel.logits)/d layer4 output."""
     torch.manual_seed(0)
