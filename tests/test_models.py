@@ -118,13 +118,14 @@ def _check_backbone(name, dtype, execute):
     return model, variables, images, feats, logits
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name == "resnet50" else name
+                                  for name in sorted(CASES)])
 def test_backbone_shapes_and_dtypes(name, x64):
     for dtype in (jnp.float32, jnp.float64):
         _check_backbone(name, dtype, execute=False)
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["small_cnn", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_backbone_jit_executes_and_matches_eager(name):
     model, variables, images, jit_feats, jit_logits = _check_backbone(name, jnp.float32, execute=True)
     eager_feats = model.apply(variables, images, method="features")
@@ -166,6 +167,7 @@ def test_init_structure():
     assert np.abs(kernel).max() > 0.8 / 12
 
 
+@pytest.mark.slow
 def test_small_cnn_nobn_init_is_small_cnn_without_batchnorm():
     """No BatchNorm module, hence no "batch_stats" collection; the convs and the head are small_cnn's, drawn
     identically from the same key (flax derives each module's key from its name)."""
@@ -179,6 +181,7 @@ def test_small_cnn_nobn_init_is_small_cnn_without_batchnorm():
         jax.tree_util.tree_map(np.testing.assert_array_equal, module, with_bn["params"][name])
 
 
+@pytest.mark.slow
 def test_am_batchnorm_setting_has_nothing_to_act_on_without_batchnorm():
     """gain_forward's am_batchnorm ("frozen": running statistics; "batch": the erased batch's own) changes
     small_cnn's attention-mining logits, and leaves small_cnn_nobn's outputs and gradients bit-identical."""
@@ -243,7 +246,7 @@ def test_batchnorm_train_mode_rejects_one_value_per_channel():
         model.apply(variables, images, train=True, mutable=["batch_stats"])
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["small_cnn", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_freeze_bn_uses_running_stats_and_keeps_them(name):
     model = build_model(name, NUM_CLASSES, dropout_rate=0.5)
     images = _images((2, 32, 32, 3), jnp.float32)

@@ -37,7 +37,8 @@ def test_row_counts_come_from_a_few_sizes():
         assert gj.gain.row_count(pairs, 32) <= max(32, 1.25 * pairs + 1)
 
 
-@pytest.mark.parametrize("cam_grad", ["stop", pytest.param("full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("cam_grad", ["stop", "full"])
+@pytest.mark.slow
 def test_packed_equals_padded_in_float64(cam_grad):
     with jax.enable_x64(True):
         model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
@@ -110,7 +111,8 @@ def _draws(slot_labels, per_image):
         yield am_slots
 
 
-@pytest.mark.parametrize("per_image", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("per_image", [1, 2])
+@pytest.mark.slow
 def test_sampled_am_is_unbiased_in_float64(per_image):
     """The mean over all equally likely draws of the sampled L_am, and of its gradient, is the full per-label
     L_am (and gradient); cl and ex do not depend on the draw."""

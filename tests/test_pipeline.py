@@ -201,6 +201,7 @@ def sharded_data_dir(tmp_path_factory):
     {"train": True, "batch_size": 8, "seed": 1, "process_index": 1, "process_count": 2},
     {"train": False, "batch_size": 16, "num_epochs": 2},
 ], ids=["train", "train_resized_flip_only", "train_shard", "eval"])
+@pytest.mark.slow
 def test_cached_decoded_split_gives_the_same_batches(sharded_data_dir, arguments):
     """cache_decoded changes where the decoded examples come from, not the batches: same order (files
     reshuffled on every pass), same augmentation, bit for bit."""
@@ -220,6 +221,7 @@ def test_cached_decoded_split_gives_the_same_batches(sharded_data_dir, arguments
     gd.clear_decoded_cache()
 
 
+@pytest.mark.slow
 def test_decoded_split_is_kept_for_later_calls_and_freed(sharded_data_dir):
     from gain_jax.data import pipeline
 

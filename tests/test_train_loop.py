@@ -220,6 +220,7 @@ def test_prefetch_to_device_transfers_ahead_and_keeps_the_order():
     assert [int(first["image"][0, 0, 0, 0])] + [int(b["image"][0, 0, 0, 0]) for b in stream] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_library_modules_import_neither_tensorflow_nor_torch():
     code = ("import sys, gain_jax.config, gain_jax.train_loop, gain_jax.evaluate, gain_jax.explain\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'torch'))[:3])")

@@ -42,7 +42,8 @@ def manual_step(model, variables, batch, cfg, tx, attention_on, mining_on=1.0):
     return value, optax.apply_updates(variables["params"], updates), state
 
 
-@pytest.mark.parametrize("attention_on, mining_on", [(0.0, 1.0), (1.0, 1.0), (1.0, 0.0)])
+@pytest.mark.parametrize("attention_on, mining_on", [pytest.param(0.0, 1.0, marks=pytest.mark.slow), (1.0, 1.0),
+                                                     pytest.param(1.0, 0.0, marks=pytest.mark.slow)])
 def test_train_step_applies_the_optimizer_to_the_right_loss(setup, attention_on, mining_on):
     """SGD with lr 1 makes the step's parameter change the gradient itself. (Adam would hide the gradient's
     size, and turn the float noise in the exactly-zero gradients of conv biases before BatchNorm into
