@@ -116,6 +116,7 @@ def test_gain_step_work_grows_with_the_rows_present():
             assert rows == batch_size * int((voc_labels > 0).sum(-1).max())
 
 
+@pytest.mark.slow
 def test_seed_sweep_reports_every_way_for_each_run_count():
     out = run("bench/seed_sweep.py", "--seeds", "1,2,3", "--max-unrolled", "2", "--image-size", "16",
               "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1")

@@ -33,6 +33,7 @@ def test_flags_of_the_arms():
     assert gain_ext.data.dataset == "gain_parts" and gain_ext.train.backbone == "small_cnn"
 
 
+@pytest.mark.slow
 def test_tiny_probe_end_to_end(small_parts, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--arms", "baseline", "GAIN_ext", "--epochs", "2", "--pretrain_epochs", "1", "--steps_per_epoch", "2",
