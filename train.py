@@ -22,13 +22,13 @@ being written).
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
-import threading
+
+from gain_jax.train_loop import stopping  # neither JAX nor TensorFlow: cheap, before everything else
 
 EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = stopping.EXIT_STATUS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,29 +67,8 @@ def resume_hint(config, status: str, history: dict) -> str:
             f"{history['paths']['checkpoint_dir']}; continue with --resume {where}")
 
 
-class EarlySignals:
-    """SIGINT/SIGTERM while the libraries load (before gain_jax.train_loop's handler takes over): noted,
-    never raised inside an import; a third one quits at once."""
-
-    def __init__(self):
-        self.names: list[str] = []
-
-    def __call__(self, signum, frame):
-        self.names.append(signal.Signals(signum).name)
-        if len(self.names) == 1:
-            print(f"train.py: {self.names[0]}: stopping at the next safe point, before anything is written",
-                  file=sys.stderr, flush=True)
-        elif len(self.names) >= 3:
-            print("train.py: quitting at once; nothing written", file=sys.stderr, flush=True)
-            os._exit(EXIT_INTERRUPTED)
-
-    def install(self) -> dict:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        return {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-
-def run(args, early: EarlySignals | None = None) -> int:
+def run(args, stop) -> int:
+    """The run of the parsed flags; `stop` (a `StopRequest`, its handlers installed) stops it."""
     from gain_jax import config as run_config
 
     base = run_config.load_config(args.config) if args.config else None
@@ -101,15 +80,15 @@ def run(args, early: EarlySignals | None = None) -> int:
     if args.coordinator_address:
         jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                                    process_id=args.process_id)
+        # its preemption notifier takes SIGTERM over: give it back to the run (the processes agree on a stop
+        # themselves, gain_jax.train_loop.devices.agree_to_stop); main() restores the handlers of before
+        stopping.install_handlers(stop)
     elif args.num_processes not in (None, 1):
         raise run_config.RunError("--num_processes > 1 needs --coordinator_address")
     from gain_jax import train_loop  # imports TensorFlow only when a run starts (after torch, for --init)
 
-    names = early.names if early is not None else []
-    stop = train_loop.StopRequest(signals_before=len(names), signal_name=names[0] if names else None)
-    with train_loop.handle_signals(stop):
-        _, history = train_loop.train_and_evaluate(config, resume=args.resume, stop_after=args.stop_after,
-                                                   stop_request=stop)
+    _, history = train_loop.train_and_evaluate(config, resume=args.resume, stop_after=args.stop_after,
+                                               stop_request=stop)
     status = history["status"]
     if status == "finished":
         return 0
@@ -123,13 +102,15 @@ def main(argv=None, exiting: bool = False) -> int:
     """The program; with `exiting` (when run as a script) SIGINT/SIGTERM are ignored once it returns: the run's
     files are complete by then, and a late Ctrl-C must not kill the interpreter's shutdown (exit -2 instead
     of the status). Python keeps SIG_IGN through finalization, unlike a Python-level handler."""
-    early = EarlySignals()  # first: a Ctrl-C while jax, orbax and TensorFlow load must not raise inside them
-    previous = early.install()
+    # first: a Ctrl-C while jax, orbax and TensorFlow load must not raise inside them (the loop's own policy,
+    # from a module that imports neither)
+    stop = stopping.StopRequest()
+    previous = stopping.install_handlers(stop)
     try:
         from gain_jax import config as run_config
 
         args = build_parser().parse_args(argv)
-        return run(args, early)
+        return run(args, stop)
     except run_config.RunInterrupted as interruption:
         print(f"train.py: {interruption}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

@@ -183,9 +183,24 @@ def mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
-def bench_config(backbone: str, image_size: int, batch_size: int, steps: int, warmup: int,
-                 torch_device: torch.device, batch_one_loop: bool = True) -> tuple[list[Row], list[Row], float]:
-    """(main rows, per-image-loop rows, max |logit difference| of the two models at the start)."""
+@dataclasses.dataclass
+class Setup:
+    """One configuration's models, from the same weights, and its inputs on both sides."""
+    backbone: str
+    batch_size: int
+    initial_state: dict      # the torch model's state dict (the reference starts from it)
+    variables: dict          # the same weights for gain_jax
+    jax_model: object
+    images_jax: object
+    images_torch: torch.Tensor
+    logit_difference: float  # max |torch logits - JAX logits|, evaluation mode: the weights match
+    rng: np.random.Generator
+
+    def fresh_jax_state(self, tx):
+        return gj.create_train_state(jax.tree_util.tree_map(jnp.copy, self.variables), tx)
+
+
+def setup_config(backbone: str, image_size: int, batch_size: int, torch_device: torch.device) -> Setup:
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     torch_model = ref.build_model(backbone, NUM_CLASSES, dropout=DROPOUT)
@@ -204,13 +219,20 @@ def bench_config(backbone: str, image_size: int, batch_size: int, steps: int, wa
         check_model.eval()
         torch_logits = check_model(images_torch).cpu().numpy()
     jax_logits = np.asarray(jax_model.apply(variables, images_jax, train=False))
-    logit_difference = float(np.max(np.abs(torch_logits - jax_logits)))
-    del check_model
+    return Setup(backbone, batch_size, initial_state, variables, jax_model, images_jax, images_torch,
+                 float(np.max(np.abs(torch_logits - jax_logits))), rng)
 
+
+def bench_config(backbone: str, image_size: int, batch_size: int, steps: int, warmup: int,
+                 torch_device: torch.device, batch_one_loop: bool = True) -> tuple[list[Row], list[Row], float]:
+    """(main rows, per-image-loop rows, max |logit difference| of the two models at the start)."""
+    setup = setup_config(backbone, image_size, batch_size, torch_device)
+    rng, initial_state, jax_model = setup.rng, setup.initial_state, setup.jax_model
+    images_jax, images_torch, logit_difference = setup.images_jax, setup.images_torch, setup.logit_difference
     tx = optax.adam(LEARNING_RATE)
 
     def fresh_jax_state():
-        return gj.create_train_state(jax.tree_util.tree_map(jnp.copy, variables), tx)
+        return setup.fresh_jax_state(tx)
 
     attention_on = (jnp.float32(1.0),)
     cases = [("union (2 labels)", "union", 2)] + [(f"per-label, {n} label{'s' * (n > 1)}", "per_label", n)
@@ -272,6 +294,64 @@ def bench_config(backbone: str, image_size: int, batch_size: int, steps: int, wa
     return rows, loop_rows, logit_difference
 
 
+def default_step_runs(backbone: str, image_size: int, batch_size: int, steps: int, warmup: int, runs: int,
+                      torch_device: torch.device) -> list[tuple[float, float, float]]:
+    """--default-step: the default GAIN step (`GainConfig()`, union) of JAX and of the reference, `runs` runs in
+    this process, each `steps` JAX and `steps` torch steps alternating one by one (the order swapped every
+    round), so that the machine's load hits both alike. [(JAX median s, torch median s, load average)]."""
+    setup = setup_config(backbone, image_size, batch_size, torch_device)
+    labels_np = labels_with(2, batch_size, NUM_CLASSES, setup.rng)
+    batch = {"image": setup.images_jax, "labels": jnp.asarray(labels_np)}
+    labels_torch = torch.from_numpy(labels_np).to(torch_device)
+    attention_on = jnp.float32(1.0)
+    jax_state = setup.fresh_jax_state(optax.adam(LEARNING_RATE))
+    compiled, _ = compile_step(gj.make_train_step(setup.jax_model, gj.GainConfig()), jax_state, batch,
+                               jax.random.PRNGKey(0), attention_on)
+    model, optimizer = fresh_torch(setup.initial_state, backbone, torch_device)
+    torch_step = torch_step_fn(model, optimizer, setup.images_torch, labels_torch, ref.RefConfig())
+    step_index = 0
+
+    def jax_step():
+        nonlocal jax_state, step_index
+        jax_state, metrics = compiled(jax_state, batch, jax.random.PRNGKey(step_index), attention_on)
+        jax.block_until_ready((jax_state, metrics))
+        step_index += 1
+
+    for _ in range(warmup):
+        jax_step()
+        torch_step()
+    synchronize(torch_device)
+    results = []
+    for run in range(runs):
+        times = {jax_step: [], torch_step: []}
+        for round_index in range(steps):
+            for step in ((jax_step, torch_step) if round_index % 2 == 0 else (torch_step, jax_step)):
+                start = time.perf_counter()
+                step()
+                synchronize(torch_device)
+                times[step].append(time.perf_counter() - start)
+        jax_seconds, torch_seconds = statistics.median(times[jax_step]), statistics.median(times[torch_step])
+        results.append((jax_seconds, torch_seconds, os.getloadavg()[0]))
+        print(f"  run {run + 1}: JAX {jax_seconds * 1e3:.1f} ms, torch {torch_seconds * 1e3:.1f} ms, "
+              f"ratio {torch_seconds / jax_seconds:.3f}", flush=True)
+    return results
+
+
+def print_default_step(backbone: str, image_size: int, batch_size: int, results) -> None:
+    print(f"\ndefault GAIN step (GainConfig(): union, 2 labels per image), {backbone} {image_size}x{image_size} "
+          f"batch {batch_size}; JAX and torch steps alternating; ratio = torch ms / JAX ms = JAX steps/s / torch "
+          "steps/s (>= 1: JAX at least as fast)")
+    print(f"{'run':<6}{'JAX ms':>9}{'JAX steps/s':>13}{'torch ms':>10}{'torch steps/s':>15}{'ratio':>8}{'load':>7}")
+    for run, (jax_seconds, torch_seconds, load) in enumerate(results, 1):
+        print(f"{run:<6}{jax_seconds * 1e3:>9.1f}{1 / jax_seconds:>13.2f}{torch_seconds * 1e3:>10.1f}"
+              f"{1 / torch_seconds:>15.2f}{torch_seconds / jax_seconds:>8.3f}{load:>7.1f}")
+    ratios = [torch_seconds / jax_seconds for jax_seconds, torch_seconds, _ in results]
+    best = max(range(len(ratios)), key=ratios.__getitem__)
+    print(f"best of {len(ratios)} runs: ratio {ratios[best]:.3f} (run {best + 1}; all: "
+          f"{', '.join(f'{ratio:.3f}' for ratio in ratios)}); JAX {1 / results[best][0]:.2f} steps/s, torch "
+          f"{1 / results[best][1]:.2f} steps/s")
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def default_configs(on_gpu: bool, full: bool):
@@ -299,8 +379,12 @@ def main(argv=None):
     parser.add_argument("--torch-device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--no-batch-one-loop", action="store_true",
                         help="skip the one-image-at-a-time comparison")
+    parser.add_argument("--default-step", action="store_true",
+                        help="only the default GAIN step (union) of small_cnn 64x64 batch 32 (or --backbone ...), "
+                             "JAX and torch steps alternating, --runs runs: steps/s of each and the ratio, best run")
+    parser.add_argument("--runs", type=int, default=3, help="with --default-step: runs in this process")
     args = parser.parse_args(argv)
-    for flag in ("steps", "torch_threads"):
+    for flag in ("steps", "torch_threads", "runs"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.warmup < 1:
@@ -310,7 +394,11 @@ def main(argv=None):
     torch.set_num_threads(args.torch_threads)
     jax_device = jax.devices()[0]
     on_gpu = jax_device.platform == "gpu" or torch_device.type == "cuda"
-    if args.gpu:
+    if args.default_step and (args.gpu or args.full):
+        parser.error("--default-step takes neither --gpu nor --full")
+    if args.default_step:
+        configs = [(args.backbone or "small_cnn", args.image_size or 64, args.batch_size or 32)]
+    elif args.gpu:
         configs = [(args.backbone or GPU_CONFIG[0], args.image_size or GPU_CONFIG[1],
                     args.batch_size or GPU_CONFIG[2])]
         args.no_batch_one_loop = True
@@ -330,6 +418,15 @@ def main(argv=None):
           f"torch {torch.__version__} on {torch_device_name(torch_device)}")
     print(f"median of {args.steps} steps after {args.warmup} warm-up steps; Adam lr {LEARNING_RATE}, dropout "
           f"{DROPOUT}, {NUM_CLASSES} classes, float32\n", flush=True)
+
+    if args.default_step:
+        (backbone, size, batch_size), = configs
+        print(f"{backbone} {size}x{size} batch {batch_size}, default GAIN step, {args.runs} runs:", flush=True)
+        runs = default_step_runs(backbone, size, batch_size, args.steps, args.warmup, args.runs, torch_device)
+        print_default_step(backbone, size, batch_size, runs)
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
+        check_no_tensorflow()
+        return
 
     results = []
     for backbone, size, batch_size in configs:
@@ -370,6 +467,10 @@ def main(argv=None):
           f"roughly: compare ratios, not absolute times)")
     if args.gpu and not (jax_device.platform == "gpu" and torch_device.type == "cuda"):
         print("(--gpu ran without a GPU for both sides: not GPU figures)")
+    check_no_tensorflow()
+
+
+def check_no_tensorflow() -> None:
     tensorflow = sorted(name for name in sys.modules if name == "tensorflow" or name.startswith("tensorflow."))
     if tensorflow:
         raise SystemExit(f"TensorFlow was imported ({', '.join(tensorflow[:5])}): this benchmark must run without it")

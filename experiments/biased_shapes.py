@@ -59,6 +59,7 @@ import typing
 import numpy as np
 
 from gain_jax import config as run_config
+from gain_jax.train_loop import provenance
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -895,6 +896,7 @@ def main(argv=None) -> int:
         "name": args.name,
         "gain_shapes_version": data_version(),
         "machine": machine_line(),
+        "environment": provenance.environment_record(),  # library versions, git revision (as config.json's)
         "settings": {key: value for key, value in vars(args).items() if key not in ("logdir", "out", "arm_flags")},
         "arms": {arm: arm_flags(arm, args) for arm in args.arms},
         "train_commands": {run_name(a, s): shlex.join(["python", "train.py"] + run_flags(a, s, args))

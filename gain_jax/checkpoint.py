@@ -12,7 +12,6 @@ import gc
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -22,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gain_jax.quiet import capture_fd2
 from gain_jax.training import TrainState
 
 STATE_ITEM = "state"
@@ -57,38 +57,19 @@ def _contained(directory: str, step: int) -> Iterator[None]:
     the restore succeeds: the captured stderr is written back."""
     absl_logger = logging.getLogger("absl")
     level, hooks = absl_logger.level, (sys.unraisablehook, threading.excepthook)
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
-        saved = None
-    captured = tempfile.TemporaryFile(mode="w+b")
     failure = None
-    absl_logger.setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda unraisable: None
-    threading.excepthook = lambda args: None
-    if saved is not None:
-        os.dup2(captured.fileno(), 2)
     try:
-        yield
-    except Exception as error:  # orbax and TensorStore raise many types (ValueError, KeyError, OSError, ...)
-        failure = CheckpointError(directory, step, _first_line(error))
+        with capture_fd2() as capture:
+            absl_logger.setLevel(logging.CRITICAL)
+            sys.unraisablehook = lambda unraisable: None
+            threading.excepthook = lambda args: None
+            try:
+                yield
+            except Exception as error:  # orbax and TensorStore raise many types (ValueError, KeyError, OSError, ...)
+                failure = CheckpointError(directory, step, _first_line(error))
+                _settle(capture.file)  # the reads still in flight fail (and print) a moment later
+                capture.write_back = lambda captured: b""
     finally:
-        if failure is not None:
-            _settle(captured)  # the reads still in flight fail (and print) a moment later
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-        if saved is not None:
-            os.dup2(saved, 2)
-            os.close(saved)
-            if failure is None:
-                captured.seek(0)
-                kept = captured.read()
-                if kept:
-                    os.write(2, kept)
-        captured.close()
         sys.unraisablehook, threading.excepthook = hooks
         absl_logger.setLevel(level)
     if failure is not None:

@@ -6,9 +6,8 @@ command-line flags, the `--help` text, the JSON layout of config.json and the ch
     config_to_dict(config)          # {"gain": {...}, "data": {...}, "train": {...}, "eval": {...}, "log": {...}}
 
 A `Config` has five sections: `gain` (`gain_jax.GainConfig`: what GAIN computes), `data`, `train`, `eval`
-and `log`. Every field carries `metadata["help"]`; optional metadata: "choices" (a tuple, or a registry
-dict whose keys are the names), "range" ((low, high), either None for no bound), "metavar", and
-"resume": "must_match" for the fields a resumed run must share with the checkpoint it continues.
+and `log`. Every field carries `metadata["help"]` and optional metadata ("choices", "range", "metavar",
+"resume"), described and checked by gain_jax.fields, which GainConfig shares.
 Flag names are the field names (`--lr`, `--sigma`): they are unique across sections.
 
 No TensorFlow and no torch here: this module belongs to the core.
@@ -18,20 +17,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import tempfile
-import types
-import typing
 from collections.abc import Mapping
 from typing import Any
 
+from gain_jax.datasets import DATASETS
+from gain_jax.fields import MUST_MATCH, choice_names, field_problem, field_types, option, type_parts, type_problem
 from gain_jax.gain import GainConfig
 from gain_jax.models import MODEL_NAMES, cam_layer_size, min_image_size
-
-MUST_MATCH = "must_match"  # metadata["resume"] of the fields a resumed run must keep
-DATASETS = ("gain_shapes", "gain_voc2012")
 
 
 class RunError(Exception):
@@ -67,10 +62,6 @@ def output_folder_problem(path: str) -> str | None:
     return None
 
 
-def _field(default, help: str, **metadata):
-    return dataclasses.field(default=default, metadata={"help": help, **metadata})
-
-
 # train.py's default GAIN settings (with DataConfig.ex_fraction 1.0: every training mask): the GAIN_ext
 # configuration chosen on gain_shapes' validation splits (experiments/README.md). `GainConfig()` itself keeps
 # upstream's semantics (alpha 1, frozen BatchNorm in the attention-mining stream, softmax scores, no mask
@@ -82,20 +73,22 @@ BENCHMARK_GAIN = GainConfig(am_weight=0.1, am_batchnorm="batch", score="sigmoid"
 class DataConfig:
     """Which data set, where it is, and how training images are prepared."""
 
-    dataset: str = _field("gain_shapes", "tfds builder: the embedded synthetic set, or VOC 2012 from local files",
+    dataset: str = option("gain_shapes", "tfds builder: the embedded synthetic sets (gain_shapes:3.0.0: its opt-in "
+                          "version; gain_parts: the part-to-whole benchmark, a config after a slash), or VOC 2012 "
+                          "from local files",
                           choices=DATASETS, resume=MUST_MATCH)
-    data_dir: str | None = _field(None, "tfds data dir (must exist; the prepared data set is written there). "
+    data_dir: str | None = option(None, "tfds data dir (must exist; the prepared data set is written there). "
                                         "Default: tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR)")
-    manual_dir: str | None = _field(None, "gain_voc2012: folder with VOCtrainval_11-May-2012.tar or "
+    manual_dir: str | None = option(None, "gain_voc2012: folder with VOCtrainval_11-May-2012.tar or "
                                           "VOCdevkit/VOC2012")
-    image_size: int | None = _field(None, "square input size; default 64 for gain_shapes, 224 for gain_voc2012",
+    image_size: int | None = option(None, "square input size; default 64 for gain_shapes, 224 for gain_voc2012",
                                     range=(8, None), resume=MUST_MATCH)
-    autoaugment: bool = _field(False, "AutoAugment (torchvision's CIFAR10 policy, as upstream) + horizontal flip "
+    autoaugment: bool = option(False, "AutoAugment (torchvision's CIFAR10 policy, as upstream) + horizontal flip "
                                       "on training images", resume=MUST_MATCH)
-    ex_fraction: float = _field(1.0, "fraction of training images whose masks feed the extra-supervision loss "
+    ex_fraction: float = option(1.0, "fraction of training images whose masks feed the extra-supervision loss "
                                      "(GAIN_ext); selected per image from a hash of (seed, filename), the same "
                                      "in every epoch", range=(0.0, 1.0))
-    ex_oversample: float = _field(0.0, "share of the training examples drawn again, at random, from the images "
+    ex_oversample: float = option(0.0, "share of the training examples drawn again, at random, from the images "
                                        "whose masks feed the mask loss (--ex_fraction's), so that few masks "
                                        "still come several to a batch; an epoch keeps its step count (it then "
                                        "reaches about 1 - share of the other images); 0 = off",
@@ -106,42 +99,42 @@ class DataConfig:
 class TrainConfig:
     """Model, initialization, optimizer and schedule."""
 
-    backbone: str = _field("small_cnn", "network: vgg16, vgg19, resnet18, resnet50, small_cnn or "
+    backbone: str = option("small_cnn", "network: vgg16, vgg19, resnet18, resnet50, small_cnn or "
                            "small_cnn_nobn (small_cnn without BatchNorm)",
                            choices=MODEL_NAMES, resume=MUST_MATCH)
-    dropout: float = _field(0.5, "dropout rate of the classifier head (VGG, small_cnn)", range=(0.0, None))
-    init: str | None = _field(None, "torchvision state dict (.pth) to start from, e.g. ImageNet VGG19 weights for "
+    dropout: float = option(0.5, "dropout rate of the classifier head (VGG, small_cnn)", range=(0.0, None))
+    init: str | None = option(None, "torchvision state dict (.pth) to start from, e.g. ImageNet VGG19 weights for "
                                     "upstream's fine-tuning; a final layer with another class count is "
                                     "re-initialized", metavar="PTH")
-    lr: float = _field(1e-3, "Adam learning rate (upstream: 1e-5 at batch size 1, 1e-4 for larger batches, "
+    lr: float = option(1e-3, "Adam learning rate (upstream: 1e-5 at batch size 1, 1e-4 for larger batches, "
                              "fine-tuning VGG19; the default suits small_cnn from scratch)", range=(0.0, None))
-    batch_size: int = _field(32, "global batch size, split over all devices", range=(1, None), resume=MUST_MATCH)
-    epochs: int = _field(6, "epochs in total, pre-training included", range=(1, None))
-    steps_per_epoch: int | None = _field(None, "train steps per epoch; default: one pass over the train split",
+    batch_size: int = option(32, "global batch size, split over all devices", range=(1, None), resume=MUST_MATCH)
+    epochs: int = option(6, "epochs in total, pre-training included", range=(1, None))
+    steps_per_epoch: int | None = option(None, "train steps per epoch; default: one pass over the train split",
                                          range=(1, None))
-    pretrain_epochs: int = _field(2, "epochs of classification alone before attention mining (and GAIN_ext) "
+    pretrain_epochs: int = option(2, "epochs of classification alone before attention mining (and GAIN_ext) "
                                      "switch on", range=(0, None))
-    am_start_epoch: int = _field(0, "epochs done before attention mining's loss (L_am) counts: from "
+    am_start_epoch: int = option(0, "epochs done before attention mining's loss (L_am) counts: from "
                                     "--pretrain_epochs to this, GAIN_ext's mask loss trains without it; 0 = "
                                     "with the mask loss, after --pretrain_epochs; else in [--pretrain_epochs, "
                                     "--epochs]. The attention-mining stream still runs in those epochs (its "
                                     "time is spent, its loss weighted 0), so that one compiled step serves "
                                     "every epoch", range=(0, None))
-    seed: int = _field(0, "seed of initialization, dropout and data order", resume=MUST_MATCH)
+    seed: int = option(0, "seed of initialization, dropout and data order", resume=MUST_MATCH)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """What is evaluated, on how much, and the localization metrics' parameters."""
 
-    test_first: bool = _field(False, "evaluate on the validation split before training")
-    test: bool = _field(False, "also evaluate the test split(s) at the end (gain_shapes: test_unbiased); choose "
+    test_first: bool = option(False, "evaluate on the validation split before training")
+    test: bool = option(False, "also evaluate the test split(s) at the end (gain_shapes: test_unbiased); choose "
                                "configurations on the validation splits and look at test once")
-    eval_examples: int = _field(0, "evaluate on the first N examples of each split only (quick runs); "
+    eval_examples: int = option(0, "evaluate on the first N examples of each split only (quick runs); "
                                    "0 = the whole split", range=(0, None))
-    cam_threshold: float = _field(0.5, "CAM mIoU: a pixel is background where the largest ground-truth class "
+    cam_threshold: float = option(0.5, "CAM mIoU: a pixel is background where the largest ground-truth class "
                                        "map is below this", range=(0.0, 1.0))
-    pointing_tolerance: float | None = _field(None, "pointing game tolerance in input pixels; default 15 px at "
+    pointing_tolerance: float | None = option(None, "pointing game tolerance in input pixels; default 15 px at "
                                                     "224 (the literature's), scaled to --image_size",
                                               range=(0.0, None))
 
@@ -150,20 +143,20 @@ class EvalConfig:
 class LogConfig:
     """Where a run writes, and how often."""
 
-    logdir: str = _field("runs", "root of the run folders")
-    run_name: str | None = _field(None, "run folder name under --logdir; default <dataset>_<backbone>_<date-time>")
-    checkpoint_dir: str | None = _field(None, "default: <logdir>/<run_name>/checkpoints")
-    checkpoint_every: int = _field(1, "save a checkpoint every N epochs (and at the end)", range=(1, None))
-    keep: int = _field(3, "keep the newest N checkpoints", range=(1, None))
-    heatmap_every: int = _field(0, "record heatmap grids every N train steps; 0 = at the end of every epoch",
+    logdir: str = option("runs", "root of the run folders")
+    run_name: str | None = option(None, "run folder name under --logdir; default <dataset>_<backbone>_<date-time>")
+    checkpoint_dir: str | None = option(None, "default: <logdir>/<run_name>/checkpoints")
+    checkpoint_every: int = option(1, "save a checkpoint every N epochs (and at the end)", range=(1, None))
+    keep: int = option(3, "keep the newest N checkpoints", range=(1, None))
+    heatmap_every: int = option(0, "record heatmap grids every N train steps; 0 = at the end of every epoch",
                                 range=(0, None))
-    num_heatmaps: int = _field(8, "validation images per heatmap grid (at most --batch_size); 0 = none",
+    num_heatmaps: int = option(8, "validation images per heatmap grid (at most --batch_size); 0 = none",
                                range=(0, None))
-    log_every: int = _field(10, "read the train steps' metrics back from the accelerator (and check them for "
+    log_every: int = option(10, "read the train steps' metrics back from the accelerator (and check them for "
                                 "NaN) every N steps and at the end of each epoch, and write their mean to "
                                 "TensorBoard (metrics.json keeps every step); 1 = after every step, which "
                                 "makes the host wait for each step", range=(1, None))
-    verbose: bool = _field(False, "show TensorFlow's, absl's and tfds' logs and progress bars (hidden by default)")
+    verbose: bool = option(False, "show TensorFlow's, absl's and tfds' logs and progress bars (hidden by default)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,10 +172,12 @@ class Config:
     def validate(self) -> Config:
         """Raise ConfigError naming the flag of the first invalid value; return self when all are valid."""
         for section in sections(self).values():
-            hints = _field_types(type(section))
+            hints = field_types(type(section))
             for field in dataclasses.fields(section):
-                _check_type(field, hints[field.name], getattr(section, field.name))
-                _check_value(field, getattr(section, field.name))
+                value = getattr(section, field.name)
+                problem = type_problem(hints[field.name], value) or field_problem(field, value)
+                if problem is not None:
+                    raise ConfigError(f"--{field.name} {problem}")
         size, backbone = self.data.image_size, self.train.backbone
         if size is not None and size < min_image_size(backbone):
             raise ConfigError(f"--image_size {size} is too small for --backbone {backbone}: its Grad-CAM layer "
@@ -212,55 +207,6 @@ def sections(config: Config) -> dict[str, Any]:
     return {name: getattr(config, name) for name in SECTION_TYPES}
 
 
-def _choice_names(choices) -> tuple:
-    return tuple(sorted(choices)) if isinstance(choices, Mapping) else tuple(choices)
-
-
-def _check_type(field: dataclasses.Field, annotation, value) -> None:
-    """A value of the annotated type (an int where a float is expected; None only where allowed)."""
-    if value is None and type(None) in _type_parts(annotation, keep_none=True):
-        return
-    plain = _type_parts(annotation)
-    allowed = tuple(plain | ({int} if float in plain else set()))
-    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in plain):
-        names = " or ".join(sorted(kind.__name__ for kind in plain))
-        raise ConfigError(f"--{field.name} must be {names}, got {value!r}")
-
-
-def _check_value(field: dataclasses.Field, value) -> None:
-    choices = field.metadata.get("choices")
-    if choices is not None and value not in _choice_names(choices):
-        raise ConfigError(f"--{field.name} must be one of {', '.join(map(str, _choice_names(choices)))}, "
-                          f"got {value!r}")
-    bounds = field.metadata.get("range")
-    if bounds is None or value is None:
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"--{field.name} must be finite, got {value}")
-    low, high = bounds
-    if low is not None and high is not None and not low <= value <= high:
-        raise ConfigError(f"--{field.name} must be in [{low:g}, {high:g}], got {value}")
-    if low is not None and value < low:
-        raise ConfigError(f"--{field.name} must be >= {low:g}, got {value}")
-    if high is not None and value > high:
-        raise ConfigError(f"--{field.name} must be <= {high:g}, got {value}")
-
-
-# ---------------------------------------------------------------------------------------------- types
-
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _type_parts(annotation, keep_none: bool = False) -> set:
-    """The plain types of an annotation such as `int | None` or `float | tuple[float, ...]` ({int},
-    {float, tuple}), NoneType included only with `keep_none`."""
-    origin = typing.get_origin(annotation)
-    parts = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
-    plain = {typing.get_origin(part) or part for part in parts}
-    return plain if keep_none else plain - {type(None)}
-
-
 def parse_numbers(text: str) -> float | tuple[float, ...]:
     """"0" -> 0.0; "0.1,0.2,0.3" -> (0.1, 0.2, 0.3) (a number, or one per channel)."""
     try:
@@ -272,7 +218,7 @@ def parse_numbers(text: str) -> float | tuple[float, ...]:
 
 def _coerce(annotation, value):
     """A JSON value (or a flag string) as the field's type: lists become tuples, "0.1,0.2" numbers."""
-    plain = _type_parts(annotation)
+    plain = type_parts(annotation)
     if value is None:
         return None
     if tuple in plain:
@@ -338,7 +284,7 @@ def config_from_dict(payload: Mapping[str, Any], base: Config | None = None) -> 
     updated = {}
     for name, section_changes in changes.items():
         section = getattr(config, name)
-        hints = _field_types(type(section))
+        hints = field_types(type(section))
         coerced = {key: _coerce(hints[key], value) for key, value in section_changes.items()}
         updated[name] = _replace_section(section, coerced) if coerced else section
     return Config(**updated)
@@ -388,7 +334,7 @@ def add_flags(parser: argparse.ArgumentParser, defaults: Config | None = None) -
     seen: dict[str, str] = {}
     for section_name, section in sections(defaults).items():
         group = parser.add_argument_group(section_name, (type(section).__doc__ or "").strip().split("\n")[0])
-        hints = _field_types(type(section))
+        hints = field_types(type(section))
         for field in dataclasses.fields(section):
             if field.name in seen:
                 raise ValueError(f"flag --{field.name} of section {section_name!r} repeats one of section "
@@ -399,7 +345,7 @@ def add_flags(parser: argparse.ArgumentParser, defaults: Config | None = None) -
             if default is not None:
                 help_text += f" (default: {_default_text(default)})"
             options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": field.name}
-            plain = _type_parts(hints[field.name])
+            plain = type_parts(hints[field.name])
             choices = field.metadata.get("choices")
             if plain == {bool}:
                 options["action"] = argparse.BooleanOptionalAction
@@ -409,7 +355,7 @@ def add_flags(parser: argparse.ArgumentParser, defaults: Config | None = None) -
             else:
                 options["type"] = next(iter(plain & {int, float}), str)
             if choices is not None:
-                options["choices"] = _choice_names(choices)
+                options["choices"] = choice_names(choices)
             if "metavar" in field.metadata:
                 options["metavar"] = field.metadata["metavar"]
             group.add_argument(f"--{field.name}", **options)

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from gain_jax.attention import apply_mask, head_gradcams, minmax_normalize, resize_align_corners, soft_mask
+from gain_jax.fields import MUST_MATCH, first_field_problem, option
 from gain_jax.variants import AM_FORWARDS, AM_SCORES, CAM_METHODS, ERASE_FILLS, MASK_FUNCTIONS, lookup
 
 MODES = ("union", "per_label")
@@ -24,75 +25,65 @@ CAM_GRADS = ("stop", "full")
 MASK_GRADS = ("through", "stop")
 
 
-def _field(default, help: str, **metadata):
-    return dataclasses.field(default=default, metadata={"help": help, **metadata})
-
-
 @dataclasses.dataclass(frozen=True)
 class GainConfig:
     """What GAIN computes; every field is static under `jax.jit` (the dataclass is frozen and hashable).
 
-    Each field's `metadata["help"]` documents it (train.py's flags are generated from them); fields with a
-    fixed set of values list it in `metadata["choices"]` (a tuple, or a registry of `gain_jax.variants`,
-    whose names are looked up when the config is built, so register your own variants first);
-    `metadata["resume"] == "must_match"` marks what a resumed run must keep (gain_jax.config).
+    Each field's metadata (gain_jax.fields) documents it (train.py's flags are generated from it) and says
+    what values it takes, checked when the config is built: "choices" (a tuple, or a registry of
+    `gain_jax.variants`, whose names are looked up then, so register your own variants first), "range";
+    "resume" marks what a resumed run must keep (gain_jax.config).
     """
 
-    mode: str = _field("union", "union: one attention map per image from all its labels (upstream's "
+    mode: str = option("union", "union: one attention map per image from all its labels (upstream's "
                        "batch_GAIN_VOC); per_label: one map per positive label, up to max_labels slots "
-                       "(upstream's multi-heatmap model)", choices=MODES, resume="must_match")
-    cam: str = _field("gradcam", "CAM method of the attention maps, in training and evaluation "
+                       "(upstream's multi-heatmap model)", choices=MODES, resume=MUST_MATCH)
+    cam: str = option("gradcam", "CAM method of the attention maps, in training and evaluation "
                       "(gain_jax.CAM_METHODS); gradcam is upstream's", choices=CAM_METHODS)
-    mask: str = _field("sigmoid", "soft-mask function (gain_jax.MASK_FUNCTIONS); sigmoid is upstream's "
+    mask: str = option("sigmoid", "soft-mask function (gain_jax.MASK_FUNCTIONS); sigmoid is upstream's "
                        "T = sigmoid(omega * (scaled - sigma))", choices=MASK_FUNCTIONS)
-    score: str = _field("softmax", "what L_am minimizes for the attended classes on the erased image "
+    score: str = option("softmax", "what L_am minimizes for the attended classes on the erased image "
                         "(gain_jax.AM_SCORES): softmax (upstream) or each class's sigmoid (multi-label)",
                         choices=AM_SCORES)
-    am_batchnorm: str = _field("frozen", "BatchNorm in the attention-mining stream (gain_jax.AM_FORWARDS): "
+    am_batchnorm: str = option("frozen", "BatchNorm in the attention-mining stream (gain_jax.AM_FORWARDS): "
                                "frozen = running statistics, no gradient to scale/bias (upstream); batch = the "
                                "erased batch's own statistics", choices=AM_FORWARDS)
-    sigma: float = _field(0.5, "soft-mask threshold, in [0, 1] (the min-max scaled map's range)")
-    omega: float = _field(10.0, "soft-mask sharpness")
-    fill: float | tuple[float, ...] = _field(0.0, "value the erased region takes, in normalized image space: "
+    # sigma: the scaled map lies in [0, 1]; any other threshold makes the mask (nearly) constant
+    sigma: float = option(0.5, "soft-mask threshold, in [0, 1] (the min-max scaled map's range)", range=(0.0, 1.0))
+    omega: float = option(10.0, "soft-mask sharpness", range=(0.0, None))
+    fill: float | tuple[float, ...] = option(0.0, "value the erased region takes, in normalized image space: "
                                              "one number or one per channel (with --erase constant)")
-    erase: str = _field("constant", "what replaces the erased region (gain_jax.ERASE_FILLS): constant = the "
+    erase: str = option("constant", "what replaces the erased region (gain_jax.ERASE_FILLS): constant = the "
                         "fill value (upstream); shift = the image itself rolled by half its height and width, "
                         "so that the erased region is not a flat patch (fill is then ignored)",
                         choices=ERASE_FILLS)
-    cam_grad: str = _field("stop", "stop: the CAM's gradient-derived weights are constants for the loss "
+    cam_grad: str = option("stop", "stop: the CAM's gradient-derived weights are constants for the loss "
                            "gradient (upstream); full: differentiate through them (second order)",
                            choices=CAM_GRADS)
-    grads_off: bool = _field(False, "the attention-mining forward sees stop_gradient(params): L_am reaches "
+    grads_off: bool = option(False, "the attention-mining forward sees stop_gradient(params): L_am reaches "
                              "the weights only through the mask")
-    mask_grad: str = _field("through", "through: L_am's gradient also reaches the weights through the soft "
+    mask_grad: str = option("through", "through: L_am's gradient also reaches the weights through the soft "
                             "mask, i.e. it can move the attention maps (upstream); stop: the mask is a constant "
                             "for L_am, which then trains only the classifier to lose the class on the erased "
                             "image (the maps cannot shrink or wander to lower L_am)", choices=MASK_GRADS)
-    max_labels: int = _field(4, "label slots per image in the padded per_label path (gain_forward without "
+    max_labels: int = option(4, "label slots per image in the padded per_label path (gain_forward without "
                              "`packing`; train.py packs, so that no image is refused, on one host)",
-                             resume="must_match")
-    am_labels_per_image: int = _field(
+                             range=(1, None), resume=MUST_MATCH)
+    am_labels_per_image: int = option(
         0, "per_label mode: at most this many of an image's labels, drawn uniformly without replacement each "
         "step, go through the attention-mining stream, and L_am averages their scores (an unbiased estimate of "
         "the mean over all the image's labels: about B*min(n, labels) attention-mining rows instead of one per "
         "label, at the price of a noisier L_am; not upstream's); 0 = all (upstream). Needs the packed path "
         "(train.py on one host); an error in union mode", range=(0, None))
-    cl_weight: float = _field(1.0, "weight of the classification loss")
-    am_weight: float = _field(1.0, "weight of the attention-mining loss (the paper's alpha)")
-    ex_weight: float = _field(0.0, "weight of the extra-supervision (mask) loss of GAIN_ext; 0 = off (the "
-                              "paper's omega)")
+    cl_weight: float = option(1.0, "weight of the classification loss", range=(0.0, None))
+    am_weight: float = option(1.0, "weight of the attention-mining loss (the paper's alpha)", range=(0.0, None))
+    ex_weight: float = option(0.0, "weight of the extra-supervision (mask) loss of GAIN_ext; 0 = off (the "
+                              "paper's omega)", range=(0.0, None))
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            choices = field.metadata.get("choices")
-            value = getattr(self, field.name)
-            if choices is not None and value not in choices:
-                raise ValueError(f"GainConfig.{field.name} must be one of {', '.join(sorted(choices))}, "
-                                 f"got {value!r}")
-        if self.max_labels < 1:
-            raise ValueError(f"GainConfig.max_labels must be >= 1, got {self.max_labels}")
-        if self.am_labels_per_image < 0:
-            raise ValueError(f"GainConfig.am_labels_per_image must be >= 0, got {self.am_labels_per_image}")
+        problem = first_field_problem(self)  # each field's "choices" and "range"
+        if problem is not None:
+            raise ValueError(f"GainConfig.{problem[0]} {problem[1]}")
         if self.am_labels_per_image and self.mode != "per_label":
             # union mode has one attention-mining row per image already: nothing to sample
             raise ValueError(f"GainConfig.am_labels_per_image ({self.am_labels_per_image}) is for mode per_label, "
@@ -104,12 +95,6 @@ class GainConfig:
             raise ValueError(f"GainConfig.fill must be a scalar or 3 values, got {self.fill!r}")
         if not all(np.isfinite(v) for v in fill_values):
             raise ValueError(f"GainConfig.fill must be finite, got {self.fill!r}")
-        if not 0.0 <= self.sigma <= 1.0:
-            # the scaled map lies in [0, 1]: any other threshold makes the mask (nearly) constant
-            raise ValueError(f"GainConfig.sigma must be in [0, 1], got {self.sigma}")
-        for name in ("omega", "cl_weight", "am_weight", "ex_weight"):
-            if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"GainConfig.{name} must be finite and >= 0, got {getattr(self, name)}")
 
     @property
     def num_slots(self) -> int:

@@ -19,12 +19,15 @@ Numerics follow torch so that `gain_jax.convert.from_torchvision` reproduces tor
 explicit symmetric padding, floor-mode pools, ResNet's 3x3/s2/p1 max-pool padded with -inf,
 torch's AdaptiveAvgPool2d bins, and a BatchNorm with torch's running-statistics update. The compute
 dtype follows the params and inputs (float64 end to end when both are float64 under jax_enable_x64).
-Two computations are written for XLA:CPU's sake, with the same results: the 2x2 max pool has its own
-backward, and a convolution whose output is smaller than its kernel is a matrix product over patches
+Three computations are written for XLA:CPU's sake, with the same results: the 2x2 max pool has its own
+backward (and reads its windows as strided views at up to 16 channels); a convolution whose output is smaller
+than its kernel is a matrix product over patches; and the input gradient of a convolution with at most 16
+channels on both sides is a matrix product with the kernel, scattered back onto the pixels
 (`conv_general_dilated`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -142,21 +145,31 @@ class BatchNorm(nn.Module):
 
 
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+# XLA:CPU (jaxlib 0.10) hands a convolution to YNNPACK only when one of its channel counts exceeds this; the
+# rest go to its Eigen kernel, whose input gradient of a 3-channel first layer is its slowest op.
+_EIGEN_MAX_CHANNELS = 16
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None):
-    """`lax.conv_general_dilated`, except that a convolution whose output is smaller than its kernel is one
-    matrix product over explicitly gathered patches (the same sums, in another order).
+    """`lax.conv_general_dilated`, with two NHWC/HWIO convolutions computed as matrix products over patches
+    (the same sums, in another order), where XLA:CPU's own kernels are slow:
 
-    Such convolutions are ResNet's layer4 on 64-pixel images (2x2 outputs of 3x3 kernels). XLA:CPU does not
-    hand them to YNNPACK, and its fallback kernel took 140 ms for one [16,2,2,512] x [3,3,512,512] forward
-    where the product takes 6 ms (bench/README.md, "Tiny convolutions"). Every other convolution, and any
-    dilated, grouped or non-NHWC/HWIO one, goes to lax unchanged.
+    - a convolution whose output is smaller than its kernel (ResNet's layer4 on 64-pixel images: 2x2 outputs
+      of 3x3 kernels) is one product over explicitly gathered patches. XLA:CPU does not hand these to
+      YNNPACK, and its fallback kernel took 140 ms for one [16,2,2,512] x [3,3,512,512] forward where the
+      product takes 6 ms (bench/README.md, "Tiny convolutions").
+    - a convolution with at most 16 channels on both sides (small_cnn's first layer, 3 -> 16) keeps lax's
+      forward and weight gradient, but its input gradient is the product of the output gradient with the
+      kernel, scattered back onto the input's pixels (`_narrow_conv`); XLA:CPU computes that gradient with a
+      16 -> 3 channel Eigen convolution 8x slower (bench/README.md, "Small convolutions").
+
+    Every other convolution, and any dilated, grouped, negatively padded or non-NHWC/HWIO one, goes to lax
+    unchanged.
     """
     simple = (lhs.ndim == 4 and rhs.ndim == 4 and feature_group_count == 1
               and all(d == 1 for d in (lhs_dilation or (1,))) and all(d == 1 for d in (rhs_dilation or (1,)))
-              and not isinstance(padding, str)
+              and not isinstance(padding, str) and min(min(pair) for pair in padding) >= 0
               and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO))
     if simple:
         kernel_height, kernel_width, in_features, out_features = rhs.shape
@@ -165,18 +178,71 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
         out_height = (lhs.shape[1] + pad_top + pad_bottom - kernel_height) // stride_h + 1
         out_width = (lhs.shape[2] + pad_left + pad_right - kernel_width) // stride_w + 1
         # an empty output is lax's to refuse, with its own message
-        simple = min(out_height, out_width) >= 1 and (out_height < kernel_height or out_width < kernel_width)
-    if not simple:
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                        feature_group_count=feature_group_count, precision=precision)
-    padded = jnp.pad(lhs, ((0, 0), (pad_top, pad_bottom), (pad_left, pad_right), (0, 0)))
+        simple = min(out_height, out_width) >= 1
+    if simple and (out_height < kernel_height or out_width < kernel_width):
+        padded = jnp.pad(lhs, ((0, 0), (pad_top, pad_bottom), (pad_left, pad_right), (0, 0)))
+        patches = _patches(padded, kernel_height, kernel_width, out_height, out_width, stride_h, stride_w)
+        weights = rhs.reshape(kernel_height * kernel_width * in_features, out_features)
+        return jnp.dot(patches, weights, precision=precision)
+    if simple and max(in_features, out_features) <= _EIGEN_MAX_CHANNELS:
+        return _narrow_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                    feature_group_count=feature_group_count, precision=precision)
+
+
+def _patches(padded, kernel_height, kernel_width, out_height, out_width, stride_h, stride_w):
+    """[B, H, W, C] (already padded) -> [B, out_height, out_width, kernel_height * kernel_width * C], the
+    window of each output pixel flattened as (row, col, channel), HWIO's order."""
     taps = [padded[:, row:row + stride_h * (out_height - 1) + 1:stride_h,
                    col:col + stride_w * (out_width - 1) + 1:stride_w]
             for row in range(kernel_height) for col in range(kernel_width)]
-    patches = jnp.stack(taps, axis=3).reshape(lhs.shape[0], out_height, out_width, -1)  # (row, col, channel)
-    weights = rhs.reshape(kernel_height * kernel_width * in_features, out_features)
-    return jnp.dot(patches, weights, precision=precision)
+    return jnp.stack(taps, axis=3).reshape(*taps[0].shape[:3], -1)
+
+
+def _lax_conv(lhs, rhs, strides, padding, precision):
+    return lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=_NHWC_HWIO, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _narrow_conv(lhs, rhs, strides, padding, precision):
+    """lax's NHWC/HWIO convolution; its input gradient is a matrix product and a scatter of the kernel taps."""
+    return _lax_conv(lhs, rhs, strides, padding, precision)
+
+
+def _narrow_conv_forward(lhs, rhs, strides, padding, precision):
+    return _lax_conv(lhs, rhs, strides, padding, precision), (lhs, rhs)
+
+
+def _narrow_conv_backward(strides, padding, precision, residuals, out_grad):
+    lhs, rhs = residuals
+    kernel_height, kernel_width, in_features, out_features = rhs.shape
+    (pad_top, pad_bottom), (pad_left, pad_right) = padding
+    stride_h, stride_w = strides
+    _, out_height, out_width, _ = out_grad.shape
+    _, kernel_vjp = jax.vjp(lambda kernel: _lax_conv(lhs, kernel, strides, padding, precision), rhs)
+    (rhs_grad,) = kernel_vjp(out_grad)
+    # each output pixel's gradient times the kernel: the gradient of its window, (row, col, channel) flattened
+    window_grads = jnp.dot(out_grad, rhs.reshape(-1, out_features).T, precision=precision)
+    padded_height = lhs.shape[1] + pad_top + pad_bottom
+    padded_width = lhs.shape[2] + pad_left + pad_right
+    zero = jnp.zeros((), out_grad.dtype)
+    padded_grad = None
+    for row in range(kernel_height):
+        for col in range(kernel_width):
+            tap = (row * kernel_width + col) * in_features
+            # the tap's gradients onto the pixels it read: at row + stride * i, col + stride * j
+            placed = lax.pad(window_grads[..., tap:tap + in_features], zero, (
+                (0, 0, 0),
+                (row, padded_height - row - stride_h * (out_height - 1) - 1, stride_h - 1),
+                (col, padded_width - col - stride_w * (out_width - 1) - 1, stride_w - 1),
+                (0, 0, 0)))
+            padded_grad = placed if padded_grad is None else padded_grad + placed
+    lhs_grad = padded_grad[:, pad_top:pad_top + lhs.shape[1], pad_left:pad_left + lhs.shape[2]]
+    return lhs_grad, rhs_grad
+
+
+_narrow_conv.defvjp(_narrow_conv_forward, _narrow_conv_backward)
 
 
 def _conv(features, kernel_size, *, strides=1, padding=0, use_bias=True, kernel_init, bias_init=None,
@@ -195,6 +261,20 @@ def _max_pool_2x2(x):
     return _max_pool_2x2_even(x[:, :height, :width])
 
 
+# The pool reads its windows as strided views up to this many channels, as a transposed window axis above it:
+# at 16 channels XLA:CPU's copy of the transposed windows cost more than the pool, at 32 and more the strided
+# reads are the slower (bench/README.md, "Small convolutions").
+_STRIDED_POOL_MAX_CHANNELS = 16
+
+
+def _pool_quarters(x):
+    """[B, H, W, C] with even H, W -> the four [B, H/2, W/2, C] pixels of each 2x2 window, in row-major order:
+    strided views of a free reshape, which XLA fuses into the reading loop."""
+    batch, height, width, channels = x.shape
+    grid = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+    return grid[:, :, 0, :, 0], grid[:, :, 0, :, 1], grid[:, :, 1, :, 0], grid[:, :, 1, :, 1]
+
+
 def _pool_windows(x):
     """[B, H, W, C] with even H, W -> [B, H/2, W/2, C, 4], each window's pixels in row-major order."""
     batch, height, width, channels = x.shape
@@ -202,24 +282,38 @@ def _pool_windows(x):
     return windows.transpose(0, 1, 3, 5, 2, 4).reshape(batch, height // 2, width // 2, channels, 4)
 
 
-# A reshape-and-max pool with its own backward. flax's max_pool lowers to reduce-window, whose gradient
-# XLA:CPU builds from four activation-sized index arrays and a scatter: about 45% of a small_cnn step
+# A max pool with its own backward. flax's max_pool lowers to reduce-window, whose gradient XLA:CPU builds
+# from four activation-sized index arrays and a scatter: about 45% of a small_cnn step
 # (bench/profiles/per_label_cpu.md). The gradient goes to the first maximum of each window in row-major
 # order, as in torch (and in XLA's select-and-scatter), so ties (ReLU zeros) give identical gradients.
 @jax.custom_vjp
 def _max_pool_2x2_even(x):
-    return _pool_windows(x).max(axis=-1)
+    return _max_pool_2x2_even_forward(x)[0]
 
 
 def _max_pool_2x2_even_forward(x):
-    windows = _pool_windows(x)
-    return windows.max(axis=-1), jnp.argmax(windows, axis=-1)
+    """The pooled map and the position (0..3, row-major; int8 keeps the residual small) of each window's first
+    maximum."""
+    if x.shape[-1] > _STRIDED_POOL_MAX_CHANNELS:
+        windows = _pool_windows(x)
+        return windows.max(axis=-1), jnp.argmax(windows, axis=-1).astype(jnp.int8)
+    top_left, top_right, bottom_left, bottom_right = _pool_quarters(x)
+    pooled = jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
+    first_max = jnp.where(top_left == pooled, 0, jnp.where(top_right == pooled, 1,
+                                                            jnp.where(bottom_left == pooled, 2, 3)))
+    return pooled, first_max.astype(jnp.int8)
 
 
 def _max_pool_2x2_even_backward(first_max, pooled_grad):
     batch, half_height, half_width, channels = pooled_grad.shape
-    window_grads = jax.nn.one_hot(first_max, 4, dtype=pooled_grad.dtype) * pooled_grad[..., None]
-    grads = window_grads.reshape(batch, half_height, half_width, channels, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    if channels > _STRIDED_POOL_MAX_CHANNELS:
+        window_grads = jax.nn.one_hot(first_max, 4, dtype=pooled_grad.dtype) * pooled_grad[..., None]
+        grads = window_grads.reshape(batch, half_height, half_width, channels, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+        return (grads.reshape(batch, 2 * half_height, 2 * half_width, channels),)
+    # [B, H/2, 2, W/2, 2, C] is [B, H, W, C] in memory: one elementwise loop, no transpose
+    positions = (2 * np.arange(2)[:, None] + np.arange(2)[None, :]).astype(np.int8)[:, None, :, None]
+    grads = jnp.where(first_max[:, :, None, :, None, :] == positions, pooled_grad[:, :, None, :, None, :],
+                      jnp.zeros((), pooled_grad.dtype))
     return (grads.reshape(batch, 2 * half_height, 2 * half_width, channels),)
 
 

@@ -17,12 +17,14 @@ building a pipeline prints nothing by default. This module imports neither Tenso
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 # C++ log lines written while TensorFlow is imported that quiet mode drops; anything else (C++ warnings
 # and errors, Python tracebacks) is written back to stderr.
@@ -116,6 +118,55 @@ def _is_import_noise(line: str) -> bool:
     return any(pattern.match(line) for pattern in _IMPORT_NOISE)
 
 
+def _drop_import_noise(captured: bytes) -> bytes:
+    lines = captured.decode("utf-8", "replace").splitlines(keepends=True)
+    return "".join(line for line in lines if not _is_import_noise(line.rstrip("\r\n"))).encode("utf-8")
+
+
+@dataclasses.dataclass
+class Fd2Capture:
+    """What `capture_fd2` yields. `file` receives what is written to fd 2 inside the block when `redirected`
+    (fd 2 could be redirected); `write_back` maps the captured bytes to what is written back to fd 2 at the
+    end (everything, unless the block sets another)."""
+
+    file: BinaryIO
+    redirected: bool
+    write_back: Callable[[bytes], bytes]
+
+
+@contextlib.contextmanager
+def capture_fd2(write_back: Callable[[bytes], bytes] = lambda captured: captured) -> Iterator[Fd2Capture]:
+    """Redirect file descriptor 2 to a temporary file inside the block (C++ logs included, not only
+    `sys.stderr`), then restore it and write `capture.write_back(captured bytes)` to it. When fd 2 cannot be
+    redirected, the block runs with fd 2 as it is and nothing is captured."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        capture = Fd2Capture(captured, saved is not None, write_back)
+        if saved is None:
+            yield capture
+            return
+        try:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield capture
+            finally:
+                try:
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+                os.dup2(saved, 2)
+                captured.seek(0)
+                kept = capture.write_back(captured.read())
+                if kept:
+                    os.write(2, kept)
+        finally:
+            os.close(saved)
+
+
 @contextlib.contextmanager
 def filtered_import_stderr() -> Iterator[None]:
     """Hold what is written to file descriptor 2 (C++ logs included) inside the block, then write back all
@@ -123,31 +174,8 @@ def filtered_import_stderr() -> Iterator[None]:
     if _state["verbose"] or _state["verbose"] is None:
         yield
         return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
+    with capture_fd2(_drop_import_noise):
         yield
-        return
-    captured = tempfile.TemporaryFile(mode="w+b")
-    try:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            try:
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
-            os.dup2(saved, 2)
-            captured.seek(0)
-            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
-                    if not _is_import_noise(line.rstrip("\r\n"))]
-            if kept:
-                os.write(2, "".join(kept).encode("utf-8"))
-    finally:
-        os.close(saved)
-        captured.close()
 
 
 @contextlib.contextmanager
@@ -167,5 +195,5 @@ def current_settings() -> dict:
             **{f"logger:{name}": logging.getLogger(name).level for name in _LIBRARY_LOGGERS}}
 
 
-__all__ = ["after_import", "current_settings", "filtered_import_stderr", "is_verbose", "quiet_libraries",
-           "quiet_stdout", "quiet_unless_chosen"]
+__all__ = ["Fd2Capture", "after_import", "capture_fd2", "current_settings", "filtered_import_stderr", "is_verbose",
+           "quiet_libraries", "quiet_stdout", "quiet_unless_chosen"]

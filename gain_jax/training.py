@@ -55,9 +55,9 @@ def make_train_step(model, cfg: GainConfig, donate: bool = True) -> Callable:
     `attention_on` (a scalar, 0 or 1) multiplies the attention-mining and extra losses in the total
     (`total_loss`), so switching them on after pre-training reuses the same compiled program; `mining_on`
     (a scalar, 0 or 1) multiplies the attention-mining loss alone (TrainConfig.am_start_epoch), likewise.
-    Both streams run in every step, so L_am is logged during pre-training too. A
-    `lax.cond` that skipped the attention-mining stream while it is off was measured 8x slower than this
-    on XLA:CPU (small_cnn, 64x64, batch 16), so it is not used.
+    Both streams run in every step, so L_am is logged during pre-training too: a `lax.cond` that skipped the
+    attention-mining stream while it is off was slower on XLA:CPU (docs/design.md, "`attention_on`
+    multiplies, it does not branch"), so it is not used.
     With `donate`, the input state's buffers are reused for the new state: don't read the old state (nor
     the variables it was created from) after the call.
     metrics: "loss" (the total optimized), "cl", "am", "ex" (unweighted terms), "logits" [B,C].
@@ -83,6 +83,53 @@ def make_train_step(model, cfg: GainConfig, donate: bool = True) -> Callable:
 
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
+
+
+SWEEP_STRATEGIES = ("unrolled", "vmap")
+
+
+def stack_trees(trees) -> Any:
+    """Stack equal-structured pytrees (N runs' states or batches) into one with a leading run axis N."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def tree_slice(tree, index: int) -> Any:
+    """Run `index` of a pytree stacked by `stack_trees`."""
+    return jax.tree.map(lambda leaf: leaf[index], tree)
+
+
+def make_sweep_train_step(model, cfg: GainConfig, strategy: str = "unrolled", donate: bool = True) -> Callable:
+    """`sweep_step(states, batches, rngs, attention_on, mining_on=1.0) -> (states, metrics)`: the train steps
+    of N independent runs of one configuration (seeds) as one jit-compiled program.
+
+    `states` and `batches` are stacked with `stack_trees` (leading axis N: each run its own parameters,
+    optimizer state and data), `rngs` is `[N, 2]`; the switches are shared. Every leaf of the returned states
+    and metrics has the leading axis N, and run `i`'s values are those of `make_train_step` on run `i`'s
+    inputs, to float32 rounding. Per-label packing is host-side and sized to each batch, so it is refused.
+
+    strategy: "unrolled" puts N copies of the step side by side in one program (XLA may run independent
+    copies at once, and the N small steps share one dispatch); "vmap" batches the step over the run axis, so
+    each convolution becomes one grouped convolution over the N runs' kernels (one large op per layer, the way
+    to fill a GPU with small models). Which is faster depends on the device: bench/seed_sweep.py measures both.
+    """
+    if strategy not in SWEEP_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SWEEP_STRATEGIES}, got {strategy!r}")
+    train_step = make_train_step(model, cfg, donate=False)  # the outer jit donates
+
+    def unrolled(states, batches, rngs, attention_on, mining_on):
+        outputs = [train_step(tree_slice(states, i), tree_slice(batches, i), rngs[i], attention_on, mining_on)
+                   for i in range(rngs.shape[0])]
+        return stack_trees(outputs)
+
+    vmapped = jax.vmap(train_step, in_axes=(0, 0, 0, None, None))
+
+    def sweep_step(states, batches, rngs, attention_on, mining_on=1.0):
+        if "packing" in batches:
+            raise ValueError("per-label packing is sized to each batch and cannot be stacked over runs")
+        run = unrolled if strategy == "unrolled" else vmapped
+        return run(states, batches, rngs, attention_on, mining_on)
+
+    return jax.jit(sweep_step, donate_argnums=(0,) if donate else ())
 
 def class_cams(model, variables: Mapping, images: jax.Array, cfg: GainConfig | None = None
                ) -> tuple[jax.Array, jax.Array]:

@@ -109,7 +109,8 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) if name != "small_cnn" else name
+                                        for name in sorted(MODELS)])
 def pair(request):
     return Pair(request.param)
 

@@ -24,11 +24,13 @@ def pair():
 
 
 @pytest.mark.parametrize("case", FLOAT64_CASES, ids=lambda case: case.id)
+@pytest.mark.slow
 def test_float64_outputs_losses_grads(pair, case, request):
     check_float64(pair, case, request)
 
 
 @pytest.mark.parametrize("case, tolerance", FLOAT32_CASES, ids=[case.id for case, _ in FLOAT32_CASES])
+@pytest.mark.slow
 def test_float32_outputs_losses(pair, case, tolerance, request):
     check_float32(pair, case, request, tolerance)
 

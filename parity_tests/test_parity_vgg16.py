@@ -24,10 +24,12 @@ def pair():
 
 
 @pytest.mark.parametrize("case", [UNION_TRAIN], ids=lambda case: case.id)
+@pytest.mark.slow
 def test_float64_outputs_losses_grads(pair, case, request):
     check_float64(pair, case, request)
 
 
 @pytest.mark.parametrize("case", [UNION_TRAIN], ids=lambda case: case.id)
+@pytest.mark.slow
 def test_float32_outputs_losses(pair, case, request):
     check_float32(pair, case, request, FLOAT32_TOL_VGG16)

@@ -1,5 +1,10 @@
 """Fixtures shared by the tests that train: one prepared gain_shapes data dir and one JAX compilation cache
-per test session (per xdist worker), so the data set is built once and equal programs compile once."""
+per test session (per xdist worker), so the data set is built once and equal programs compile once.
+
+The `slow` marker (registered in pyproject.toml) labels a test that trains, starts subprocesses or compiles a
+large model; `python -m pytest -m "not slow"` is the fast tier, which keeps a cheaper test of every module
+(a parametrized test keeps its cheap cases there). CI runs everything.
+"""
 import pytest
 
 

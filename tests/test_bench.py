@@ -1,11 +1,13 @@
 """The benchmark scripts' own paths, at the smallest sizes (no time is checked, only that they run and
-report what bench/README.md says): step_time.py --gpu (issue 12 item 5) on the CPU, without TensorFlow,
-gain_overhead.py's per-program host-memory child (item 6) and its flops column (XLA's cost analysis, which
+report what bench/README.md says): step_time.py --gpu (issue 12 item 5) and seed_sweep.py on the CPU, without
+TensorFlow, gain_overhead.py's per-program host-memory child (item 6) and its flops column (XLA's cost analysis, which
 does not depend on the machine's speed)."""
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
@@ -18,6 +20,7 @@ def run(*args):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_step_time_gpu_path_runs_on_cpu_without_tensorflow():
     out = run("bench/step_time.py", "--gpu", "--backbone", "small_cnn", "--image-size", "32", "--batch-size", "2",
               "--steps", "1", "--warmup", "1", "--torch-threads", "1")
@@ -33,6 +36,7 @@ def test_step_time_gpu_path_runs_on_cpu_without_tensorflow():
     assert out.rstrip().endswith("TensorFlow imported: no")
 
 
+@pytest.mark.slow
 def test_gain_overhead_memory_child_reports_host_peak():
     spec = dict(backbone="small_cnn", image_size=32, batch_size=2, num_classes=20, voc_batches=1, steps=1)
     peaks = {}
@@ -42,6 +46,7 @@ def test_gain_overhead_memory_child_reports_host_peak():
     assert all(isinstance(peak, int) and peak > 0 for peak in peaks.values()), peaks
 
 
+@pytest.mark.slow
 def test_xla_flags_reports_each_set_and_a_rejected_flag():
     out = run("bench/xla_flags.py", "--configs", "small_cnn:32:2", "--sets", "default",
               "--flags", "fast_min_max=--xla_cpu_enable_fast_min_max=true", "bogus=--xla_cpu_no_such_flag=true",
@@ -79,6 +84,7 @@ def test_voc_label_counts_follow_the_voc_histogram():
     assert not np.array_equal(large, np.sort(large))  # shuffled, not in quantile order
 
 
+@pytest.mark.slow
 def test_gain_step_work_grows_with_the_rows_present():
     """gain_overhead.py's "flops" column (XLA's cost analysis): a GAIN step does one classification
     forward+backward plus an attention-mining forward+backward over R rows, so its flops are about 1 + R/B plain
@@ -108,3 +114,15 @@ def test_gain_step_work_grows_with_the_rows_present():
             assert rows == go.gj.gain.row_count(present, batch_size), (rows, present)  # the pairs present
         if name == "per-label VOC padded":
             assert rows == batch_size * int((voc_labels > 0).sum(-1).max())
+
+
+@pytest.mark.slow
+def test_seed_sweep_reports_every_way_for_each_run_count():
+    out = run("bench/seed_sweep.py", "--seeds", "1,2,3", "--max-unrolled", "2", "--image-size", "16",
+              "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("1", "sequential"), ("1", "unrolled"), ("1", "vmap"),
+        ("2", "sequential"), ("2", "unrolled"), ("2", "vmap"), ("3", "vmap")]
+    assert all(float(row[2]) > 0 for row in rows)
+    assert rows[0][4] == "1.00x" and rows[-1][4] == "n/a"

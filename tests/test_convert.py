@@ -22,10 +22,11 @@ FLOAT32_BOUND = 2e-5
 # (name, batch, height, width, expected Grad-CAM layer h x w)
 PARITY_CASES = [
     ("small_cnn", 2, 64, 48, (8, 6)),
-    ("resnet18", 2, 64, 48, (2, 2)),
-    ("resnet50", 1, 48, 64, (2, 2)),
-    ("vgg16", 1, 64, 96, (2, 3)),  # feature map smaller than 7x7 and not dividing it
-    ("vgg19", 2, 32, 32, (1, 1)),
+    pytest.param("resnet18", 2, 64, 48, (2, 2), marks=pytest.mark.slow),
+    pytest.param("resnet50", 1, 48, 64, (2, 2), marks=pytest.mark.slow),
+    # feature map smaller than 7x7 and not dividing it
+    pytest.param("vgg16", 1, 64, 96, (2, 3), marks=pytest.mark.slow),
+    pytest.param("vgg19", 2, 32, 32, (1, 1), marks=pytest.mark.slow),
 ]
 
 
@@ -120,7 +121,7 @@ def test_adaptive_avg_pool_matches_torch(in_hw, x64):
     np.testing.assert_allclose(pooled, expected, rtol=1e-13, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["small_cnn", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_train_mode_batch_stats_match_torch_running_stats(name, x64):
     torch_model = _torch_model(name).double()
     variables = from_torchvision(name, torch_model.state_dict(), NUM_CLASSES)

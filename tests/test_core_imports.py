@@ -5,7 +5,9 @@ import sys
 CORE_MODULES = ["gain_jax", "gain_jax.attention", "gain_jax.variants", "gain_jax.gain", "gain_jax.models",
                 "gain_jax.convert", "gain_jax.training", "gain_jax.metrics", "gain_jax.viz", "gain_jax.explain",
                 "gain_jax.config", "gain_jax.evaluate", "gain_jax.checkpoint", "gain_jax.quiet",
-                "gain_jax.train_loop"]  # the loop imports gain_jax.data (TensorFlow) only when a run starts
+                "gain_jax.datasets", "gain_jax.part_metrics",
+                "gain_jax.train_loop", "gain_jax.train_loop.loop",  # loop: every module but:
+                "gain_jax.train_loop.provenance"]  # the loop imports gain_jax.data (TensorFlow) only when a run starts
 
 
 def test_core_imports_neither_tensorflow_nor_torch():

@@ -70,6 +70,7 @@ def test_shift_erases_with_the_rolled_image_in_gain_forward_in_float64(small):
         assert float(np.max(mask)) > 0.5
 
 
+@pytest.mark.slow
 def test_shift_gives_a_finite_nonzero_attention_mining_gradient(small):
     model, variables, images = small
     labels = jnp.asarray(LABELS)

@@ -61,6 +61,7 @@ def test_arms_studies_and_flags():
         script.check_args(parser.parse_args(["--arms", "nope"]), parser)
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end_and_reuse(shapes_data_dir, tmp_path, capsys, monkeypatch):
     import gain_jax.data as gd
 

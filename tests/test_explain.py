@@ -140,6 +140,7 @@ def test_explain_cli_errors_are_one_line(run_checkpoint, photo, tmp_path, capsys
     assert "no checkpoint step 7" in run("--checkpoint", directory, "--step", "7", str(photo))
 
 
+@pytest.mark.slow
 def test_explain_imports_no_tensorflow_or_torch():
     code = ("import sys, gain_jax.explain, gain_jax.checkpoint; "
             "print('tensorflow' in sys.modules, 'torch' in sys.modules)")

@@ -70,6 +70,7 @@ CORRUPTIONS = {
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+@pytest.mark.slow
 def test_resume_from_a_corrupt_newest_checkpoint_falls_back_to_the_newest_intact_one(
         corruption, finished_run, shapes_data_dir, tmp_path, capfd):
     from gain_jax.train_loop import train_and_evaluate
@@ -92,6 +93,7 @@ def test_resume_from_a_corrupt_newest_checkpoint_falls_back_to_the_newest_intact
     assert listing(run_dir) == ["2", "3", "4.corrupt"]  # the unreadable one is kept, aside
 
 
+@pytest.mark.slow
 def test_resume_when_no_checkpoint_restores_is_an_error_that_changes_nothing(finished_run, shapes_data_dir,
                                                                               tmp_path, capfd):
     from gain_jax.train_loop import train_and_evaluate
@@ -109,6 +111,7 @@ def test_resume_when_no_checkpoint_restores_is_an_error_that_changes_nothing(fin
         assert handle.read() == metrics_before
 
 
+@pytest.mark.slow
 def test_resume_with_a_truncated_metrics_json_is_an_error_that_changes_nothing(finished_run, shapes_data_dir,
                                                                                tmp_path):
     from gain_jax.train_loop import train_and_evaluate
@@ -126,6 +129,7 @@ def test_resume_with_a_truncated_metrics_json_is_an_error_that_changes_nothing(f
         assert handle.read() == truncated
 
 
+@pytest.mark.slow
 def test_explain_names_the_corrupt_checkpoint_and_the_intact_step(finished_run, tmp_path, capsys):
     from PIL import Image
 
@@ -146,6 +150,7 @@ def test_explain_names_the_corrupt_checkpoint_and_the_intact_step(finished_run, 
     assert err.startswith("explain: error: --out_dir /proc/x: cannot create folders in /proc"), err
 
 
+@pytest.mark.slow
 def test_checkpoint_errors_are_one_line_for_every_reader(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     shutil.rmtree(os.path.join(run_dir, "checkpoints", "4", "state"))
@@ -158,6 +163,7 @@ def test_checkpoint_errors_are_one_line_for_every_reader(finished_run, tmp_path)
 
 # ---------------------------------------------------------------------------------------------- folders
 
+@pytest.mark.slow
 def test_unwritable_or_file_folders_are_refused_before_anything_is_written(shapes_data_dir, tmp_path):
     from gain_jax.train_loop import train_and_evaluate
 
@@ -183,6 +189,7 @@ def test_unwritable_or_file_folders_are_refused_before_anything_is_written(shape
     assert sorted(os.listdir(tmp_path)) == ["a_file"]  # no run folder, no checkpoint folder elsewhere
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_that_does_not_exist_names_it_and_the_existing_runs(finished_run, shapes_data_dir,
                                                                             tmp_path):
     from gain_jax.train_loop import train_and_evaluate
@@ -198,6 +205,7 @@ def test_resume_of_a_run_that_does_not_exist_names_it_and_the_existing_runs(fini
 
 # ---------------------------------------------------------------------------------------------- stopping
 
+@pytest.mark.slow
 def test_a_stop_requested_during_start_up_writes_nothing(shapes_data_dir, tmp_path):
     from gain_jax.train_loop import StopRequest, train_and_evaluate
 
@@ -208,11 +216,13 @@ def test_a_stop_requested_during_start_up_writes_nothing(shapes_data_dir, tmp_pa
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_signals_during_evaluation_and_the_save_never_lose_the_checkpoint(shapes_data_dir, tmp_path, monkeypatch,
                                                                          capfd):
     """SIGINT during the epoch's evaluation, then two more while the checkpoint is written: the save
     completes, the third signal does not end the process, and the status and metrics say step 2."""
     from gain_jax import train_loop
+    from gain_jax.train_loop import loop, stopping
 
     stop = train_loop.StopRequest()
     evaluate, save = train_loop.evaluate_split, checkpoint.save
@@ -231,9 +241,9 @@ def test_signals_during_evaluation_and_the_save_never_lose_the_checkpoint(shapes
     def no_exit(status):
         raise AssertionError(f"os._exit({status}) during a save")
 
-    monkeypatch.setattr(train_loop, "evaluate_split", evaluate_then_signal)
+    monkeypatch.setattr(loop, "evaluate_split", evaluate_then_signal)
     monkeypatch.setattr(checkpoint, "save", save_with_signals)
-    monkeypatch.setattr(train_loop.os, "_exit", no_exit)
+    monkeypatch.setattr(stopping.os, "_exit", no_exit)
     stop.training = True
     config = tiny_config(shapes_data_dir, tmp_path, "stopped", checkpoint_every=2)
     _, history = train_loop.train_and_evaluate(config, stop_request=stop)
@@ -264,6 +274,7 @@ def finish(process, reader, stderr_lines, timeout=120):
     return returncode, "".join(stderr_lines)
 
 
+@pytest.mark.slow
 def test_a_second_sigint_right_after_the_first_keeps_the_checkpoint_and_says_what_is_saved(
         shapes_data_dir, compile_cache, tmp_path):
     flags = tiny_flags(shapes_data_dir, tmp_path, "double")
@@ -292,6 +303,7 @@ def test_a_second_sigint_right_after_the_first_keeps_the_checkpoint_and_says_wha
 
 
 @pytest.mark.parametrize("delay", [0.3, 2.0, 4.0])
+@pytest.mark.slow
 def test_sigint_at_any_moment_of_the_start_up_exits_130_cleanly(delay, shapes_data_dir, compile_cache, tmp_path):
     process, stderr_lines, reader = start_train(tiny_flags(shapes_data_dir, tmp_path, "early"), compile_cache)
     time.sleep(delay)
@@ -308,6 +320,7 @@ def test_sigint_at_any_moment_of_the_start_up_exits_130_cleanly(delay, shapes_da
 
 
 @pytest.mark.parametrize("case", ["logdir in /proc", "resume a typo"])
+@pytest.mark.slow
 def test_train_py_errors_are_one_line(case, finished_run, shapes_data_dir, compile_cache, tmp_path):
     if case == "logdir in /proc":
         flags, message = tiny_flags(shapes_data_dir, "/proc/x", "run"), "--logdir /proc/x: cannot create folders"
@@ -322,12 +335,14 @@ def test_train_py_errors_are_one_line(case, finished_run, shapes_data_dir, compi
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and message in lines[0], result.stderr
 
 
+@pytest.mark.slow
 def test_metrics_json_is_written_atomically(finished_run):
     with open(os.path.join(finished_run, "base", "metrics.json")) as handle:
         assert json.load(handle)["status"] == "finished"
     assert not glob.glob(os.path.join(finished_run, "base", "*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_shutdown_changes_nothing(shapes_data_dir, compile_cache, tmp_path):
     """Once the run's last line is printed its files are complete; a Ctrl-C while the interpreter shuts down
     (JAX, TensorFlow and orbax tear down for a while) must not turn the exit status into a kill (-2)."""
@@ -343,3 +358,35 @@ def test_a_signal_during_the_shutdown_changes_nothing(shapes_data_dir, compile_c
     assert returncode == 0, (returncode, stderr[-3000:])
     assert "stopped after 1 steps at step 1" in stderr
     no_noise(stderr)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_of_two_stops_both_at_the_same_step_with_one_checkpoint(
+        shapes_data_dir, compile_cache, tmp_path):
+    """Two train.py processes (one CPU device each) on loopback: SIGTERM to process 1 alone; the processes
+    agree on the stop (every --log_every steps), save one checkpoint together and both exit 130."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flags = tiny_flags(shapes_data_dir, tmp_path, "two_hosts") + ["--log_every", "2"]
+    flags[flags.index("--steps_per_epoch") + 1] = "100000"
+    started = [start_train(flags + ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                                    "--process_id", str(index)], compile_cache) for index in (0, 1)]
+    for line in started[0][0].stdout:  # process 0 prints the run's lines
+        if line.startswith("first train step"):
+            time.sleep(0.5)
+            started[1][0].send_signal(signal.SIGTERM)
+            break
+    results = [finish(process, reader, lines, timeout=240) for process, lines, reader in started]
+    for returncode, stderr in results:
+        assert returncode == 130, stderr[-3000:]
+        no_noise(stderr)
+    assert "SIGTERM: stopping at the next step boundary" in results[1][1]
+    metrics = read_metrics(tmp_path, "two_hosts")
+    done = metrics["global_step"]
+    assert done >= 2 and done % 2 == 0 and metrics["status"] == "interrupted by a stop on process 1"
+    assert [r["step"] for r in metrics["steps"]] == list(range(1, done + 1))
+    assert listing(os.path.join(tmp_path, "two_hosts")) == [str(done)]
+    assert f"at step {done}: checkpoint saved" in results[0][1]

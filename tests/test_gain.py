@@ -165,6 +165,7 @@ def _param_grads(model, variables, images, labels, cfg, terms=("total",), gt_mas
     return jax.grad(loss, has_aux=True)(variables["params"])
 
 
+@pytest.mark.slow
 def test_padded_slot_changes_no_loss_and_no_gradient(small):
     """In float64: the attention-mining gradient is ill-conditioned in float32 (docs/design.md), where a
     different batch size alone moves it by ~1.5e-5 (measured)."""
@@ -187,6 +188,7 @@ def test_images_with_too_many_labels_are_refused_in_per_label_mode(small):
         gj.gain_forward(model, variables, images, jnp.asarray(LABELS), gj.GainConfig(mode="per_label", max_labels=2))
 
 
+@pytest.mark.slow
 def test_cam_grad_full_and_stop_agree_forward_and_differ_in_gradient(small):
     model, variables, images = small
     labels = jnp.asarray(LABELS)
@@ -207,6 +209,7 @@ def test_cam_grad_full_and_stop_agree_forward_and_differ_in_gradient(small):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_grads_off_attention_loss_reaches_params_only_through_the_mask(small):
     model, variables, images = small
     cfg = gj.GainConfig(grads_off=True)
@@ -283,6 +286,7 @@ def test_losses_by_hand():
     assert float(gj.gain_losses(out, labels, cfg, gt_masks=gt, has_mask=jnp.array([False]))["ex"]) == 0.0
 
 
+@pytest.mark.slow
 def test_float64_end_to_end(small):
     model, variables, images = small
     with jax.enable_x64(True):

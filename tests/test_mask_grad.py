@@ -34,6 +34,7 @@ def am_loss(model, variables, images, cfg):
 
 @pytest.mark.parametrize("mode", ["union", "per_label"])
 @pytest.mark.parametrize("am_batchnorm", ["frozen", "batch"])
+@pytest.mark.slow
 def test_stop_equals_l_am_of_a_detached_mask_in_float64(small64, mode, am_batchnorm):
     model, variables, images = small64
     cfg = gj.GainConfig(mode=mode, max_labels=2, mask_grad="stop", am_batchnorm=am_batchnorm, score="sigmoid")
@@ -68,6 +69,7 @@ def test_stop_equals_l_am_of_a_detached_mask_in_float64(small64, mode, am_batchn
         assert max(differences) > 1e-6
 
 
+@pytest.mark.slow
 def test_stop_leaves_the_classification_and_mask_losses_alone(small64):
     """L_cl and L_ext never pass through the erased image: their gradients are identical under both."""
     model, variables, images = small64

@@ -119,9 +119,8 @@ def test_common_features_flag_gain_shapes_images_whose_texture_is_a_non_label_cl
 
     from gain_jax.data import pipeline
 
-    # 2.0.0's biased validation split keeps a few conflicting images (3.0.0's cue is never wrong there)
-    examples = [shapes.generate_example(split, index, version) for split, version in
-                (("validation", "2.0.0"), ("validation_unbiased", shapes.CURRENT_VERSION)) for index in range(40)]
+    examples = [shapes.generate_example(split, index) for split in ("validation", "validation_unbiased")
+                for index in range(40)]
     to_features = pipeline._common_features("gain_shapes", NUM_CLASSES)
     flags = []
     for example in examples:
@@ -144,9 +143,8 @@ def test_common_features_flag_gain_shapes_images_whose_texture_is_a_non_label_cl
 # ---------------------------------------------------------------------------------------------- evaluation
 
 def _shapes_batches(indices, batch_size, with_flag=True):
-    """Batches of real gain_shapes validation examples (image content unused by the stand-in step; 2.0.0's, whose
-    biased validation split has some bias-conflicting images)."""
-    examples = [shapes.generate_example("validation", i, "2.0.0") for i in indices]
+    """Batches of real gain_shapes validation examples (image content unused by the stand-in step)."""
+    examples = [shapes.generate_example("validation", i) for i in indices]
     batches = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]

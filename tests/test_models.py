@@ -118,13 +118,14 @@ def _check_backbone(name, dtype, execute):
     return model, variables, images, feats, logits
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name == "resnet50" else name
+                                  for name in sorted(CASES)])
 def test_backbone_shapes_and_dtypes(name, x64):
     for dtype in (jnp.float32, jnp.float64):
         _check_backbone(name, dtype, execute=False)
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["small_cnn", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_backbone_jit_executes_and_matches_eager(name):
     model, variables, images, jit_feats, jit_logits = _check_backbone(name, jnp.float32, execute=True)
     eager_feats = model.apply(variables, images, method="features")
@@ -166,6 +167,7 @@ def test_init_structure():
     assert np.abs(kernel).max() > 0.8 / 12
 
 
+@pytest.mark.slow
 def test_small_cnn_nobn_init_is_small_cnn_without_batchnorm():
     """No BatchNorm module, hence no "batch_stats" collection; the convs and the head are small_cnn's, drawn
     identically from the same key (flax derives each module's key from its name)."""
@@ -179,6 +181,7 @@ def test_small_cnn_nobn_init_is_small_cnn_without_batchnorm():
         jax.tree_util.tree_map(np.testing.assert_array_equal, module, with_bn["params"][name])
 
 
+@pytest.mark.slow
 def test_am_batchnorm_setting_has_nothing_to_act_on_without_batchnorm():
     """gain_forward's am_batchnorm ("frozen": running statistics; "batch": the erased batch's own) changes
     small_cnn's attention-mining logits, and leaves small_cnn_nobn's outputs and gradients bit-identical."""
@@ -243,7 +246,7 @@ def test_batchnorm_train_mode_rejects_one_value_per_channel():
         model.apply(variables, images, train=True, mutable=["batch_stats"])
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["small_cnn", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_freeze_bn_uses_running_stats_and_keeps_them(name):
     model = build_model(name, NUM_CLASSES, dropout_rate=0.5)
     images = _images((2, 32, 32, 3), jnp.float32)
@@ -332,7 +335,8 @@ def test_cam_layer_size_matches_the_model_and_min_image_size_gives_two_cells(nam
     assert cam_layer_size(name, min_image_size(name) - 1) < 2
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3), (1, 5, 5, 2)])
+# up to 16 channels the pool reads strided views, above it a transposed window axis: both paths
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3), (1, 5, 5, 2), (2, 6, 7, 16), (2, 6, 7, 17)])
 def test_max_pool_2x2_matches_reduce_window_values_and_gradients_with_ties(shape):
     """The reshape pool with its own backward equals flax's max_pool (torch's MaxPool2d(2)) exactly, ties
     (the zeros after a ReLU) and odd sizes (the trailing row/column dropped) included."""
@@ -357,15 +361,19 @@ def test_max_pool_2x2_matches_reduce_window_values_and_gradients_with_ties(shape
 
 
 # (batch, height, width, in, out, kernel, stride, padding): outputs smaller than the kernel (ResNet's layer4 on
-# 64-pixel images, its strided first conv, a 1x1 output, the 7x7 stem on a tiny image), and one that is not
+# 64-pixel images, its strided first conv, a 1x1 output, the 7x7 stem on a tiny image); at most 16 channels on
+# both sides (small_cnn's first layer, strided, unpadded, 16 -> 16); and one that is neither (17 channels)
 @pytest.mark.parametrize("case", [(2, 2, 2, 5, 7, 3, 1, 1), (2, 2, 3, 5, 7, 3, 1, 1), (2, 4, 4, 5, 7, 3, 2, 1),
-                                  (1, 1, 1, 3, 4, 3, 1, 1), (2, 5, 5, 3, 4, 7, 2, 3), (2, 8, 8, 3, 4, 3, 1, 1)])
+                                  (1, 1, 1, 3, 4, 3, 1, 1), (2, 5, 5, 3, 4, 7, 2, 3),
+                                  (2, 8, 8, 3, 16, 3, 1, 1), (2, 9, 7, 3, 4, 3, 2, 1), (2, 8, 9, 5, 7, 3, 1, 0),
+                                  (2, 7, 7, 16, 16, 5, 2, 2), (2, 8, 8, 3, 17, 3, 1, 1)])
 def test_conv_as_patch_product_equals_lax_conv_in_float64(case, x64):
     """gain_jax.models.conv_general_dilated (a matrix product over patches where the output is smaller than
-    the kernel) gives lax.conv_general_dilated's outputs and gradients to float64 roundoff."""
+    the kernel; the input gradient as a product and a scatter where both sides have at most 16 channels) gives
+    lax.conv_general_dilated's outputs and gradients to float64 roundoff."""
     from jax import lax
 
-    from gain_jax.models import conv_general_dilated
+    from gain_jax.models import _EIGEN_MAX_CHANNELS, conv_general_dilated
 
     batch, height, width, in_features, out_features, kernel, stride, pad = case
     rng = np.random.default_rng(0)
@@ -379,9 +387,14 @@ def test_conv_as_patch_product_equals_lax_conv_in_float64(case, x64):
     assert got.dtype == jnp.float64 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-13)
     cotangent = jnp.asarray(rng.normal(size=expected.shape))
-    for ours, theirs in zip(got_vjp(cotangent), expected_vjp(cotangent)):
+    for ours, theirs in zip(jax.jit(got_vjp)(cotangent), expected_vjp(cotangent)):
+        assert ours.dtype == jnp.float64 and ours.shape == theirs.shape
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-13)
     patch_product = expected.shape[1] < kernel or expected.shape[2] < kernel
+    narrow = not patch_product and max(in_features, out_features) <= _EIGEN_MAX_CHANNELS
     hlo = jax.jit(lambda a, b: conv_general_dilated(a, b, *arguments, dimension_numbers=numbers)).lower(
         x, weights).as_text()
     assert ("convolution" not in hlo) == patch_product  # the path taken is the one documented
+    input_grad_hlo = jax.jit(jax.grad(lambda a: (conv_general_dilated(
+        a, weights, *arguments, dimension_numbers=numbers) * cotangent).sum())).lower(x).as_text()
+    assert ("convolution" not in input_grad_hlo) == (patch_product or narrow)

@@ -38,6 +38,7 @@ def test_row_counts_come_from_a_few_sizes():
 
 
 @pytest.mark.parametrize("cam_grad", ["stop", "full"])
+@pytest.mark.slow
 def test_packed_equals_padded_in_float64(cam_grad):
     with jax.enable_x64(True):
         model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
@@ -111,6 +112,7 @@ def _draws(slot_labels, per_image):
 
 
 @pytest.mark.parametrize("per_image", [1, 2])
+@pytest.mark.slow
 def test_sampled_am_is_unbiased_in_float64(per_image):
     """The mean over all equally likely draws of the sampled L_am, and of its gradient, is the full per-label
     L_am (and gradient); cl and ex do not depend on the draw."""
@@ -222,6 +224,7 @@ def test_train_loop_samples_from_seed_and_step():
                                   gj.pack_labels(LABELS).rows)
 
 
+@pytest.mark.slow
 def test_sampled_run_resumes_as_if_uninterrupted(shapes_data_dir, tmp_path):
     """train.py draws each step's labels from (seed, global step): stopped after 3 of 4 steps and resumed, a
     run has the losses of an uninterrupted one (gain_shapes images carry 1 to 3 labels)."""

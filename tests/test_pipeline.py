@@ -201,6 +201,7 @@ def sharded_data_dir(tmp_path_factory):
     {"train": True, "batch_size": 8, "seed": 1, "process_index": 1, "process_count": 2},
     {"train": False, "batch_size": 16, "num_epochs": 2},
 ], ids=["train", "train_resized_flip_only", "train_shard", "eval"])
+@pytest.mark.slow
 def test_cached_decoded_split_gives_the_same_batches(sharded_data_dir, arguments):
     """cache_decoded changes where the decoded examples come from, not the batches: same order (files
     reshuffled on every pass), same augmentation, bit for bit."""
@@ -220,6 +221,7 @@ def test_cached_decoded_split_gives_the_same_batches(sharded_data_dir, arguments
     gd.clear_decoded_cache()
 
 
+@pytest.mark.slow
 def test_decoded_split_is_kept_for_later_calls_and_freed(sharded_data_dir):
     from gain_jax.data import pipeline
 
@@ -250,7 +252,7 @@ import itertools, sys
 {prelude}
 import gain_jax.data as gd
 from gain_jax.data import shapes
-shapes.SPLIT_SIZES.update(train=64, validation=48, validation_unbiased=16, test_unbiased=16, train_unbiased=16)
+shapes.SPLIT_SIZES.update(train=64, validation=48, validation_unbiased=16, test_unbiased=16)  # a small build
 data_dir = sys.argv[1]
 # like train.py: the pipeline (built here on first use) re-created per epoch and left part-way
 for epoch in range(2):
@@ -275,6 +277,7 @@ def _run_script(prelude, data_dir):
                           capture_output=True, text=True, env=env, timeout=600, check=True)
 
 
+@pytest.mark.slow
 def test_quiet_console_and_verbose(tmp_path):
     """Importing gain_jax.data, building gain_shapes and reading it prints only what the program prints;
     `quiet_libraries(verbose=True)` before the import brings the libraries' messages back."""
@@ -326,6 +329,7 @@ print("ran; XLA_FLAGS", os.environ.get("XLA_FLAGS"))
 """
 
 
+@pytest.mark.slow
 def test_tensorflows_xla_does_not_read_the_xla_flags_meant_for_jax():
     """TensorFlow's own XLA copy aborts the process on an XLA_FLAGS entry it does not know (e.g. one of a newer
     jaxlib's); gain_jax.data starts it with XLA_FLAGS unset, so the pipeline's compiled ops run, and puts

@@ -47,6 +47,7 @@ def test_readme_has_the_library_examples():
 
 
 @pytest.mark.parametrize("line,code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
+@pytest.mark.slow
 def test_python_block_runs(line, code, tfds_dir, tmp_path):
     env = dict(os.environ, TFDS_DATA_DIR=tfds_dir, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONUNBUFFERED="1")

@@ -262,6 +262,7 @@ def test_gradcam_and_mask_match_hand_computation(mode):
     assert rel_diff(out["logits_cl"], pristine(x)) < FLOAT64_TOL  # train mode: batch stats
 
 
+@pytest.mark.slow
 def test_gradcam_weights_equal_autograd_on_resnet18():
     """ResNet: the Grad-CAM layer is layer4; weights = GAP of d(sel.logits)/d layer4 output."""
     torch.manual_seed(0)
@@ -278,7 +279,7 @@ def test_gradcam_weights_equal_autograd_on_resnet18():
     assert rel_diff(out["heatmap"], heatmap) < FLOAT64_TOL
 
 
-@pytest.mark.parametrize("name,size", [("small_cnn", 32), ("resnet18", 64)])
+@pytest.mark.parametrize("name,size", [("small_cnn", 32), pytest.param("resnet18", 64, marks=pytest.mark.slow)])
 def test_per_label_slot_equals_union_with_one_hot(name, size):
     torch.manual_seed(0)
     pristine = small_model() if name == "small_cnn" else ref.build_model(name, NUM_CLASSES).double()

@@ -62,6 +62,7 @@ def uninterrupted(shapes_data_dir, compile_cache, tmp_path_factory):
     return logdir, result
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_metrics_checkpoints_events_and_heatmaps(uninterrupted):
     logdir, result = uninterrupted
     run_dir = os.path.join(logdir, "ref")
@@ -104,6 +105,7 @@ def test_tiny_run_writes_metrics_checkpoints_events_and_heatmaps(uninterrupted):
     assert os.path.join(run_dir, "metrics.json") in result.stdout
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_gives_the_losses_of_an_uninterrupted_run(uninterrupted, shapes_data_dir, compile_cache,
                                                                       tmp_path):
     reference = step_losses(read_metrics(uninterrupted[0], "ref"))
@@ -122,6 +124,7 @@ def test_resume_mid_epoch_gives_the_losses_of_an_uninterrupted_run(uninterrupted
     np.testing.assert_array_equal(step_losses(metrics), reference)
 
 
+@pytest.mark.slow
 def test_two_devices_match_one(uninterrupted, shapes_data_dir, compile_cache, tmp_path):
     reference = step_losses(read_metrics(uninterrupted[0], "ref"))
     result = run_train(tiny_flags(shapes_data_dir, tmp_path, "two"), compile_cache, devices=2)
@@ -134,6 +137,7 @@ def test_two_devices_match_one(uninterrupted, shapes_data_dir, compile_cache, tm
     np.testing.assert_allclose(step_losses(metrics), reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_exits_130(shapes_data_dir, compile_cache, tmp_path):
     flags = tiny_flags(shapes_data_dir, tmp_path, "sigint")
     flags[flags.index("--steps_per_epoch") + 1] = "100000"
@@ -162,6 +166,7 @@ def test_sigint_saves_a_checkpoint_and_exits_130(shapes_data_dir, compile_cache,
     assert os.listdir(os.path.join(tmp_path, "sigint", "checkpoints")) == [str(done)]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_named(shapes_data_dir, compile_cache, tmp_path):
     # Adam's first update at lr 1e30 moves every weight by ~1e30: the second forward overflows.
     flags = tiny_flags(shapes_data_dir, tmp_path, "nan") + ["--lr", "1e30", "--steps_per_epoch", "3"]
@@ -190,6 +195,7 @@ def run_explain(run_dir, classes, out_dir, compile_cache):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_explain_writes_overlays_from_the_run_checkpoint(uninterrupted, compile_cache, tmp_path):
     from PIL import Image
 
@@ -199,6 +205,7 @@ def test_explain_writes_overlays_from_the_run_checkpoint(uninterrupted, compile_
     assert Image.open(out_dir / "photo_ring.png").size == (50, 40)  # the picture's own resolution
 
 
+@pytest.mark.slow
 def test_config_file_with_overrides_reruns_a_saved_run(uninterrupted, compile_cache, tmp_path):
     ref_dir = os.path.join(uninterrupted[0], "ref")
     result = run_train(["--config", os.path.join(ref_dir, "config.json"), "--logdir", str(tmp_path),
@@ -247,6 +254,7 @@ def test_error_missing_data_dir(compile_cache, tmp_path):
     assert_clean_error(result, tmp_path, "data dir", missing, "does not exist")
 
 
+@pytest.mark.slow
 def test_error_invalid_value_names_the_flag(shapes_data_dir, compile_cache, tmp_path):
     result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--sigma", "-1"], compile_cache)
     assert_clean_error(result, tmp_path, "train.py: error: --sigma must be in [0, 1], got -1.0")
@@ -256,12 +264,14 @@ def test_error_invalid_value_names_the_flag(shapes_data_dir, compile_cache, tmp_
     assert_clean_error(result, tmp_path, f"--config {missing}")
 
 
+@pytest.mark.slow
 def test_error_unknown_backbone(shapes_data_dir, compile_cache, tmp_path):
     result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--backbone", "vgg99"], compile_cache)
     assert_clean_error(result, tmp_path, "--backbone", "invalid choice: 'vgg99'", "small_cnn")
     assert result.returncode == 2  # argparse's status for a bad flag, as before
 
 
+@pytest.mark.slow
 def test_error_batch_size_not_divisible_by_devices(shapes_data_dir, compile_cache, tmp_path):
     flags = tiny_flags(shapes_data_dir, tmp_path, "bad")
     flags[flags.index("--batch_size") + 1] = "3"
@@ -269,6 +279,7 @@ def test_error_batch_size_not_divisible_by_devices(shapes_data_dir, compile_cach
     assert_clean_error(result, tmp_path, "--batch_size 3", "2 devices")
 
 
+@pytest.mark.slow
 def test_error_init_file_that_does_not_fit(shapes_data_dir, compile_cache, tmp_path):
     import torch
 
@@ -283,6 +294,7 @@ def test_error_init_file_that_does_not_fit(shapes_data_dir, compile_cache, tmp_p
                        "(32, 16, 3, 3)", "(32, 8, 3, 3)")
 
 
+@pytest.mark.slow
 def test_backbone_small_cnn_nobn_imports_trains_resumes_and_explains(shapes_data_dir, compile_cache, tmp_path):
     """--backbone small_cnn_nobn end to end: the torch twin's weights (--init), attention-mining steps, a
     checkpoint without BatchNorm statistics that --resume and gain_jax.explain read back."""

@@ -182,9 +182,10 @@ def test_device_topk_accuracy_matches_the_host_metric():
 
 def test_signals_never_raise_and_a_third_waits_for_a_checkpoint_being_written(capsys, monkeypatch):
     from gain_jax import train_loop
+    from gain_jax.train_loop import stopping
 
     exits = []
-    monkeypatch.setattr(train_loop.os, "_exit", exits.append)
+    monkeypatch.setattr(stopping.os, "_exit", exits.append)
     stop = train_loop.StopRequest()
     stop.training = True
     stop(signal.SIGTERM, None)
@@ -219,6 +220,7 @@ def test_prefetch_to_device_transfers_ahead_and_keeps_the_order():
     assert [int(first["image"][0, 0, 0, 0])] + [int(b["image"][0, 0, 0, 0]) for b in stream] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_library_modules_import_neither_tensorflow_nor_torch():
     code = ("import sys, gain_jax.config, gain_jax.train_loop, gain_jax.evaluate, gain_jax.explain\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'torch'))[:3])")
@@ -244,6 +246,7 @@ def every_step_run(shapes_data_dir, tmp_path_factory):
     return train_and_evaluate(config)
 
 
+@pytest.mark.slow
 def test_history_is_metrics_json_and_config_json_holds_the_resolved_config(every_step_run):
     state, history = every_step_run
     assert int(state.step) == 4
@@ -268,6 +271,7 @@ def test_history_is_metrics_json_and_config_json_holds_the_resolved_config(every
     assert sorted(os.listdir(os.path.join(run_dir, "heatmaps"))) == ["step_0000002.png", "step_0000004.png"]
 
 
+@pytest.mark.slow
 def test_metrics_read_back_every_n_steps_equal_the_per_step_values(every_step_run, shapes_data_dir, tmp_path):
     from gain_jax.train_loop import train_and_evaluate
 
@@ -281,6 +285,7 @@ def test_metrics_read_back_every_n_steps_equal_the_per_step_values(every_step_ru
                                                                           for r in reference]
 
 
+@pytest.mark.slow
 def test_evaluate_from_a_notebook_matches_the_runs_final_validation(every_step_run, shapes_data_dir):
     import gain_jax.data as gd
     from gain_jax.data import shapes
@@ -289,17 +294,17 @@ def test_evaluate_from_a_notebook_matches_the_runs_final_validation(every_step_r
     state, history = every_step_run
     config = run_config.config_from_dict(history["config"])
     model = gj.build_model("small_cnn", num_classes=6, dropout_rate=config.train.dropout)
-    batches = gd.input_pipeline("gain_shapes", "validation_unbiased[:16]", data_dir=shapes_data_dir, image_size=32,
+    batches = gd.input_pipeline("gain_shapes", "validation[:16]", data_dir=shapes_data_dir, image_size=32,
                                 batch_size=8, train=False)
     result = evaluate(model, state.variables, batches, config.gain, history["config"]["class_names"],
                       cam_threshold=0.5, pointing_tolerance=2)
-    final = history["final"]["validation_unbiased"]  # 3.0.0: no conflicting image in the biased validation
+    final = history["final"]["validation"]
     for key in ("num_examples", "mAP", "topk_accuracy", "cam_mIoU", "pointing_game", "pointing_trials",
                 "cam_object_mIoU", "num_conflicting", "mAP_conflicting"):
         assert result[key] == pytest.approx(final[key], abs=1e-6), key
-    names = [n.decode() for b in gd.input_pipeline("gain_shapes", "validation_unbiased[:16]", data_dir=shapes_data_dir,
+    names = [n.decode() for b in gd.input_pipeline("gain_shapes", "validation[:16]", data_dir=shapes_data_dir,
                                                    image_size=32, batch_size=8, train=False) for n in b["filename"]]
-    examples = [shapes.generate_example("validation_unbiased", int(name.rsplit("_", 1)[1])) for name in names]
+    examples = [shapes.generate_example("validation", int(name.rsplit("_", 1)[1])) for name in names]
     conflicting = [e["labels"][e["background"]] == 0 for e in examples]  # texture of a non-label class
     assert 0 < final["num_conflicting"] == sum(conflicting) < 16
     assert result["floors"] == final["floors"] and set(final["floors"]) == set(metrics.FLOOR_NAMES)
@@ -307,6 +312,7 @@ def test_evaluate_from_a_notebook_matches_the_runs_final_validation(every_step_r
         assert result[key] == pytest.approx(final[key], rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_a_stop_request_saves_at_the_step_boundary(shapes_data_dir, tmp_path):
     from gain_jax.train_loop import StopRequest, train_and_evaluate
 
@@ -322,6 +328,7 @@ def test_a_stop_request_saves_at_the_step_boundary(shapes_data_dir, tmp_path):
     assert os.listdir(os.path.join(tmp_path, "stopped", "checkpoints")) == ["1"]
 
 
+@pytest.mark.slow
 def test_run_errors_are_raised_before_anything_is_written(shapes_data_dir, tmp_path):
     from gain_jax.train_loop import train_and_evaluate
 
@@ -337,6 +344,7 @@ def test_run_errors_are_raised_before_anything_is_written(shapes_data_dir, tmp_p
     assert not os.path.exists(os.path.join(tmp_path, "bad"))
 
 
+@pytest.mark.slow
 def test_per_label_runs_pack_images_with_more_labels_than_max_labels(shapes_data_dir, tmp_path):
     """gain_shapes images carry up to 3 labels; packed per-label training refuses none at --max_labels 1."""
     from gain_jax.train_loop import train_and_evaluate
@@ -349,6 +357,7 @@ def test_per_label_runs_pack_images_with_more_labels_than_max_labels(shapes_data
     assert attention_steps and all(np.isfinite(record["am"]) and record["am"] > 0 for record in attention_steps)
 
 
+@pytest.mark.slow
 def test_am_start_epoch_run_trains_the_mask_loss_alone_first_and_resumes_on_schedule(shapes_data_dir, tmp_path):
     """--pretrain_epochs 1 --am_start_epoch 2 --epochs 3: epoch 1 classification, epoch 2 L_cl + L_ext, epoch
     3 everything; stopped mid-epoch 2 and resumed, the epoch decides the switches again."""
@@ -373,6 +382,7 @@ def test_am_start_epoch_run_trains_the_mask_loss_alone_first_and_resumes_on_sche
     assert all(record["am"] > 0 for record in history["steps"])  # L_am is computed while it does not count
 
 
+@pytest.mark.slow
 def test_ex_oversample_puts_more_of_the_few_masks_in_each_batch(shapes_data_dir, tmp_path):
     """--ex_fraction 0.1: about 10% of a batch's images feed the mask loss; --ex_oversample 0.5 draws half of
     the examples again from those images (about 0.5 + 0.5 * 0.1), the same ones, deterministically."""
@@ -400,3 +410,136 @@ def test_ex_oversample_puts_more_of_the_few_masks_in_each_batch(shapes_data_dir,
     message = r"--ex_oversample 0.5: oversample: the filter selects none of the \d+ images"
     with pytest.raises(run_config.RunError, match=message):
         train_batches(create_run(config), 0)
+
+
+# ---------------------------------------------------------------------------------------------- what a user sees
+
+def scalar_steps(run_dir) -> dict:
+    """{TensorBoard scalar tag: [steps it was written at]} of a run folder's event files."""
+    import tensorflow as tf
+
+    steps: dict = {}
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("events.out.tfevents"):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(run_dir, name)):
+                for value in event.summary.value:
+                    if value.metadata.plugin_data.plugin_name == "scalars":
+                        steps.setdefault(value.tag, []).append(event.step)
+    return steps
+
+
+def test_every_tensorboard_scalar_is_at_the_global_step(every_step_run):
+    _, history = every_step_run
+    steps = scalar_steps(history["paths"]["run_dir"])
+    # 2 epochs x 2 steps: each epoch ends at global step 2 and 4; pre-training (1 epoch) ends at step 2
+    assert steps["train/loss"] == steps["train/ex"] == [1, 2, 3, 4]
+    assert steps["epoch_train/loss"] == steps["epoch_train/ex"] == [2, 4]
+    assert steps["validation/mAP"] == [2, 4]  # the final validation is the last epoch's, written once
+    assert steps["validation_unbiased/mAP"] == [2, 4]  # after pre-training, then at the end
+    assert {step for tag_steps in steps.values() for step in tag_steps} <= {1, 2, 3, 4}
+
+
+def test_config_json_records_the_library_versions_and_the_git_revision(every_step_run, tmp_path):
+    import importlib.metadata
+
+    from gain_jax.train_loop import provenance
+
+    _, history = every_step_run
+    with open(os.path.join(history["paths"]["run_dir"], "config.json")) as handle:
+        environment = json.load(handle)["environment"]
+    versions = environment["versions"]
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "torch"):
+        assert versions[name] == importlib.metadata.version(name), name
+    assert versions["tensorflow"] not in ("", "unknown")
+    revision = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if revision.returncode == 0:  # the tests run from a checkout
+        assert environment["git"]["revision"] == revision.stdout.strip()
+        assert isinstance(environment["git"]["dirty"], bool)
+    assert provenance.git_revision(str(tmp_path)) is None  # not a checkout: nothing, no error
+    # the checkpoints' record is what it was before the environment was recorded
+    from gain_jax import checkpoint
+
+    manager = checkpoint.open_manager(history["paths"]["checkpoint_dir"], create=False)
+    try:
+        saved = checkpoint.read_meta(manager, 4)["config"]
+    finally:
+        manager.close()
+    assert "environment" not in saved and saved == {k: v for k, v in history["config"].items() if k != "environment"}
+
+
+def test_versions_and_stopping_import_neither_torch_nor_jax():
+    code = ("import sys\n"
+            "from gain_jax.train_loop import stopping\n"
+            "assert 'jax' not in sys.modules, 'stopping imports jax'\n"
+            "from gain_jax.train_loop import provenance\n"
+            "versions = provenance.library_versions()\n"
+            "assert 'torch' in versions and 'torch' not in sys.modules\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stdout + result.stderr[-2000:]
+
+
+def test_the_report_names_what_was_trained():
+    from gain_jax.train_loop import method_name
+
+    def named(**gain):
+        config = Config(gain=dataclasses.replace(Config().gain, **gain))
+        return method_name(config)
+
+    assert named() == "GAIN_ext (union)"  # train.py's default: am_weight 0.1, ex_weight 1
+    assert named(ex_weight=0.0) == "GAIN (union)"
+    assert named(am_weight=0.0, mode="per_label") == "mask loss alone, L_cl + L_ext (per_label)"
+    assert named(am_weight=0.0, ex_weight=0.0) == "classification baseline (no attention loss)"
+    # a term the schedule never turns on is not trained: attention mining from epoch 7 of 6
+    assert method_name(Config(train=TrainConfig(am_start_epoch=6, epochs=6))) == "mask loss alone, L_cl + L_ext (union)"
+
+
+def test_without_a_terminal_progress_is_plain_lines_with_every_trained_loss(shapes_data_dir, tmp_path, capfd):
+    from gain_jax.train_loop import train_and_evaluate
+
+    config = tiny_config(shapes_data_dir, tmp_path, "plain", log_every=1, num_heatmaps=0)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps_per_epoch=4))
+    train_and_evaluate(config)
+    out, err = capfd.readouterr()  # neither is a terminal here
+    assert "\r" not in out + err and "it/s" not in err
+    lines = out.splitlines()
+    assert lines[0].startswith("run ") and "GAIN_ext (union), small_cnn on gain_shapes" in lines[0]
+    progress = [line for line in lines if " step " in line and line.startswith("epoch ")]
+    # a line about every tenth of an epoch (here each step), but neither after the first step (its rate would
+    # count the compilation) nor after the last (the epoch line reports it)
+    assert [line.split(":")[0] for line in progress] == ["epoch 1/2 step 2/4", "epoch 1/2 step 3/4",
+                                                         "epoch 2/2 step 2/4", "epoch 2/2 step 3/4"]
+    assert all("(cl " in line and ", am " in line and ", ex " in line for line in progress)
+    epoch_lines = [line for line in lines if line.startswith("epoch 2/2 (attention mining): train loss")]
+    assert len(epoch_lines) == 1 and ", ex " in epoch_lines[0]
+    assert "\nGAIN_ext (union) on gain_shapes" in out
+
+
+def test_the_data_set_facts_agree_with_the_builders():
+    import gain_jax.data as gd
+    from gain_jax import datasets
+
+    field = next(f for f in dataclasses.fields(DataConfig) if f.name == "dataset")
+    assert field.metadata["choices"] == gd.DATASETS == datasets.DATASETS  # --dataset's choices
+    for name in gd.DATASETS:
+        splits = gd.dataset_info(name).splits  # the builder's own
+        assert gd.final_splits(name)[0] == "validation" and set(gd.final_splits(name, test=True)) <= set(splits)
+
+
+@pytest.mark.slow
+def test_dataset_gain_shapes_3_is_opt_in_and_trains(tmp_path, monkeypatch):
+    """`--dataset gain_shapes:3.0.0` (the opt-in version) runs and evaluates its own validation splits; the
+    default stays 2.0.0. Small splits: the builder reads its sizes at generation time."""
+    from gain_jax.data import shapes
+    from gain_jax.train_loop import train_and_evaluate
+
+    assert parse([]).data.dataset == "gain_shapes"
+    config = parse(["--dataset", "gain_shapes:3.0.0"], tiny_config(str(tmp_path), tmp_path, "v3"))
+    assert config.data.dataset == "gain_shapes:3.0.0"
+    monkeypatch.setitem(shapes.VERSION_SPLIT_SIZES, "3.0.0", dict(train=32, validation=16, validation_unbiased=16,
+                                                                   test_unbiased=16, train_unbiased=16))
+    _, history = train_and_evaluate(config)
+    assert sorted(os.listdir(tmp_path / "gain_shapes")) == ["3.0.0"]  # 3.0.0 prepared, 2.0.0 not needed
+    assert set(history["final"]) == {"validation", "validation_unbiased"}
+    assert history["final"]["validation_unbiased"]["num_examples"] == 16
+    assert history["final"]["validation"]["num_conflicting"] == 0  # 3.0.0's biased cue is never wrong

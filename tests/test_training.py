@@ -42,7 +42,8 @@ def manual_step(model, variables, batch, cfg, tx, attention_on, mining_on=1.0):
     return value, optax.apply_updates(variables["params"], updates), state
 
 
-@pytest.mark.parametrize("attention_on, mining_on", [(0.0, 1.0), (1.0, 1.0), (1.0, 0.0)])
+@pytest.mark.parametrize("attention_on, mining_on", [pytest.param(0.0, 1.0, marks=pytest.mark.slow), (1.0, 1.0),
+                                                     pytest.param(1.0, 0.0, marks=pytest.mark.slow)])
 def test_train_step_applies_the_optimizer_to_the_right_loss(setup, attention_on, mining_on):
     """SGD with lr 1 makes the step's parameter change the gradient itself. (Adam would hide the gradient's
     size, and turn the float noise in the exactly-zero gradients of conv biases before BatchNorm into
@@ -110,3 +111,52 @@ def test_eval_step_outputs_and_class_cams(setup):
     np.testing.assert_allclose(ev["scaled"][:, 0], np.asarray(ev["class_cams"])[np.arange(4), predicted], atol=1e-5)
     for name in ("loss", "cl", "am", "ex"):
         assert np.isfinite(float(ev[name]))
+
+
+@pytest.mark.parametrize("strategy", ["unrolled", pytest.param("vmap", marks=pytest.mark.slow)])
+def test_sweep_step_equals_the_runs_one_by_one(setup, strategy):
+    """Three runs (own weights, data and dropout keys) for three steps, as one program and one by one: the
+    same losses and parameters to float32 rounding. SGD keeps the comparison meaningful (Adam turns the
+    float noise of exactly-zero gradients into full-size steps); dropout on, so the keys matter."""
+    _, _, batch = setup
+    model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.5)
+    cfg = gj.GainConfig(am_weight=0.5, ex_weight=1.0, am_batchnorm="batch", score="sigmoid")
+    tx = optax.sgd(0.1)
+    runs = 3
+    states = [gj.create_train_state(model.init(jax.random.PRNGKey(10 + run), batch["image"]), tx)
+              for run in range(runs)]
+    batches = [{**batch, "image": jax.random.normal(jax.random.PRNGKey(20 + run), batch["image"].shape)}
+               for run in range(runs)]
+    keys = [jax.random.PRNGKey(30 + run) for run in range(runs)]
+    step = gj.make_train_step(model, cfg, donate=False)
+    sweep_step = gj.make_sweep_train_step(model, cfg, strategy=strategy)
+    stacked = gj.stack_trees(states)
+    for step_index in range(3):
+        step_keys = [jax.random.fold_in(key, step_index) for key in keys]
+        singles = [step(state, run_batch, key, 1.0, 1.0) for state, run_batch, key in zip(states, batches, step_keys)]
+        stacked, metrics = sweep_step(stacked, gj.stack_trees(batches), jnp.stack(step_keys), 1.0, 1.0)
+        states = [state for state, _ in singles]
+        for run, (_, single_metrics) in enumerate(singles):
+            for key in ("loss", "cl", "am", "ex"):
+                np.testing.assert_allclose(metrics[key][run], single_metrics[key], rtol=2e-5, atol=1e-6)
+    for run in range(runs):
+        assert int(gj.tree_slice(stacked, run).step) == 3
+        for got, want in zip(jax.tree.leaves(gj.tree_slice(stacked, run).params), jax.tree.leaves(states[run].params)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        for got, want in zip(jax.tree.leaves(gj.tree_slice(stacked, run).batch_stats),
+                             jax.tree.leaves(states[run].batch_stats)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the runs differ from each other, so the comparison above could fail
+    assert not np.allclose(metrics["loss"][0], metrics["loss"][1])
+
+
+def test_sweep_step_refuses_per_label_packing_and_unknown_strategies(setup):
+    model, variables, batch = setup
+    with pytest.raises(ValueError, match="strategy"):
+        gj.make_sweep_train_step(model, gj.GainConfig(), strategy="threads")
+    cfg = gj.GainConfig(mode="per_label")
+    sweep_step = gj.make_sweep_train_step(model, cfg, donate=False)
+    states = gj.stack_trees([gj.create_train_state(variables, optax.sgd(0.1))] * 2)
+    packed = {**batch, "packing": gj.pack_labels(batch["labels"])}
+    with pytest.raises(ValueError, match="packing"):
+        sweep_step(states, gj.stack_trees([packed, packed]), jnp.stack([jax.random.PRNGKey(0)] * 2), 1.0)

@@ -1,9 +1,11 @@
 """gain_jax.data: tfds builders, AutoAugment and the tf.data input pipeline.
 
-The one part of gain_jax that imports TensorFlow. Importing it registers two tfds builders:
+The one part of gain_jax that imports TensorFlow. Importing it registers three tfds builders:
 "gain_shapes" (embedded synthetic set with a texture-cue bias; splits train, validation (both biased),
-validation_unbiased, test_unbiased, train_unbiased) and "gain_voc2012" (PASCAL VOC 2012 from local files in
-`manual_dir`; splits train, validation).
+validation_unbiased, test_unbiased; the opt-in version 3.0.0 adds train_unbiased), "gain_parts" (embedded
+synthetic set of objects with a small discriminative part on a weakly informative body, with body and part masks;
+configs part size x body reliability; splits train, validation, test) and "gain_voc2012" (PASCAL VOC 2012 from
+local files in `manual_dir`; splits train, validation).
 
     import gain_jax.data as gd
     batches = gd.input_pipeline("gain_voc2012", "train", manual_dir=..., image_size=224, batch_size=8)
@@ -26,6 +28,8 @@ except (RuntimeError, ValueError):  # devices already initialized by the caller:
     pass
 
 from gain_jax.data import autoaugment  # noqa: E402
+from gain_jax.data.parts import CLASS_NAMES as PARTS_CLASS_NAMES  # noqa: E402
+from gain_jax.data.parts import GainParts  # noqa: E402
 from gain_jax.data.pipeline import (  # noqa: E402
     DATASET_NAMES,
     IMAGENET_MEAN,
@@ -43,6 +47,11 @@ from gain_jax.data.voc import GainVoc2012, VocFormatError  # noqa: E402
 
 CLASS_NAMES = {name: dataset_info(name).class_names for name in DATASET_NAMES}
 
-__all__ = ["CLASS_NAMES", "DATASET_NAMES", "DatasetInfo", "GainShapes", "GainVoc2012", "IMAGENET_MEAN",
-           "IMAGENET_STD", "SHAPES_CLASS_NAMES", "VOC_CLASS_NAMES", "VocFormatError", "autoaugment",
-           "clear_decoded_cache", "dataset_info", "input_pipeline", "make_dataset"]
+__all__ = ["CLASS_NAMES", "DATASET_NAMES", "DatasetInfo", "GainParts", "GainShapes", "GainVoc2012", "IMAGENET_MEAN",
+           "IMAGENET_STD", "PARTS_CLASS_NAMES", "SHAPES_CLASS_NAMES", "VOC_CLASS_NAMES", "VocFormatError",
+           "autoaugment", "clear_decoded_cache", "dataset_info", "input_pipeline", "make_dataset"]
+
+# the facts that need no TensorFlow (gain_jax.config reads them before it loads) have their home there
+from gain_jax.datasets import DATASETS, FINAL_SPLITS, TEST_SPLITS, final_splits  # noqa: E402
+
+__all__ += ["DATASETS", "FINAL_SPLITS", "TEST_SPLITS", "final_splits"]

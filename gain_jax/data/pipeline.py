@@ -22,16 +22,19 @@ import tensorflow_datasets as tfds
 
 from gain_jax import quiet
 from gain_jax.data import autoaugment as aa
-from gain_jax.data import shapes, voc
+from gain_jax.data import parts, shapes, voc
+from gain_jax.viz import IMAGENET_MEAN, IMAGENET_STD  # the core's; gain_jax.data re-exports them
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SHUFFLE_BUFFER = 1024
 OUTPUT_KEYS = ("image", "labels", "mask", "has_mask", "filename")
 # Per-data-set keys beside OUTPUT_KEYS. gain_shapes' "bias_conflicting": the image's cue texture (2.0.0: the
 # background; 3.0.0: the first object's patch) is the own texture of a class that is not among its labels (the
 # texture points away from the answer).
-EXTRA_KEYS = {"gain_shapes": ("bias_conflicting",)}
+EXTRA_KEYS = {"gain_shapes": ("bias_conflicting",), "gain_parts": ("body_texture",)}
+# Per-data-set masks [H, W] beside "mask", in evaluation batches only (resized like the mask, nearest): the
+# training augmentation moves only the image and "mask", and nothing in training reads these.
+# gain_parts' "body_mask" and "part_mask": 1 on the object's body (part excluded), on its part.
+EVAL_MASK_KEYS = {"gain_parts": ("body_mask", "part_mask")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,13 @@ class DatasetInfo:
 _DATASETS = {
     "gain_shapes": DatasetInfo("gain_shapes", len(shapes.CLASS_NAMES), shapes.CLASS_NAMES, shapes.IMAGE_SIZE,
                                tuple(shapes.SPLIT_SIZES)),
+    # its opt-in versions ("gain_shapes:3.0.0"), tfds' "name:version"
+    **{f"gain_shapes:{version}": DatasetInfo(f"gain_shapes:{version}", len(shapes.CLASS_NAMES), shapes.CLASS_NAMES,
+                                             shapes.IMAGE_SIZE, tuple(shapes.VERSION_SPLIT_SIZES[version]))
+       for version in shapes.DESIGNS if version != shapes.CURRENT_VERSION},
+    # gain_parts is its default config; "gain_parts/<config>" each of its configs
+    **{name: DatasetInfo(name, len(parts.CLASS_NAMES), parts.CLASS_NAMES, parts.IMAGE_SIZE, tuple(parts.SPLIT_SIZES))
+       for name in ("gain_parts", *(f"gain_parts/{config}" for config in parts.CONFIG_NAMES))},
     "gain_voc2012": DatasetInfo("gain_voc2012", len(voc.CLASS_NAMES), voc.CLASS_NAMES, 224,
                                 tuple(voc.SPLIT_FILES)),
     # tfds' own VOC 2012 (downloads; no masks): its features are mapped onto ours
@@ -97,20 +107,30 @@ def _image_decoder(encoded, feature):
     return image
 
 
-def output_keys(name: str) -> tuple:
-    """The keys of `name`'s examples and batches: OUTPUT_KEYS, then its EXTRA_KEYS."""
-    return OUTPUT_KEYS + EXTRA_KEYS.get(name, ())
+def _family(name: str) -> str:
+    """The builder of a data set name: "gain_parts" for "gain_parts/part04_rel080", "gain_shapes" for
+    "gain_shapes:3.0.0"."""
+    return name.split("/")[0].split(":")[0] if name.startswith(("gain_parts", "gain_shapes")) else name
+
+
+def output_keys(name: str, train: bool = False) -> tuple:
+    """The keys of `name`'s examples and batches: OUTPUT_KEYS, then its EXTRA_KEYS, then (not in training
+    batches) its EVAL_MASK_KEYS."""
+    family = _family(name)
+    return OUTPUT_KEYS + EXTRA_KEYS.get(family, ()) + (() if train else EVAL_MASK_KEYS.get(family, ()))
 
 
 def _common_features(name: str, num_classes: int):
     """Map a data set's example onto image, labels, mask, has_mask, filename (and its EXTRA_KEYS)."""
-    if name == "gain_shapes":
+    if _family(name) == "gain_shapes":
         def from_shapes(example):
             # texture k is class k's own (gain_jax.data.shapes.TEXTURE_NAMES)
             texture_class_is_label = tf.gather(example["labels"], example["background"]) > 0
             return {**{key: example[key] for key in OUTPUT_KEYS},
                     "bias_conflicting": tf.logical_not(texture_class_is_label)}
         return from_shapes
+    if _family(name) == "gain_parts":
+        return lambda example: {key: example[key] for key in output_keys(name)}
     if name != "voc/2012":
         return lambda example: {key: example[key] for key in OUTPUT_KEYS}
 
@@ -133,8 +153,20 @@ def resize(image, mask, size: int):
         return image, mask
     resized = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
     image = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
-    mask = tf.image.resize(mask[..., None], [size, size], method="nearest")[..., 0]
-    return image, mask
+    return image, _resize_mask(mask, size)
+
+
+def _resize_mask(mask, size: int):
+    if tuple(mask.shape[:2]) == (size, size):
+        return mask
+    return tf.image.resize(mask[..., None], [size, size], method="nearest")[..., 0]
+
+
+def _resized_example(example, size: int, name: str):
+    """The example with its image, mask and EVAL_MASK_KEYS (those it has) at size x size."""
+    image, mask = resize(example["image"], example["mask"], size)
+    extra = {key: _resize_mask(example[key], size) for key in EVAL_MASK_KEYS.get(_family(name), ()) if key in example}
+    return {**example, "image": image, "mask": mask, **extra}
 
 
 def normalize(image):
@@ -247,11 +279,12 @@ def make_dataset(name: str, split: str, *, data_dir=None, manual_dir=None, image
     def prepare_example(position, example):
         if decoded is not None:
             example = decoded.example(example)  # already resized
-        image, mask = resize(example["image"], example["mask"], size)
-        if train:
-            example_seed = tf.stack([tf.constant(seed, tf.int64), position])
-            image, mask = aa.augment(image, mask, example_seed, use_autoaugment=autoaugment)
-        return {**example, "image": image, "mask": mask}
+        example = _resized_example(example, size, name)
+        if not train:
+            return example
+        example_seed = tf.stack([tf.constant(seed, tf.int64), position])
+        image, mask = aa.augment(example["image"], example["mask"], example_seed, use_autoaugment=autoaugment)
+        return {**{key: example[key] for key in output_keys(name, train=True)}, "image": image, "mask": mask}
 
     dataset = dataset.map(prepare_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
@@ -371,8 +404,7 @@ def _decoded_split(name, split, size, *, data_dir, manual_dir, process_index, pr
     builder = tfds.builder(name, data_dir=data_dir)  # prepared now
 
     def resized(example):
-        image, mask = resize(example["image"], example["mask"], size)
-        return {**example, "image": image, "mask": mask}
+        return _resized_example(example, size, name)
 
     ids = _example_ids(builder, process_split, shuffle_files=False, seed=0)  # the stored order too
     chunks = tf.data.Dataset.zip(ids, examples.map(resized, num_parallel_calls=tf.data.AUTOTUNE,
@@ -402,7 +434,7 @@ def decoded_examples(name: str, split: str, *, data_dir=None, manual_dir=None, t
     info = dataset_info(name)
     builder = tfds.builder(name, data_dir=data_dir)
     if prepare:
-        own_builder = name in ("gain_shapes", "gain_voc2012")
+        own_builder = _family(name) in ("gain_shapes", "gain_voc2012", "gain_parts")
         with quiet.quiet_stdout():  # tfds prints "Downloading and preparing dataset ..." (shown if verbose)
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=manual_dir, try_download_gcs=not own_builder))
@@ -428,7 +460,8 @@ def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_
                    oversample: float = 0.0, oversample_filter: Callable | None = None) -> Iterator[dict]:
     """Batches of numpy dicts from a tfds data set, prepared (built) first when needed.
 
-    name: "gain_shapes", "gain_voc2012" (from `manual_dir`) or "voc/2012" (tfds' download, no masks).
+    name: "gain_shapes" (or its opt-in version "gain_shapes:3.0.0"), "gain_parts" (or one of its configs,
+      "gain_parts/part04_rel080"), "gain_voc2012" (from `manual_dir`) or "voc/2012" (tfds' download, no masks).
     image_size: None = the data set's default (64 for gain_shapes, 224 for VOC).
     train: shuffle (files and a `shuffle_buffer`), augment (AutoAugment if `autoaugment`, then a random
       horizontal flip), repeat `num_epochs` times (None: forever; in eval once), drop the last partial
@@ -441,7 +474,9 @@ def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_
       the filter selects (see `make_dataset`).
     Yields {"image": float32 [B,S,S,3] (ImageNet-normalized), "labels": float32 [B,C],
             "mask": uint8 [B,S,S] (0 bg, class + 1, 255 ignore), "has_mask": bool [B], "filename": bytes [B]},
-      and for gain_shapes "bias_conflicting": bool [B] (the cue texture is a non-label class's own).
+      and for gain_shapes "bias_conflicting": bool [B] (the cue texture is a non-label class's own);
+      for gain_parts "body_texture": int64 [B] (the class whose texture the body shows), and in evaluation
+      (train=False) "body_mask", "part_mask": uint8 [B,S,S] (1 on the body without the part, on the part).
     """
     dataset = make_dataset(name, split, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size,
                            batch_size=batch_size, train=train, seed=seed, autoaugment=autoaugment,

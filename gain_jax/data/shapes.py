@@ -4,16 +4,18 @@
 that predicts the class on the biased splits: like "boat on water", each class comes with a texture of its own
 (`TEXTURE_NAMES`). The images are rendered by `gain_jax.data.shapes_render`, one design per version:
 
-3.0.0 (the default): on a plain noisy background, every object brings a 16x16 cue patch of a texture
-    elsewhere in the image, its own class's texture always (`BIAS_PROBABILITY` 1) in the biased splits, any
-    texture in the unbiased ones. The shapes are smaller (radius `RADIUS_RANGE`) and closer in colour to the
-    background than 2.0.0's. Chosen so that the shortcut survives training: a classifier from scratch trained
-    for 1x to 8x the default budget stays at the cue (experiments/README.md), while the same classifier
-    trained on `train_unbiased` learns the shapes (the ceiling). The cue is local: erasing it removes it.
-2.0.0 (`tfds.builder("gain_shapes:2.0.0")`): the whole background is a faint texture, the first object's
-    class's own with probability 0.9 in the biased splits. Its shortcut fades with a longer budget.
+2.0.0 (the default, `tfds.builder("gain_shapes")`): the whole background is a faint texture, the first
+    object's class's own with probability 0.9 in the biased splits. Its shortcut fades with a longer budget.
+3.0.0 (opt-in: `tfds.builder("gain_shapes:3.0.0")`, train.py `--dataset gain_shapes:3.0.0`): on a plain noisy
+    background, every object brings a 16x16 cue patch of a texture elsewhere in the image, its own class's
+    texture always in the biased splits, any texture in the unbiased ones. The shapes are smaller and closer
+    in colour to the background than 2.0.0's. Chosen so that the shortcut survives training: a classifier from
+    scratch trained for 1x to 8x the default budget stays at the cue (experiments/README.md), while the same
+    classifier trained on `train_unbiased` learns the shapes (the ceiling). The cue is local: erasing it
+    removes it. Not the default yet: train.py's default configuration was chosen on 2.0.0, and the default
+    moves only once a 5-seed study on 3.0.0 re-chooses it.
 
-Splits (sizes in `SPLIT_SIZES`):
+Splits (sizes in `SPLIT_SIZES`; 3.0.0's in `VERSION_SPLIT_SIZES["3.0.0"]`):
     train                 biased: what models learn from
     validation            biased like train: how well a model learned the training distribution
     validation_unbiased   cue independent of the classes: for choosing configurations (methods, weights,
@@ -38,7 +40,7 @@ from etils import epath
 from gain_jax.data import shapes_render
 from gain_jax.data.shapes_render import CLASS_NAMES, IMAGE_SIZE, TEXTURE_NAMES
 
-CURRENT_VERSION = "3.0.0"
+CURRENT_VERSION = "2.0.0"  # the default version; the others in DESIGNS are opt-in ("gain_shapes:3.0.0")
 DESIGNS = shapes_render.DESIGNS  # version -> the generator's parameters
 _CURRENT = DESIGNS[CURRENT_VERSION]
 # The current version's parameters (changing one changes the data set: a new version). Scripts and tests may
@@ -48,10 +50,14 @@ RADIUS_RANGE = _CURRENT.radius_range  # pixels: a shape's radius is uniform in t
 NUM_OBJECTS_PROBS = _CURRENT.num_objects_probs  # probability of 1, 2, ... objects in an image
 BIAS_PROBABILITY = _CURRENT.bias_probability  # biased splits: P(cue texture = the class's own)
 SHAPE_COLOUR_DISTANCE = _CURRENT.shape_colour_distance  # L1 from the background's colours
-PATCH_SIZE = _CURRENT.patch_size  # side of a cue patch, pixels
-BACKGROUND_NOISE = _CURRENT.background_noise  # per-pixel noise amplitude of the plain background
+PATCH_SIZE = _CURRENT.patch_size  # side of a cue patch, pixels (0 in 2.0.0: no patches)
+BACKGROUND_NOISE = _CURRENT.background_noise  # noise amplitude of the plain background (0 in 2.0.0)
 SPLIT_SIZES = _CURRENT.splits
 UNBIASED_SPLITS = _CURRENT.unbiased_splits  # cue independent of the classes
+# Each version's split sizes (the current one's is SPLIT_SIZES): tests and scripts may shrink them for a small
+# build; `design_of` reads them at generation time.
+VERSION_SPLIT_SIZES = {version: SPLIT_SIZES if version == CURRENT_VERSION else design.splits
+                       for version, design in DESIGNS.items()}
 # v1's private names of the parameters above: a script that still sets them would silently get the defaults
 _RENAMED = {"_TEXTURE_CONTRAST": "TEXTURE_CONTRAST", "_RADIUS_RANGE": "RADIUS_RANGE",
             "_NUM_OBJECTS_PROBS": "NUM_OBJECTS_PROBS"}
@@ -67,12 +73,12 @@ def current_design() -> shapes_render.Design:
 
 
 def design_of(version: str) -> shapes_render.Design:
-    """The design of `version` ("3.0.0": `current_design()`)."""
+    """The design of `version` (the current one: `current_design()`), with its sizes from VERSION_SPLIT_SIZES."""
     if version == CURRENT_VERSION:
         return current_design()
     if version not in DESIGNS:
         raise ValueError(f"unknown gain_shapes version {version!r}; versions: {tuple(DESIGNS)}")
-    return DESIGNS[version]
+    return dataclasses.replace(DESIGNS[version], split_sizes=tuple(VERSION_SPLIT_SIZES[version].items()))
 
 
 def _encode_png(image: np.ndarray) -> bytes:
@@ -119,7 +125,8 @@ class GainShapes(tfds.core.GeneratorBasedBuilder):
 
     name = "gain_shapes"
     VERSION = tfds.core.Version(CURRENT_VERSION)
-    SUPPORTED_VERSIONS = [tfds.core.Version("2.0.0")]  # still generated byte for byte: "gain_shapes:2.0.0"
+    # opt-in, generated by `self.version`: "gain_shapes:3.0.0"
+    SUPPORTED_VERSIONS = [tfds.core.Version(version) for version in DESIGNS if version != CURRENT_VERSION]
     RELEASE_NOTES = {
         "1.0.0": "First version: 6 classes, 64x64, bias 0.9 in train/validation.",
         "2.0.0": "Learnable shapes and a split for choosing configurations. v1's high-contrast textures (and 1-3 "
@@ -134,7 +141,8 @@ class GainShapes(tfds.core.GeneratorBasedBuilder):
                  "at 1,200). 3.0.0: a local cue, a 16x16 texture patch per object elsewhere in the image (its "
                  "class's own texture always in the biased splits), on a plain noisy background; smaller shapes "
                  "(radius 6-10) closer in colour to the background (L1 >= 90); a new split train_unbiased (the "
-                 "oracle). Chosen on validation splits only. 2.0.0 stays available as gain_shapes:2.0.0.",
+                 "oracle). Chosen on validation splits only. Opt-in (gain_shapes:3.0.0): the default stays 2.0.0 "
+                 "until a 5-seed study on 3.0.0 re-chooses the default configuration.",
     }
     # tfds derives this through `importlib_resources`, a package its wheel does not declare.
     code_path = epath.Path(__file__)

@@ -1,0 +1,75 @@
+"""The loop's train step and the schedule of its losses: which terms count in which epoch."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from gain_jax import metrics
+from gain_jax.config import Config, TrainConfig
+from gain_jax.evaluate import LOSS_KEYS
+from gain_jax.gain import GainConfig
+from gain_jax.training import make_train_step
+
+STEP_KEYS = LOSS_KEYS + ("topk_accuracy",)
+topk_accuracy = metrics.topk_accuracy_vectorized  # the step's metric, on the device
+
+
+def mining_start_epoch(train: TrainConfig) -> int:
+    """The 0-based epoch from which L_am counts: `am_start_epoch`, or with 0, `pretrain_epochs`."""
+    return max(train.pretrain_epochs, train.am_start_epoch)
+
+
+def loss_switches(train: TrainConfig, epoch: int) -> tuple[np.float32, np.float32]:
+    """(attention_on, mining_on) of the 0-based `epoch`, as the train step's float32 scalars: the epoch alone
+    decides them, so a resumed run switches where an uninterrupted one does. attention_on: L_am and L_ext
+    count (after the classification-only `pretrain_epochs`); mining_on: L_am counts (from
+    `mining_start_epoch`, never before attention_on)."""
+    return np.float32(epoch >= train.pretrain_epochs), np.float32(epoch >= mining_start_epoch(train))
+
+
+def trained_terms(config: Config) -> tuple[str, ...]:
+    """The loss terms the run optimizes in some epoch ("cl", "am", "ex"): a non-zero weight, and (am, ex)
+    an epoch where the schedule turns them on (and for ex, images with masks)."""
+    gain, train = config.gain, config.train
+    terms = ("cl",) if gain.cl_weight else ()
+    if gain.am_weight and mining_start_epoch(train) < train.epochs:
+        terms += ("am",)
+    if gain.ex_weight and train.pretrain_epochs < train.epochs and config.data.ex_fraction > 0:
+        terms += ("ex",)
+    return terms
+
+
+def schedule_text(train: TrainConfig) -> str:
+    """When the attention losses start, in 1-based epochs, for the run's first line."""
+    mining_start = mining_start_epoch(train)
+    if mining_start == train.pretrain_epochs:
+        return f"attention mining from epoch {train.pretrain_epochs + 1}"
+    mining = f"from epoch {mining_start + 1}" if mining_start < train.epochs else "never"
+    return f"extra supervision (L_ext) from epoch {train.pretrain_epochs + 1}, attention mining (L_am) {mining}"
+
+
+def phase_text(attention_on, mining_on) -> str:
+    """The epoch line's note on which attention losses counted."""
+    if mining_on:
+        return " (attention mining)"
+    return " (L_ext, L_am not yet)" if attention_on else ""
+
+
+def make_loop_train_step(model, gain_cfg: GainConfig) -> Callable:
+    """`step(state, batch, dropout_key, global_step, attention_on, mining_on) -> (state, metrics)`,
+    jit-compiled, the state donated. `attention_on` and `mining_on` are the epoch's switches (`loss_switches`),
+    traced: changing them does not recompile. The dropout key of a step is `fold_in(dropout_key, global_step)`
+    (a resumed run draws the same ones); metrics are device scalars: the loss terms and the batch's top-k
+    accuracy."""
+    train_step = make_train_step(model, gain_cfg, donate=False)  # the outer jit donates
+
+    def step(state, batch, dropout_key, global_step, attention_on, mining_on):
+        rng = jax.random.fold_in(dropout_key, global_step)
+        state, step_metrics = train_step(state, batch, rng, attention_on, mining_on)
+        summary = {key: step_metrics[key] for key in LOSS_KEYS}
+        summary["topk_accuracy"] = topk_accuracy(step_metrics["logits"], batch["labels"])
+        return state, summary
+
+    return jax.jit(step, donate_argnums=(0,))
