@@ -157,12 +157,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
 
     - a convolution whose output is smaller than its kernel (ResNet's layer4 on 64-pixel images: 2x2 outputs
       of 3x3 kernels) is one product over explicitly gathered patches. XLA:CPU does not hand these to
-      YNNPACK, and its fallback kernel took 140 ms for one [16,2,2,512] x [3,3,512,512] forward where the
-      product takes 6 ms (bench/README.md, "Tiny convolutions").
+      YNNPACK, and its fallback kernel is much slower than the product (bench/README.md, "Tiny convolutions").
     - a convolution with at most 16 channels on both sides (small_cnn's first layer, 3 -> 16) keeps lax's
       forward and weight gradient, but its input gradient is the product of the output gradient with the
       kernel, scattered back onto the input's pixels (`_narrow_conv`); XLA:CPU computes that gradient with a
-      16 -> 3 channel Eigen convolution 8x slower (bench/README.md, "Small convolutions").
+      16 -> 3 channel Eigen convolution, several times slower (bench/README.md, "Small convolutions").
 
     Every other convolution, and any dilated, grouped, negatively padded or non-NHWC/HWIO one, goes to lax
     unchanged.
@@ -283,7 +282,7 @@ def _pool_windows(x):
 
 
 # A max pool with its own backward. flax's max_pool lowers to reduce-window, whose gradient XLA:CPU builds
-# from four activation-sized index arrays and a scatter: about 45% of a small_cnn step
+# from four activation-sized index arrays and a scatter, a large share of a small_cnn step
 # (bench/profiles/per_label_cpu.md). The gradient goes to the first maximum of each window in row-major
 # order, as in torch (and in XLA's select-and-scatter), so ties (ReLU zeros) give identical gradients.
 @jax.custom_vjp
