@@ -150,6 +150,7 @@ def test_deterministic_and_configs_differ():
         parts.generate_example("train", 0, body_reliability=1.5)
 
 
+@pytest.mark.slow
 def test_builder_matches_the_generator(data_dir):
     builder = tfds.builder("gain_parts", data_dir=data_dir)
     for split, size in SMALL_SPLITS.items():
@@ -162,6 +163,7 @@ def test_builder_matches_the_generator(data_dir):
         assert row["body_texture"] == example["body_texture"]
 
 
+@pytest.mark.slow
 def test_pipeline_passes_the_part_masks_in_evaluation_only(data_dir):
     batch = next(gd.input_pipeline("gain_parts", "validation", data_dir=data_dir, batch_size=4, train=False))
     assert set(batch) == set(pipeline.output_keys("gain_parts")) == set(pipeline.OUTPUT_KEYS) | {

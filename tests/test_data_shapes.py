@@ -207,6 +207,7 @@ def test_version_3_is_opt_in_and_described():
         shapes.generate_example("train", 0, "9.9.9")
 
 
+@pytest.mark.slow
 def test_both_versions_prepare_from_scratch_in_one_data_dir(tmp_path, monkeypatch):
     """tfds prepares the default (2.0.0) and, asked by name, the opt-in 3.0.0 (with its train_unbiased) side by
     side; each split holds its own version's examples (small sizes: the generator reads them at build time)."""

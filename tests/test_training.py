@@ -113,7 +113,8 @@ def test_eval_step_outputs_and_class_cams(setup):
         assert np.isfinite(float(ev[name]))
 
 
-@pytest.mark.parametrize("strategy", ["unrolled", pytest.param("vmap", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", gj.training.SWEEP_STRATEGIES)
 def test_sweep_step_equals_the_runs_one_by_one(setup, strategy):
     """Three runs (own weights, data and dropout keys) for three steps, as one program and one by one: the
     same losses and parameters to float32 rounding. SGD keeps the comparison meaningful (Adam turns the
