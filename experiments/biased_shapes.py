@@ -59,6 +59,7 @@ import typing
 import numpy as np
 
 from gain_jax import config as run_config
+from gain_jax.datasets import GAIN_SHAPES_VERSIONS
 from gain_jax.train_loop import provenance
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +123,13 @@ ARMS = {
     # the mask loss alone through differentiated Grad-CAM: how much of cam_grad=full's maps is L_am's
     "ex_only:cam_grad=full": "--am_weight 0 --ex_weight {ex_weight} --ex_fraction {ex_fraction} --cam_grad full "
                              + _UPSTREAM,
+    # issue 20's controls: the baseline fed the oversampled draws without the mask loss (is it the masks or the
+    # draws?), and the oracle, trained on gain_shapes 3.0.0's train_unbiased (the cue independent of the classes):
+    # the ceiling of what the shapes alone allow
+    "baseline:oversample": "--am_weight 0 --ex_weight 0 --ex_fraction {ex_fraction} --ex_oversample 0.5 "
+                           "--pretrain_epochs {epochs} " + _UPSTREAM,
+    "oracle": "--train_split train_unbiased --am_weight 0 --ex_weight 0 --ex_fraction 1 --pretrain_epochs {epochs} "
+              + _UPSTREAM,
     # L_am from epoch 5 only, after two epochs of the mask loss alone have moved the maps (epochs 6, pre-training 2)
     "ablation:am_start_epoch=4": _EXT + " --ex_fraction {ex_fraction} --am_start_epoch 4",
 }
@@ -142,6 +150,10 @@ STUDIES = {
     # the 10% of masks drawn more often
     "oversample": ("baseline", "GAIN_ext", "ablation:cam_grad=full", "GAIN_ext:oversample=0.25", "GAIN_ext:oversample",
                    "GAIN_ext:oversample=0.75", "GAIN_ext:oversample,full", "ex_only:oversample", "GAIN_ext@100%"),
+    # issue 20 at convergence (gain_shapes:3.0.0, --epochs 12): the claims' arm (10% of the masks, drawn again for
+    # half the examples: chosen on 2.0.0's validation_unbiased) and its controls
+    "converged": ("baseline", "GAIN_ext:oversample", "ex_only:oversample", "baseline:oversample", "GAIN_ext@100%",
+                  "oracle"),
     "erase": ("GAIN", "GAIN:erase=shift", "GAIN_ext", "ablation:erase=shift", "ablation:am_weight=1",
               "ablation:am_weight=1,erase=shift"),
 }
@@ -186,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--am_weight", type=float, default=0.1, help="GAIN and GAIN_ext arms: weight of L_am (alpha)")
     p.add_argument("--ex_weight", type=float, default=1.0, help="GAIN_ext arms: weight of the mask loss")
     p.add_argument("--ex_fraction", type=float, default=0.1, help="GAIN_ext: fraction of training masks used")
+    p.add_argument("--dataset", default="gain_shapes", choices=("gain_shapes", *GAIN_SHAPES_VERSIONS),
+                   help="gain_shapes (its default version) or an opt-in version, e.g. gain_shapes:3.0.0 (its "
+                        "shortcut survives training; the oracle arm trains on its train_unbiased split)")
     p.add_argument("--data_dir", default=None, help="tfds data dir (train.py's --data_dir); default: tfds' default")
     p.add_argument("--logdir", default=os.path.join(REPO_ROOT, "runs", "biased_shapes"),
                    help="where the runs (logs, metrics.json, checkpoints) go")
@@ -233,6 +248,9 @@ def check_args(args, parser) -> None:
             config = run_config_of(arm, args.seeds[0], args)
         except (run_config.ConfigError, argparse.ArgumentError, KeyError, IndexError, ValueError) as error:
             parser.error(f"arm {arm} ({args.arm_flags[arm]!r}) with --train_arg {args.train_arg}: {error}")
+        if config.data.train_split != "train" and config.data.train_split not in version_splits(args.dataset):
+            parser.error(f"arm {arm} trains on --train_split {config.data.train_split}, which gain_shapes "
+                         f"{data_version(args.dataset)} lacks (--dataset gain_shapes:3.0.0 has train_unbiased)")
         if config.eval.test:
             parser.error(f"arm {arm}: --test in a run's flags; the study trains blind to test_unbiased "
                          "(the `test` command evaluates it, after `select`)")
@@ -264,7 +282,7 @@ def arm_flags(arm: str, args) -> list[str]:
 
 def run_flags(arm: str, seed: int, args) -> list[str]:
     """The train.py flags of one run (the record shows them as commands that rerun it)."""
-    flags = ["--dataset", "gain_shapes", "--backbone", "small_cnn", "--logdir", args.logdir,
+    flags = ["--dataset", args.dataset, "--backbone", "small_cnn", "--logdir", args.logdir,
              "--run_name", run_name(arm, seed), "--seed", str(seed), "--epochs", str(args.epochs),
              "--pretrain_epochs", str(args.pretrain_epochs),
              "--steps_per_epoch", str(args.steps_per_epoch), "--batch_size", str(args.batch_size),
@@ -298,14 +316,21 @@ def run_dir(arm: str, seed: int, args) -> str:
     return os.path.join(args.logdir, run_name(arm, seed))
 
 
-def data_version() -> str:
+def data_version(dataset: str) -> str:
+    """The gain_shapes version a --dataset name means ("gain_shapes": the builder's default)."""
     from gain_jax.data.shapes import GainShapes  # imports tensorflow_datasets, not TensorFlow's runtime
 
-    return str(GainShapes.VERSION)
+    return dataset.partition(":")[2] or str(GainShapes.VERSION)
+
+
+def version_splits(dataset: str) -> tuple[str, ...]:
+    from gain_jax.data.shapes import VERSION_SPLIT_SIZES
+
+    return tuple(VERSION_SPLIT_SIZES[data_version(dataset)])
 
 
 def run_record(arm: str, seed: int, args) -> dict:
-    return {"arm": arm, "flags": run_flags(arm, seed, args), "gain_shapes_version": data_version()}
+    return {"arm": arm, "flags": run_flags(arm, seed, args), "gain_shapes_version": data_version(args.dataset)}
 
 
 def finished_metrics(arm: str, seed: int, args) -> dict | None:
@@ -317,7 +342,7 @@ def finished_metrics(arm: str, seed: int, args) -> dict | None:
     if not (os.path.isfile(path) and os.path.isfile(record_path)):
         return None
     with open(record_path) as handle:
-        if json.load(handle).get("gain_shapes_version") != data_version():
+        if json.load(handle).get("gain_shapes_version") != data_version(args.dataset):
             return None
     with open(path) as handle:
         metrics = json.load(handle)
@@ -484,10 +509,10 @@ def example_heatmaps(args, count: int):
     import gain_jax.data as gd  # TensorFlow (no torch in this process)
     from gain_jax import checkpoint
 
-    info = gd.dataset_info("gain_shapes")
+    info = gd.dataset_info(args.dataset)
     seed = args.seeds[0]
     image_size = run_config_of(args.arms[0], seed, args).data.image_size  # None: the data set's own
-    batch = next(gd.input_pipeline("gain_shapes", "validation_unbiased", data_dir=args.data_dir, batch_size=64,
+    batch = next(gd.input_pipeline(args.dataset, "validation_unbiased", data_dir=args.data_dir, batch_size=64,
                                    image_size=image_size, train=False, autoaugment=False))
     first_class = np.argmax(np.asarray(batch["labels"]) > 0, axis=1)
     chosen, seen = [], set()
@@ -608,7 +633,8 @@ def make_figure(summary: dict, floors: dict, args, path: str) -> int:
                 axis.set_ylabel(arm, fontsize=6)
             if row == 0:
                 axis.set_title(f"CAM: {cam_classes[column]}", fontsize=6)
-    figure.suptitle(f"gain_shapes {data_version()}, small_cnn, {args.name}: mean ± std over seeds {args.seeds} "
+    figure.suptitle(f"gain_shapes {data_version(args.dataset)}, small_cnn, {args.name}: mean ± std over seeds "
+                    f"{args.seeds} "
                     f"(dots: seeds; dotted: the best floor); CAMs: seed {args.seeds[0]}, validation_unbiased images",
                     fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -683,12 +709,12 @@ def evaluate_run(arm: str, seed: int, split: str, args) -> dict:
     import gain_jax.data as gd
 
     config = run_config_of(arm, seed, args)
-    info = gd.dataset_info("gain_shapes")
+    info = gd.dataset_info(args.dataset)
     model = gj.build_model(config.train.backbone, num_classes=info.num_classes, dropout_rate=0.0)
     variables, _ = protocol.restore_run(run_dir(arm, seed, args))
     if config.eval.eval_examples:
         split = f"{split}[:{config.eval.eval_examples}]"
-    batches = gd.input_pipeline("gain_shapes", split, data_dir=args.data_dir, batch_size=64,
+    batches = gd.input_pipeline(args.dataset, split, data_dir=args.data_dir, batch_size=64,
                                 image_size=config.data.image_size, train=False, autoaugment=False)
     return protocol.split_records(model, variables, config.gain, batches, info.num_classes)
 
@@ -741,7 +767,8 @@ def select_main(args) -> int:
         print(f"  target {target.name}: " + (f"{arm} ({values[arm]:.3f} vs the baseline's "
                                               f"{choices[target.name]['baseline_value']:.3f})" if arm
                                               else "no candidate arm in this study"), flush=True)
-    record = {"study": args.name, "gain_shapes_version": data_version(), "arms": args.arms, "seeds": args.seeds,
+    record = {"study": args.name, "gain_shapes_version": data_version(args.dataset), "arms": args.arms,
+              "seeds": args.seeds,
               "settings": {key: value for key, value in vars(args).items()
                            if key not in ("logdir", "out", "arm_flags", "command")},
               "train_commands": {run_name(a, s): shlex.join(["python", "train.py"] + run_flags(a, s, args))
@@ -773,7 +800,7 @@ def test_main(args) -> int:
     with open(path) as handle:
         selection = json.load(handle)
     if (selection["arms"], selection["seeds"], selection["gain_shapes_version"]) != (
-            args.arms, args.seeds, data_version()):
+            args.arms, args.seeds, data_version(args.dataset)):
         raise SystemExit(f"biased_shapes test: {path} was made for arms {selection['arms']}, seeds "
                          f"{selection['seeds']}, gain_shapes {selection['gain_shapes_version']}, not these")
     results = _finished_or_exit(args)
@@ -826,7 +853,8 @@ def test_main(args) -> int:
                  for arm in arms for seed in args.seeds]
     boot_lines = [f"| {arm} | {metric} | {b['mean']:.3f} [{b['low']:.3f}, {b['high']:.3f}] |"
                   for arm in arms for metric, b in bootstrap[arm].items()]
-    text = (f"gain_shapes {data_version()}, study {args.name}, test_unbiased ({num_images} images), seeds "
+    text = (f"gain_shapes {data_version(args.dataset)}, study {args.name}, test_unbiased ({num_images} images), "
+            f"seeds "
             f"{args.seeds}; arms chosen on validation ({os.path.basename(path)})\n\n"
             "| target | arm | arm - baseline, paired by seed: mean [95% t-interval] | verdict |\n|---|---|---|---|\n"
             + "\n".join(lines) + "\n\n'met' only when the interval's lower bound clears the margin.\n\n"
@@ -860,7 +888,7 @@ def main(argv=None) -> int:
     args.logdir = os.path.abspath(args.logdir)
     started = time.time()
     print(f"biased_shapes {args.name}: {len(args.arms)} arms x {len(args.seeds)} seeds on gain_shapes "
-          f"{data_version()}, {machine_line()}")
+          f"{data_version(args.dataset)}, {machine_line()}")
     print(f"  {args.epochs} epochs x {args.steps_per_epoch} steps of {args.batch_size} (attention mining from "
           f"epoch {args.pretrain_epochs + 1}), lr {args.lr:g}; runs in {args.logdir}\n{arms_table(args)}",
           flush=True)
@@ -894,7 +922,7 @@ def main(argv=None) -> int:
     record = {
         "command": shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]) if argv is None else None,
         "name": args.name,
-        "gain_shapes_version": data_version(),
+        "gain_shapes_version": data_version(args.dataset),
         "machine": machine_line(),
         "environment": provenance.environment_record(),  # library versions, git revision (as config.json's)
         "settings": {key: value for key, value in vars(args).items() if key not in ("logdir", "out", "arm_flags")},
@@ -914,7 +942,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as handle:
         json.dump(record, handle, indent=1)
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as handle:
-        handle.write(f"gain_shapes {data_version()}, study {args.name}; mean ± std over seeds {args.seeds}\n\n"
+        handle.write(f"gain_shapes {data_version(args.dataset)}, study {args.name}; mean ± std over seeds "
+                     f"{args.seeds}\n\n"
                      f"{table}\n\n{floors_line(floors)}\n\narms\n\n{arms_table(args)}\n\nper run\n\n{runs}\n")
     return 0
 

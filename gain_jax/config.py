@@ -85,13 +85,17 @@ class DataConfig:
                                     range=(8, None), resume=MUST_MATCH)
     autoaugment: bool = option(False, "AutoAugment (torchvision's CIFAR10 policy, as upstream) + horizontal flip "
                                       "on training images", resume=MUST_MATCH)
+    train_split: str = option("train", "split the run trains on (and whose size sets an epoch); "
+                                       "gain_shapes:3.0.0's train_unbiased, with the cue independent of the classes, "
+                                       "trains the oracle", resume=MUST_MATCH)
     ex_fraction: float = option(1.0, "fraction of training images whose masks feed the extra-supervision loss "
                                      "(GAIN_ext); selected per image from a hash of (seed, filename), the same "
                                      "in every epoch", range=(0.0, 1.0))
     ex_oversample: float = option(0.0, "share of the training examples drawn again, at random, from the images "
                                        "whose masks feed the mask loss (--ex_fraction's), so that few masks "
                                        "still come several to a batch; an epoch keeps its step count (it then "
-                                       "reaches about 1 - share of the other images); 0 = off",
+                                       "reaches about 1 - share of the other images); 0 = off. With --ex_weight "
+                                       "0: the same draws without the mask loss (a control)",
                                   range=(0.0, 0.99))
 
 
@@ -189,10 +193,10 @@ class Config:
         if train.am_start_epoch and not train.pretrain_epochs <= train.am_start_epoch <= train.epochs:
             raise ConfigError(f"--am_start_epoch must be 0 or in [--pretrain_epochs {train.pretrain_epochs}, "
                               f"--epochs {train.epochs}], got {train.am_start_epoch}")
-        if self.data.ex_oversample and (self.data.ex_fraction == 0 or self.gain.ex_weight == 0):
-            raise ConfigError(f"--ex_oversample {self.data.ex_oversample} draws again from the images whose masks "
-                              f"feed the mask loss: it needs --ex_weight > 0 and --ex_fraction > 0 (got "
-                              f"{self.gain.ex_weight}, {self.data.ex_fraction})")
+        # with --ex_weight 0 the same draws train no mask loss: the control of an oversampled GAIN_ext run
+        if self.data.ex_oversample and self.data.ex_fraction == 0:
+            raise ConfigError(f"--ex_oversample {self.data.ex_oversample} draws again from the images that "
+                              f"--ex_fraction selects: it needs --ex_fraction > 0")
         if self.data.dataset == "gain_voc2012" and self.data.manual_dir is None and self.data.data_dir is None:
             raise ConfigError("gain_voc2012 needs --manual_dir (the VOC 2012 files) or a --data_dir where it is "
                               "prepared")

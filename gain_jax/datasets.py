@@ -10,7 +10,7 @@ from __future__ import annotations
 GAIN_PARTS_CONFIGS = tuple(f"gain_parts/part{part:02d}_rel{reliability:03d}"
                            for part in (4, 2, 8) for reliability in (60, 40, 80, 100))
 # gain_shapes:3.0.0: gain_shapes' opt-in version (gain_jax/data/shapes.py); the default stays 2.0.0 until a study on
-# 3.0.0 re-chooses the default configuration. Its oracle split train_unbiased is not trainable from train.py.
+# 3.0.0 re-chooses the default configuration. Its oracle split train_unbiased trains with --train_split.
 GAIN_SHAPES_VERSIONS = ("gain_shapes:3.0.0",)
 DATASETS = ("gain_shapes", *GAIN_SHAPES_VERSIONS, "gain_voc2012", "gain_parts", *GAIN_PARTS_CONFIGS)
 # validation is also evaluated after every epoch, the other final splits also when pre-training ends

@@ -59,6 +59,16 @@ def test_arms_studies_and_flags():
     assert not script.has_fraction_curve(script.fraction_arms(args)[0])  # several arms at 10%: no curve
     with pytest.raises(SystemExit):
         script.check_args(parser.parse_args(["--arms", "nope"]), parser)
+    # issue 20's study at convergence, on gain_shapes 3.0.0: the controls' settings; the oracle needs 3.0.0
+    args = parser.parse_args(["--dataset", "gain_shapes:3.0.0", "--study", "converged", "--epochs", "12"])
+    script.check_args(args, parser)
+    assert script.data_version(args.dataset) == "3.0.0" and script.data_version("gain_shapes") == "2.0.0"
+    assert script.run_flags("oracle", 0, args)[:2] == ["--dataset", "gain_shapes:3.0.0"]
+    oracle, control = (script.run_config_of(arm, 0, args) for arm in ("oracle", "baseline:oversample"))
+    assert oracle.data.train_split == "train_unbiased" and oracle.train.pretrain_epochs == 12
+    assert (control.gain.ex_weight, control.data.ex_fraction, control.data.ex_oversample) == (0, 0.1, 0.5)
+    with pytest.raises(SystemExit):
+        script.check_args(parser.parse_args(["--study", "converged"]), parser)  # 2.0.0 has no train_unbiased
 
 
 @pytest.mark.slow

@@ -104,9 +104,8 @@ def test_flags_override_only_what_is_given():
     (["--am_start_epoch", "1", "--pretrain_epochs", "2"],
      "--am_start_epoch must be 0 or in [--pretrain_epochs 2, --epochs 6], got 1"),
     (["--am_start_epoch", "7"], "--am_start_epoch must be 0 or in [--pretrain_epochs 2, --epochs 6], got 7"),
-    (["--ex_oversample", "0.5", "--ex_weight", "0"],
-     "--ex_oversample 0.5 draws again from the images whose masks feed the mask loss: it needs --ex_weight > 0 "
-     "and --ex_fraction > 0 (got 0.0, 1.0)"),
+    (["--ex_oversample", "0.5", "--ex_fraction", "0"],
+     "--ex_oversample 0.5 draws again from the images that --ex_fraction selects: it needs --ex_fraction > 0"),
     (["--ex_oversample", "1"], "--ex_oversample must be in [0, 0.99], got 1.0"),
 ])
 def test_invalid_values_raise_config_error_naming_the_flag(argv, message):
@@ -410,6 +409,26 @@ def test_ex_oversample_puts_more_of_the_few_masks_in_each_batch(shapes_data_dir,
     message = r"--ex_oversample 0.5: oversample: the filter selects none of the \d+ images"
     with pytest.raises(run_config.RunError, match=message):
         train_batches(create_run(config), 0)
+
+
+def test_train_split_chooses_the_split_trained_on(shapes_data_dir, tmp_path):
+    """--train_split: the batches come from that split and an epoch is one pass over it; a split the data set
+    lacks is refused in one line naming the flag and the splits there are."""
+    from gain_jax.train_loop import create_run, train_batches
+
+    def run_of(split):
+        config = tiny_config(shapes_data_dir, tmp_path, f"split_{split}")
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, train_split=split),
+                                     train=dataclasses.replace(config.train, steps_per_epoch=None))
+        return create_run(config)
+
+    run = run_of("validation")
+    assert run.config.train.steps_per_epoch == run.split_sizes["validation"] // 8 != run.split_sizes["train"] // 8
+    names = {name.decode() for batch in itertools.islice(train_batches(run, 0), 3) for name in batch["filename"]}
+    assert names and all(name.startswith("shapes_validation_") for name in names), sorted(names)[:3]
+    with pytest.raises(ConfigError, match=r"^--train_split 'train_unbiased': gain_shapes has the splits "
+                                          r"test_unbiased, train, validation, validation_unbiased$"):
+        run_of("train_unbiased")
 
 
 # ---------------------------------------------------------------------------------------------- what a user sees

@@ -83,7 +83,8 @@ def train_batches(run: Run, epoch: int, skip: int = 0, global_step: int = 0) -> 
     """Epoch index `epoch`'s host batches (an endless stream), re-created from seed + epoch so that a
     resumed run sees the same ones after skipping the `skip` already trained on; `global_step` is the step
     that trains the first one (it seeds per-label sampling, `prepare_train_batch`)."""
-    batches = itertools.islice(pipeline(run, "train", train=True, seed=run.config.train.seed + epoch), skip, None)
+    split = run.config.data.train_split
+    batches = itertools.islice(pipeline(run, split, train=True, seed=run.config.train.seed + epoch), skip, None)
     return (prepare_train_batch(batch, run.config, global_step + index) for index, batch in enumerate(batches))
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import optax
 
-from gain_jax.config import Config, RunError, config_to_dict, output_folder_problem
+from gain_jax.config import Config, ConfigError, RunError, config_to_dict, output_folder_problem
 from gain_jax.convert import from_torchvision
 from gain_jax.models import build_model
 from gain_jax.train_loop import provenance
@@ -205,7 +205,10 @@ def create_run(config: Config, workdir: str | None = None, *, resume: bool = Fal
     check_environment(config, workdir, resume)
     info = data_package().dataset_info(config.data.dataset)
     split_sizes = prepare_dataset(config)
-    config = resolve_config(config, info.image_size, split_sizes["train"], workdir)
+    if config.data.train_split not in split_sizes:
+        raise ConfigError(f"--train_split {config.data.train_split!r}: {config.data.dataset} has the splits "
+                          f"{', '.join(sorted(split_sizes))}")
+    config = resolve_config(config, info.image_size, split_sizes[config.data.train_split], workdir)
     paths = run_paths(config, workdir)
     if not resume and holds_checkpoints(paths.checkpoint_dir):
         raise RunError(f"checkpoint dir {paths.checkpoint_dir} already holds checkpoints: pass --resume to "
