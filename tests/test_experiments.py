@@ -119,7 +119,8 @@ def test_tiny_study_end_to_end_and_reuse(shapes_data_dir, tmp_path, capsys, monk
     with open(tmp_path / "out" / f"{name}.selection.json") as handle:
         selection = json.load(handle)
     assert selection["targets"]["mAP"]["arm"] == "GAIN_ext" and selection["targets"]["CAM"]["arm"] == "GAIN_ext"
-    assert selection["targets"]["validation cost"]["arm"] == "GAIN_ext"
+    assert selection["targets"]["validation cost"]["arm"] == "GAIN_ext" == selection["targets"]["PxAP"]["arm"]
+    assert selection["controls"] == []  # every arm but the baseline is a candidate of a target here
     assert selection["targets"]["self-guided CAM"]["arm"] is None  # no GAIN arm in this study
     assert set(selection["thresholds"]) == {"baseline", "GAIN_ext"} and "test" not in json.dumps(
         selection["validation_unbiased"])
@@ -128,7 +129,10 @@ def test_tiny_study_end_to_end_and_reuse(shapes_data_dir, tmp_path, capsys, monk
     assert splits_read.count("test_unbiased[:16]") == 2  # the two chosen runs (baseline, GAIN_ext), once each
     with open(tmp_path / "out" / f"{name}.test.json") as handle:
         tested = json.load(handle)
-    assert set(tested["verdicts"]) == {"mAP", "CAM", "validation cost"}
+    assert set(tested["verdicts"]) == {"mAP", "conflicting mAP", "PxAP", "CAM", "validation cost"}
+    assert set(tested["comparisons"]) == {"GAIN_ext - baseline"}
+    assert set(tested["comparisons"]["GAIN_ext - baseline"]) == {"mAP", "mAP_conflicting", "PxAP", "cam_mIoU",
+                                                                 "validation_mAP"}
     assert tested["verdicts"]["mAP"]["verdict"].startswith("undecided")  # one seed: no interval
     boot = tested["bootstrap"]["GAIN_ext"]["mAP"]
     assert boot["low"] <= boot["mean"] <= boot["high"] and boot["n"] == 16
