@@ -16,7 +16,7 @@ runs; issue 22's target: 5 seeds in at most 2.5x one seed), the speed-up over se
 (user + system of the children) and, per seed, the final validation_unbiased mAP (the ways train the same runs:
 equal to float32 rounding for the sweep, the run's own numerics for single-threaded XLA). Every way's processes
 write under one temporary --logdir; the report is also written to --out (default: bench/results/).
-Starts train.py processes (TensorFlow, JAX); the whole default measurement takes about 2N+2 default runs.
+Starts train.py processes (TensorFlow, JAX); the sequential way alone takes N default runs.
 """
 from __future__ import annotations
 
@@ -101,12 +101,12 @@ def run_way(way: str, args, seeds: list[int], logdir: str) -> dict:
             "mAP": [final_map(os.path.join(folder, f"s_seed{seed}")) for seed in seeds]}
 
 
-def report(args, seeds: list[int], results: dict) -> list[str]:
+def report(args, seeds: list[int], results: dict, load_before: float) -> list[str]:
     one_seed = statistics.median(results["sequential"]["runs"])
     runs = ", ".join(f"{wall:.1f}" for wall in results["sequential"]["runs"])
     lines = [f"sweep throughput: {len(seeds)} seeds of: python train.py {args.train_args}".rstrip(),
              f"{platform.node()}, {len(os.sched_getaffinity(0))} usable cores, Python {platform.python_version()}, "
-             f"load average before {os.getloadavg()[0]:.2f}",
+             f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}",
              f"one seed (median of the sequential runs: {runs} s): {one_seed:.1f} s", "",
              f"{'way':<16}{'wall s':>9}{'x one seed':>12}{'speed-up':>10}{'CPU s':>9}"
              "  validation_unbiased mAP per seed"]
@@ -132,13 +132,13 @@ def main(argv=None) -> int:
     if unknown or args.seeds < 1:
         parser.error(f"unknown ways {unknown}" if unknown else "--seeds must be >= 1")
     seeds = list(range(args.seeds))
-    results = {}
+    results, load_before = {}, os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="sweep_throughput_") as logdir:
         for way in ways:
             print(f"  {way} ...", flush=True)
             results[way] = run_way(way, args, seeds, logdir)
             print(f"  {way}: {results[way]['wall']:.1f} s", flush=True)
-    lines = report(args, seeds, results)
+    lines = report(args, seeds, results, load_before)
     print("\n".join(lines), flush=True)
     out = args.out or os.path.join(ROOT, "bench", "results",
                                    f"{time.strftime('%Y-%m-%d')}_sweep_throughput_{args.seeds}seeds.txt")
