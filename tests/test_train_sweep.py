@@ -60,15 +60,30 @@ def test_bad_seeds_raise_one_line_naming_the_flags(argv, message):
         Config(train=TrainConfig(seeds=(0.5, 1.0))).validate()
 
 
-def test_train_py_refuses_bad_seeds_in_one_line(capsys):
+def load_train_py():
     spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
     train_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_py)
+    return train_py
+
+
+def test_train_py_refuses_bad_seeds_in_one_line(capsys):
+    train_py = load_train_py()
     assert train_py.main(["--seeds", "1,1"]) == train_py.EXIT_ERROR
     assert capsys.readouterr().err == "train.py: error: --seeds must name at least one seed, each once, got '1,1'\n"
     with pytest.raises(SystemExit):
         train_py.main(["--seeds", "a,b"])
     assert "argument --seeds: expected one number or comma-separated integers, got 'a,b'" in capsys.readouterr().err
+
+
+def test_the_resume_hint_of_a_stopped_sweep_names_the_sweep():
+    from gain_jax.train_loop import member_config, sweep_config
+
+    member = member_config(Config(train=TrainConfig(seeds=SEEDS), log=LogConfig(logdir="runs", run_name="pair")), 3)
+    histories = [{"global_step": 3, "paths": {"checkpoint_dir": f"runs/pair_seed{seed}/checkpoints"}} for seed in SEEDS]
+    hint = load_train_py().resume_hint(sweep_config(member, SEEDS), "stopped after 3 steps", histories)
+    assert hint == ("train.py: stopped after 3 steps at step 3: checkpoints saved in runs/pair_seed3/checkpoints, "
+                    "runs/pair_seed5/checkpoints; continue with --resume --logdir runs --run_name pair --seeds 3,5")
 
 
 def test_a_sweep_refuses_several_devices_before_anything_is_written(monkeypatch, tmp_path):
