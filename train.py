@@ -5,6 +5,7 @@
     python train.py --dataset gain_voc2012 --manual_dir ~/VOC --backbone vgg19 --init vgg19-dcbb9e9d.pth \
         --image_size 224 --batch_size 8 --lr 1e-4 --epochs 50 --pretrain_epochs 5
     python train.py --config runs/<run>/config.json --lr 1e-4 --run_name again   # a saved run, one change
+    python train.py --seeds 0,1,2,3,4 --run_name five   # 5 seeds in one program: runs/five_seed0 ... five_seed4
 
 The defaults are the GAIN_ext configuration chosen on the validation splits of the embedded benchmark,
 gain_shapes 2.0.0 (gain_jax.config.BENCHMARK_GAIN: --am_weight 0.1 --am_batchnorm batch --score sigmoid
@@ -58,13 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resume_hint(config, status: str, history: dict) -> str:
-    """The line an interrupted or stopped run ends with: how many steps are saved, and how to go on."""
+def resume_hint(config, status: str, histories: list[dict]) -> str:
+    """The line an interrupted or stopped run (or seed sweep, `histories` holding each seed's) ends with: how many
+    steps are saved, and how to go on."""
     where = f"--logdir {config.log.logdir} --run_name {config.log.run_name}"
     if config.log.checkpoint_dir:
         where += f" --checkpoint_dir {config.log.checkpoint_dir}"
-    return (f"train.py: {status} at step {history['global_step']}: checkpoint saved in "
-            f"{history['paths']['checkpoint_dir']}; continue with --resume {where}")
+    if config.train.seeds is not None:
+        where += f" --seeds {','.join(map(str, config.train.seeds))}"
+    saved_in = ", ".join(history["paths"]["checkpoint_dir"] for history in histories)
+    return (f"train.py: {status} at step {histories[0]['global_step']}: checkpoint{'s' if len(histories) > 1 else ''} "
+            f"saved in {saved_in}; continue with --resume {where}")
 
 
 def run(args, stop) -> int:
@@ -89,12 +94,15 @@ def run(args, stop) -> int:
 
     _, history = train_loop.train_and_evaluate(config, resume=args.resume, stop_after=args.stop_after,
                                                stop_request=stop)
-    status = history["status"]
+    histories = history if config.train.seeds is not None else [history]  # a seed sweep: each seed's
+    status = histories[0]["status"]  # the seeds of a sweep stop together
     if status == "finished":
         return 0
     if jax.process_index() == 0:
-        resolved = run_config.config_from_dict(history["config"])
-        print(resume_hint(resolved, status, history), file=sys.stderr, flush=True)
+        resolved = run_config.config_from_dict(histories[0]["config"])
+        if config.train.seeds is not None:
+            resolved = train_loop.sweep_config(resolved, config.train.seeds)
+        print(resume_hint(resolved, status, histories), file=sys.stderr, flush=True)
     return 0 if status.startswith("stopped after") else EXIT_INTERRUPTED
 
 

@@ -24,9 +24,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from gain_jax.datasets import DATASETS
-from gain_jax.fields import MUST_MATCH, choice_names, field_problem, field_types, option, type_parts, type_problem
+from gain_jax.fields import (
+    MUST_MATCH,
+    choice_names,
+    field_problem,
+    field_types,
+    option,
+    tuple_element,
+    type_parts,
+    type_problem,
+)
 from gain_jax.gain import GainConfig
 from gain_jax.models import MODEL_NAMES, cam_layer_size, min_image_size
+from gain_jax.training import SWEEP_STRATEGIES
 
 
 class RunError(Exception):
@@ -125,6 +135,14 @@ class TrainConfig:
                                     "time is spent, its loss weighted 0), so that one compiled step serves "
                                     "every epoch", range=(0, None))
     seed: int = option(0, "seed of initialization, dropout and data order", resume=MUST_MATCH)
+    seeds: tuple[int, ...] | None = option(None, "train one run per seed (e.g. 0,1,2,3,4) together in one program, "
+                                                 "instead of one run of --seed: each seed's run is the run "
+                                                 "--seed would give (its own data order and folder "
+                                                 "<run_name>_seed<k>, checkpoints, metrics), to float32 rounding; "
+                                                 "union mode on one device", metavar="SEED[,SEED]")
+    sweep_strategy: str = option("unrolled", "how --seeds runs the seeds' steps in one program: unrolled (N copies "
+                                             "of the step side by side) or vmap (batched over the seeds; grouped "
+                                             "convolutions, for GPUs)", choices=SWEEP_STRATEGIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +218,21 @@ class Config:
         if self.data.dataset == "gain_voc2012" and self.data.manual_dir is None and self.data.data_dir is None:
             raise ConfigError("gain_voc2012 needs --manual_dir (the VOC 2012 files) or a --data_dir where it is "
                               "prepared")
+        check_seeds(self)
         return self
+
+
+def check_seeds(config: Config) -> None:
+    """--seeds: at least one, distinct, and union mode (per-label batches are packed on the host, each to its
+    own shape, so they cannot be stacked over seeds); ConfigError naming the flags otherwise."""
+    seeds = config.train.seeds
+    if seeds is None:
+        return
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must name at least one seed, each once, got {','.join(map(str, seeds))!r}")
+    if config.gain.mode == "per_label":
+        raise ConfigError("--seeds cannot train --mode per_label: its batches are packed per batch "
+                          "(--am_labels_per_image included), which cannot be stacked over seeds")
 
 
 SECTION_TYPES = {field.name: type(field.default_factory()) for field in dataclasses.fields(Config)}
@@ -211,13 +243,15 @@ def sections(config: Config) -> dict[str, Any]:
     return {name: getattr(config, name) for name in SECTION_TYPES}
 
 
-def parse_numbers(text: str) -> float | tuple[float, ...]:
-    """"0" -> 0.0; "0.1,0.2,0.3" -> (0.1, 0.2, 0.3) (a number, or one per channel)."""
+def parse_numbers(text: str, kind: type = float) -> float | tuple[float, ...]:
+    """"0" -> 0.0; "0.1,0.2,0.3" -> (0.1, 0.2, 0.3) (a number, or one per channel). With `kind` int, always a
+    tuple: "0,1,2" -> (0, 1, 2), "3" -> (3,) (a list of integers such as --seeds)."""
     try:
-        values = tuple(float(part) for part in str(text).split(","))
+        values = tuple(kind(part) for part in str(text).split(","))
     except ValueError:
-        raise ValueError(f"expected one number or comma-separated numbers, got {text!r}") from None
-    return values[0] if len(values) == 1 else values
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"expected one number or comma-separated {what}, got {text!r}") from None
+    return values[0] if len(values) == 1 and kind is float else values
 
 
 def _coerce(annotation, value):
@@ -227,7 +261,7 @@ def _coerce(annotation, value):
         return None
     if tuple in plain:
         if isinstance(value, str):
-            return parse_numbers(value)
+            return parse_numbers(value, tuple_element(annotation))
         if isinstance(value, (list, tuple)):
             return tuple(value)
     if float in plain and isinstance(value, int) and not isinstance(value, bool):
@@ -317,11 +351,15 @@ def load_config(path: str) -> Config:
 
 # ---------------------------------------------------------------------------------------------- flags
 
-def _numbers_flag(text: str):
-    try:
-        return parse_numbers(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _numbers_flag(kind: type):
+    def parse(text: str):
+        try:
+            return parse_numbers(text, kind)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = "numbers" if kind is float else "integers"  # argparse's "invalid <name> value"
+    return parse
 
 
 def _default_text(value) -> str:
@@ -354,7 +392,7 @@ def add_flags(parser: argparse.ArgumentParser, defaults: Config | None = None) -
             if plain == {bool}:
                 options["action"] = argparse.BooleanOptionalAction
             elif tuple in plain:
-                options["type"] = _numbers_flag
+                options["type"] = _numbers_flag(tuple_element(hints[field.name]))
                 options["metavar"] = "X[,X,X]"
             else:
                 options["type"] = next(iter(plain & {int, float}), str)

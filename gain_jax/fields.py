@@ -79,6 +79,17 @@ def type_parts(annotation, keep_none: bool = False) -> set:
     return plain if keep_none else plain - {type(None)}
 
 
+def tuple_element(annotation) -> type:
+    """The element type of the `tuple[X, ...]` part of an annotation (`float | tuple[float, ...]` -> float,
+    `tuple[int, ...] | None` -> int); float when there is none."""
+    origin = typing.get_origin(annotation)
+    parts = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
+    for part in parts:
+        if typing.get_origin(part) is tuple and typing.get_args(part):
+            return typing.get_args(part)[0]
+    return float
+
+
 def type_problem(annotation, value) -> str | None:
     """What is wrong with the type of `value` ("must be int, got '8'"), or None: a value of the annotated
     type, an int where a float is expected, None only where the annotation allows it, no bool for a number."""
@@ -88,4 +99,7 @@ def type_problem(annotation, value) -> str | None:
     allowed = tuple(plain | ({int} if float in plain else set()))
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in plain):
         return f"must be {' or '.join(sorted(kind.__name__ for kind in plain))}, got {value!r}"
+    if isinstance(value, tuple) and tuple_element(annotation) is int and not all(
+            isinstance(item, int) and not isinstance(item, bool) for item in value):
+        return f"must be integers, got {value!r}"
     return None

@@ -25,7 +25,8 @@ The modules, one job each: `loop` (the loop and its one early exit), `stopping` 
 neither JAX nor TensorFlow, so train.py installs it first), `setup` (checks, data set, model, run folder
 layout), `devices` (placement, prefetch, multi-host agreement), `steps` (the train step and the loss
 schedule), `batches`, `evaluation`, `records` (history, metrics.json, TensorBoard), `checkpoints` (save,
-resume), `console` (what a run prints), `provenance` (versions, git revision). Importing this package
+resume), `sweep` (a seed sweep's runs trained together, `--seeds`; one run is its N = 1 case), `console` (what a
+run prints), `provenance` (versions, git revision). Importing this package
 imports none of them: each loads on first use of one of its names.
 """
 from __future__ import annotations
@@ -40,12 +41,13 @@ __getattr__, __dir__, __all__ = lazy_attributes(__name__, {
               "run_paths", "run_record"),
     "devices": ("Placement", "agree_to_stop", "batch_to_device", "data_parallel_placement", "prefetch_to_device",
                 "rows_to_host"),
-    "steps": ("LOSS_KEYS", "STEP_KEYS", "loss_switches", "make_loop_train_step", "mining_start_epoch", "phase_text",
-              "schedule_text", "topk_accuracy", "trained_terms"),
+    "steps": ("LOSS_KEYS", "STEP_KEYS", "loss_switches", "make_loop_sweep_step", "make_loop_train_step",
+              "mining_start_epoch", "phase_text", "schedule_text", "topk_accuracy", "trained_terms"),
     "batches": ("am_sampling_rng", "heatmap_batch", "pipeline", "prepare_train_batch",
                 "selected_for_extra_supervision", "train_batches"),
     "evaluation": ("evaluate_split", "final_splits", "heatmap_picture"),
     "records": ("RunRecords", "log_scalars", "open_summary_writer", "step_means", "write_json_atomic"),
-    "checkpoints": ("restore_run", "save_checkpoint"),
+    "checkpoints": ("restore_run", "restore_runs", "save_checkpoint"),
+    "sweep": ("Group", "create_group", "member_config", "sweep_config"),
     "console": ("method_name", "report", "summary_line"),
 }, submodules=("provenance",))

@@ -15,6 +15,7 @@ from gain_jax import checkpoint
 from gain_jax.config import RunError, changed_settings, resume_mismatches
 from gain_jax.train_loop.records import read_previous_history
 from gain_jax.train_loop.setup import Position, Run, run_record
+from gain_jax.train_loop.stopping import StopRequest, check_stop
 from gain_jax.training import TrainState
 
 
@@ -91,3 +92,25 @@ def restore_run(run: Run, manager, state: TrainState, dropout_key: jax.Array
     print(f"resumed {directory} at step {position.global_step} (epoch {position.epoch + 1}, "
           f"{position.step_in_epoch} steps into it)", flush=True)
     return state, restored_key, position, past
+
+
+def restore_runs(runs: list[Run], initial: list[tuple[TrainState, jax.Array]], stop: StopRequest
+                 ) -> tuple[list[tuple[TrainState, jax.Array]], Position, list[dict]]:
+    """`restore_run` of each run (one, or a seed sweep's) from its own checkpoints: [(state, dropout key)], the
+    position, and each run's past records. The runs of a sweep continue together, so their newest intact
+    checkpoints must be at one step (RunError otherwise); a stop request is checked before each."""
+    restored = []
+    for run, (state, dropout_key) in zip(runs, initial):
+        reader = checkpoint.open_manager(run.paths.checkpoint_dir, create=False)
+        try:
+            check_stop(stop, "while compiling", reader)
+            restored.append(restore_run(run, reader, state, dropout_key))
+        finally:
+            reader.close()
+    positions = [position for _, _, position, _ in restored]
+    if any(position != positions[0] for position in positions):
+        steps = ", ".join(f"seed {run.config.train.seed} at step {position.global_step}"
+                          for run, position in zip(runs, positions))
+        raise RunError(f"--resume: the seeds' checkpoints are at different steps ({steps}): resume each on its own "
+                       f"(--seed k --run_name <run_name>_seed<k>, without --seeds)")
+    return [(state, key) for state, key, _, _ in restored], positions[0], [past for *_, past in restored]

@@ -51,6 +51,15 @@ def first_line(run: Run, device_count: int) -> str:
             f"{schedule_text(train)}")
 
 
+def sweep_line(runs) -> str:
+    """A seed sweep's second line: which seeds train together, how, and where each run's folder is."""
+    train = runs[0].config.train
+    seeds = ",".join(str(run.config.train.seed) for run in runs)
+    folders = ", ".join(run.paths.run_dir for run in runs[1:])
+    return (f"seed sweep: {len(runs)} runs trained together (--seeds {seeds}, --sweep_strategy {train.sweep_strategy}),"
+            f" each the run its --seed gives; the others in {folders}")
+
+
 class Progress:
     """An epoch's progress: a tqdm bar when stderr is a terminal, else a plain line on stdout about every
     tenth of the epoch (at the read-backs, when the losses are known)."""

@@ -177,6 +177,11 @@ def run_paths(config: Config, workdir: str | None = None) -> RunPaths:
                     config_path=os.path.join(run_dir, "config.json"))
 
 
+def default_run_name(config: Config) -> str:
+    """<dataset>_<backbone>_<date-time>: the run name of a run started without one."""
+    return f"{config.data.dataset}_{config.train.backbone}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def resolve_config(config: Config, image_size: int, train_examples: int, workdir: str | None = None) -> Config:
     """The defaults that depend on the data set and the clock made explicit: image size, steps per epoch,
     run name (a `workdir` names the run folder: logdir and run_name follow it)."""
@@ -187,32 +192,39 @@ def resolve_config(config: Config, image_size: int, train_examples: int, workdir
         log = dataclasses.replace(config.log, logdir=os.path.dirname(os.path.abspath(workdir)),
                                   run_name=os.path.basename(os.path.abspath(workdir)))
     elif config.log.run_name is None:
-        name = f"{config.data.dataset}_{config.train.backbone}_{time.strftime('%Y%m%d-%H%M%S')}"
-        log = dataclasses.replace(config.log, run_name=name)
+        log = dataclasses.replace(config.log, run_name=default_run_name(config))
     else:
         log = config.log
     return dataclasses.replace(config, data=data, train=train, log=log)
 
 
-def create_run(config: Config, workdir: str | None = None, *, resume: bool = False) -> Run:
+def create_run(config: Config, workdir: str | None = None, *, resume: bool = False, like: Run | None = None) -> Run:
     """Check the config and the machine, prepare the data set and build everything a run needs; writes
-    nothing (a fresh run refuses a checkpoint dir that already holds checkpoints).
+    nothing (a fresh run refuses a checkpoint dir that already holds checkpoints). `like`: a run of the same
+    data set, model and GAIN settings (another seed's) whose data set facts, model and compiled steps this
+    one shares, so that they are prepared and compiled once.
 
     Raises:
       ConfigError / RunError: with a one-line message naming the flag or file at fault.
     """
     config.validate()
     check_environment(config, workdir, resume)
-    info = data_package().dataset_info(config.data.dataset)
-    split_sizes = prepare_dataset(config)
-    if config.data.train_split not in split_sizes:
-        raise ConfigError(f"--train_split {config.data.train_split!r}: {config.data.dataset} has the splits "
-                          f"{', '.join(sorted(split_sizes))}")
-    config = resolve_config(config, info.image_size, split_sizes[config.data.train_split], workdir)
+    if like is None:
+        info = data_package().dataset_info(config.data.dataset)
+        split_sizes = prepare_dataset(config)
+        if config.data.train_split not in split_sizes:
+            raise ConfigError(f"--train_split {config.data.train_split!r}: {config.data.dataset} has the splits "
+                              f"{', '.join(sorted(split_sizes))}")
+        config = resolve_config(config, info.image_size, split_sizes[config.data.train_split], workdir)
+    else:
+        config = resolve_config(config, like.config.data.image_size, like.split_sizes[config.data.train_split],
+                                workdir)
     paths = run_paths(config, workdir)
     if not resume and holds_checkpoints(paths.checkpoint_dir):
         raise RunError(f"checkpoint dir {paths.checkpoint_dir} already holds checkpoints: pass --resume to "
                        f"continue that run, or choose another --run_name / --checkpoint_dir")
+    if like is not None:
+        return dataclasses.replace(like, config=config, paths=paths)
     tolerance = config.eval.pointing_tolerance
     model = build_model(config.train.backbone, num_classes=info.num_classes, dropout_rate=config.train.dropout)
     return Run(config=config, paths=paths, class_names=tuple(info.class_names), split_sizes=split_sizes,

@@ -10,7 +10,7 @@ from gain_jax import metrics
 from gain_jax.config import Config, TrainConfig
 from gain_jax.evaluate import LOSS_KEYS
 from gain_jax.gain import GainConfig
-from gain_jax.training import make_train_step
+from gain_jax.training import make_sweep_train_step, make_train_step
 
 STEP_KEYS = LOSS_KEYS + ("topk_accuracy",)
 topk_accuracy = metrics.topk_accuracy_vectorized  # the step's metric, on the device
@@ -71,5 +71,22 @@ def make_loop_train_step(model, gain_cfg: GainConfig) -> Callable:
         summary = {key: step_metrics[key] for key in LOSS_KEYS}
         summary["topk_accuracy"] = topk_accuracy(step_metrics["logits"], batch["labels"])
         return state, summary
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_loop_sweep_step(model, gain_cfg: GainConfig, strategy: str) -> Callable:
+    """`make_loop_train_step`'s step for N runs of one configuration (a seed sweep), as one jit-compiled program
+    (`make_sweep_train_step` with `strategy`): the states, batches and dropout keys `[N, 2]` stacked on a
+    leading run axis, each run's step key `fold_in(its dropout key, global_step)` as the single run's; every
+    metric `[N]`. The states are donated."""
+    sweep_step = make_sweep_train_step(model, gain_cfg, strategy, donate=False)  # the outer jit donates
+
+    def step(states, batches, dropout_keys, global_step, attention_on, mining_on):
+        rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(dropout_keys, global_step)
+        states, step_metrics = sweep_step(states, batches, rngs, attention_on, mining_on)
+        summary = {key: step_metrics[key] for key in LOSS_KEYS}
+        summary["topk_accuracy"] = jax.vmap(topk_accuracy)(step_metrics["logits"], batches["labels"])
+        return states, summary
 
     return jax.jit(step, donate_argnums=(0,))
