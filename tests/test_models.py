@@ -199,8 +199,10 @@ def _conv_stack(module, x, pools):
 def test_small_cnn_fine_is_small_cnn_without_its_last_pool():
     """small_cnn_fine has small_cnn's variables (small_cnn's weights load into it) and computes its blocks with
     the third max-pool left out: a Grad-CAM layer twice as fine (28x28 at 112 px)."""
+    from gain_jax.convert import torch_key_layout
     from gain_jax.models import cam_layer_size
 
+    assert torch_key_layout("small_cnn_fine", NUM_CLASSES) == torch_key_layout("small_cnn", NUM_CLASSES)
     coarse, fine = build_model("small_cnn", NUM_CLASSES), build_model("small_cnn_fine", NUM_CLASSES)
     images = _images((2, 24, 32, 3), jnp.float32)
     variables = _variables(coarse, images, "small_cnn")
