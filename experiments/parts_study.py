@@ -31,9 +31,10 @@ and the ceilings: GAIN_ext and the mask loss alone with every mask. A study (STU
 
 Budgets (BUDGETS, `--budget`; each value can be overridden by its own flag): epochs, classification-only epochs,
 steps per epoch, batch size, learning rate and the number of validation/test images evaluated (0: all).
-`tiny` is for tests; `short` is the one-seed probe's (experiments/results/parts_probe/README.md); `full` the
-study's. Runs go to <logdir>/<data set config>_<backbone>_<arm>_seed<seed>; a finished run with the same
-flags is kept by --reuse (and by select, test, figure and dose, which never retrain what is there).
+`tiny` is for tests; `short` is the fine-grid probe's (experiments/results/parts_probe/fine_grid/README.md);
+`full` the study's. Runs go to <logdir>/<data set config>_<backbone>_<arm>_seed<seed>; training keeps a finished
+run with the same flags with --reuse, `dose` always keeps it (and trains the missing ones), `select`, `test` and
+`figure` never train (they refuse to run without every run finished).
 
 `dose`: the dose-response over gain_parts' 12 configs (part size x body reliability): --dose_arms (baseline,
 GAIN, GAIN_ext@10% by default) trained on each config (--configs to choose), evaluated on its validation split;
@@ -600,6 +601,14 @@ DOSE_KEYS = ("part_fraction", "body_reliability", "part_area_share", "body_share
              "part_share_over_area", "body_recall@0.5", "pxap", "mAP", "p_kept_without_part")
 
 
+def grid_floor(args) -> str:
+    """The part-only reference at the backbone's Grad-CAM cells (gain_parts' 112 px)."""
+    from gain_jax.data import parts
+    from gain_jax.models import cam_layer_size
+
+    return f"part_only_grid{parts.IMAGE_SIZE // cam_layer_size(args.backbone, parts.IMAGE_SIZE)}"
+
+
 def dose_main(args) -> int:
     """Train (or reuse) --dose_arms on each config, evaluate on validation: body coverage against the part's
     size and the body's reliability."""
@@ -611,7 +620,7 @@ def dose_main(args) -> int:
         ensure_runs(args.dose_arms, args, dataset)
         references = reference_records("validation", args, dataset)
         part_config = next(c for c in parts.BUILDER_CONFIGS if c.name == config)
-        for arm in [*args.dose_arms, "part_only_grid4", "whole_object"]:
+        for arm in [*args.dose_arms, grid_floor(args), "whole_object"]:
             if arm in references:
                 summaries = [flat(summarize(references[arm]))]
             else:

@@ -48,6 +48,8 @@ def test_baseline_upstream_and_ceilings():
     assert study.family_of(settings("GAIN_ext@10%")) == "GAIN_ext (<= 10% masks)"
     assert study.family_of(settings("GAIN_ext@100%")) is None and study.family_of(baseline) is None
     assert study.ceiling_arms(study.parse_args(["--budget", "tiny"])) == ["GAIN_ext@100%", "ex_only@100%"]
+    assert study.grid_floor(study.parse_args([])) == "part_only_grid4"
+    assert study.grid_floor(study.parse_args(["--backbone", "small_cnn"])) == "part_only_grid8"
 
 
 @pytest.mark.parametrize("arm, changed", [
