@@ -46,7 +46,10 @@ ARMS = {
                     "--erase shift",  # the mask loss 10x: at weight 1 it stays small (0.05-0.07) on gain_parts
     "ex_only": "--am_weight 0 --ex_weight 1 --ex_fraction 1",
 }
-GRID_CELL = 8  # small_cnn's stride: 112 px -> a 14x14 Grad-CAM grid
+# the part-only floor at the Grad-CAM grids of small_cnn (stride 8: 14x14 at 112 px) and small_cnn_fine (stride
+# 4: 28x28): what a perfect part detector scores at each resolution
+GRID_CELLS = (8, 4)
+BACKBONES = ("small_cnn", "small_cnn_fine", "small_cnn_nobn")
 RECORD_FILE = "parts_probe.json"
 FIGURE_IMAGES = 8
 
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=["baseline", "GAIN_ext", "GAIN"], choices=sorted(ARMS))
     p.add_argument("--dataset", default="gain_parts", choices=[d for d in run_config.DATASETS if "parts" in d])
+    p.add_argument("--backbone", default="small_cnn", choices=BACKBONES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--pretrain_epochs", type=int, default=1)
@@ -73,18 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_flags(arm: str, args) -> list[str]:
-    flags = ["--dataset", args.dataset, "--backbone", "small_cnn", "--seed", str(args.seed),
+    flags = ["--dataset", args.dataset, "--backbone", args.backbone, "--seed", str(args.seed),
              "--epochs", str(args.epochs), "--pretrain_epochs", str(args.pretrain_epochs),
              "--steps_per_epoch", str(args.steps_per_epoch), "--batch_size", str(args.batch_size),
              "--lr", f"{args.lr:g}", "--logdir", args.logdir, "--run_name", run_name(arm, args),
              "--checkpoint_every", str(args.epochs), "--keep", "1", "--num_heatmaps", "0"]
     if args.data_dir:
         flags += ["--data_dir", args.data_dir]
+    if args.eval_examples:  # the train loop's own validation passes too
+        flags += ["--eval_examples", str(args.eval_examples)]
     return flags + shlex.split(ARMS[arm].format(epochs=args.epochs))
 
 
 def run_name(arm: str, args) -> str:
-    return f"{args.dataset.replace('/', '_')}_{arm}_seed{args.seed}"
+    backbone = "" if args.backbone == "small_cnn" else f"_{args.backbone}"
+    return f"{args.dataset.replace('/', '_')}{backbone}_{arm}_seed{args.seed}"
 
 
 def config_of(arm: str, args) -> run_config.Config:
@@ -126,19 +133,11 @@ def finished(arm: str, args) -> bool:
 def part_erased_images(filenames, parts_config, size: int) -> np.ndarray:
     """The images of `filenames` with their part erased (the generator's counterfactual), normalized as the
     pipeline's evaluation images are."""
-    import gain_jax.data as gd
-    from gain_jax.data import parts, pipeline, shapes
+    from gain_jax.data import parts, pipeline
 
-    images = []
-    for name in filenames:
-        split, index = parts.example_index(name.decode() if isinstance(name, bytes) else str(name))
-        example = parts.generate_example(split, index, parts_config.part_fraction, parts_config.body_reliability,
-                                         with_part=False)
-        images.append(shapes.decode_png(example["image"]))
-    images = np.stack(images)
+    images = parts.part_erased_images(filenames, parts_config.part_fraction, parts_config.body_reliability)
     if images.shape[1] != size:
         raise ValueError(f"parts_probe: images of {images.shape[1]} px, the run's {size}")
-    del gd
     return np.asarray(pipeline.normalize_batch(images))
 
 
@@ -154,7 +153,8 @@ def evaluate_maps(arm_variables, args) -> tuple[dict, dict]:
     parts_config = tfds.builder(args.dataset, data_dir=args.data_dir).builder_config
     info = gd.dataset_info(args.dataset)
     totals = {name: part_metrics.PartTotals() for name in arm_variables}
-    references = {"part_only_pixels": None, f"part_only_grid{GRID_CELL}": GRID_CELL, "whole_object": "object"}
+    references = {"part_only_pixels": None, **{f"part_only_grid{cell}": cell for cell in GRID_CELLS},
+                  "whole_object": "object"}
     totals.update({name: part_metrics.PartTotals() for name in references})
     cams_of = {arm: jax.jit(lambda variables, images, model=model, gain=gain: gj.class_cams(model, variables,
                                                                                             images, gain))
@@ -253,11 +253,12 @@ def main(argv=None) -> int:
             if name in minutes:
                 row["minutes"] = minutes[name]
         rows[name] = row
-    text = (f"{args.dataset}, seed {args.seed}, {args.epochs} epochs x {args.steps_per_epoch} steps of "
-            f"{args.batch_size} ({args.pretrain_epochs} classification-only), {args.split} split"
+    grids = " and ".join(f"{cell}-px" for cell in GRID_CELLS)
+    text = (f"{args.dataset}, {args.backbone}, seed {args.seed}, {args.epochs} epochs x {args.steps_per_epoch} "
+            f"steps of {args.batch_size} ({args.pretrain_epochs} classification-only), {args.split} split"
             f"{f' (first {args.eval_examples})' if args.eval_examples else ''}; maps: the label class's "
-            f"Grad-CAM; references: part_only_* (a perfect part detector, at pixels and at the {GRID_CELL}-px "
-            f"Grad-CAM cells), whole_object (the object's mask). Evaluation took {eval_minutes:.1f} min.\n\n"
+            f"Grad-CAM; references: part_only_* (a perfect part detector, at pixels and at {grids} Grad-CAM "
+            f"cells), whole_object (the object's mask). Evaluation took {eval_minutes:.1f} min.\n\n"
             + table(rows))
     print(text)
     os.makedirs(args.out, exist_ok=True)

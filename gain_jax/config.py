@@ -113,8 +113,9 @@ class DataConfig:
 class TrainConfig:
     """Model, initialization, optimizer and schedule."""
 
-    backbone: str = option("small_cnn", "network: vgg16, vgg19, resnet18, resnet50, small_cnn or "
-                           "small_cnn_nobn (small_cnn without BatchNorm)",
+    backbone: str = option("small_cnn", "network: vgg16, vgg19, resnet18, resnet50, small_cnn, "
+                           "small_cnn_nobn (small_cnn without BatchNorm) or small_cnn_fine (small_cnn without its "
+                           "last max-pool: a Grad-CAM grid twice as fine, for gain_parts)",
                            choices=MODEL_NAMES, resume=MUST_MATCH)
     dropout: float = option(0.5, "dropout rate of the classifier head (VGG, small_cnn)", range=(0.0, None))
     init: str | None = option(None, "torchvision state dict (.pth) to start from, e.g. ImageNet VGG19 weights for "

@@ -56,6 +56,7 @@ __all__ = [
     "VGG_CFGS",
     "SMALL_CNN_WIDTHS",
     "SMALL_CNN_BATCHNORM",
+    "SMALL_CNN_POOLS",
 ]
 
 # torchvision's VGG configurations: an int is a 3x3 conv (padding 1) + ReLU, "M" a 2x2/s2 max-pool.
@@ -71,8 +72,11 @@ RESNET_CFGS = {
 }
 # Must equal gain_torch_ref.small_cnn.WIDTHS (a test checks it; the core may not import torch).
 SMALL_CNN_WIDTHS = (16, 32, 64, 128)
-# small_cnn_nobn: SmallCNN(batchnorm=False), for ablating BatchNorm's role in the attention-mining stream
-SMALL_CNN_BATCHNORM = {"small_cnn": True, "small_cnn_nobn": False}
+# small_cnn_nobn: SmallCNN(batchnorm=False), for ablating BatchNorm's role in the attention-mining stream;
+# small_cnn_fine: SmallCNN(pools=2), small_cnn with its last max-pool dropped (stride 4, not 8): a Grad-CAM grid
+# twice as fine (28x28 at 112 px), for gain_parts, whose parts are smaller than one of small_cnn's 8-px cells
+SMALL_CNN_BATCHNORM = {"small_cnn": True, "small_cnn_nobn": False, "small_cnn_fine": True}
+SMALL_CNN_POOLS = {"small_cnn": 3, "small_cnn_nobn": 3, "small_cnn_fine": 2}
 MODEL_NAMES = tuple(VGG_CFGS) + tuple(RESNET_CFGS) + tuple(SMALL_CNN_BATCHNORM)
 
 VGG_POOL_SIZE = 7  # torchvision's AdaptiveAvgPool2d((7, 7)) in front of the classifier
@@ -512,15 +516,21 @@ class SmallCNN(nn.Module):
     head: global average pool, dropout, Dense. Params: conv_0..3, bn_0..3, fc.
 
     batchnorm=False ("small_cnn_nobn") drops the BN modules: conv goes straight into ReLU, the params are
-    conv_0..3 and fc, and there is no "batch_stats" collection (so freeze_bn has nothing to act on)."""
+    conv_0..3 and fc, and there is no "batch_stats" collection (so freeze_bn has nothing to act on).
+    pools: max-pools after the first `pools` convolutions only (None: after each but the last). pools=2
+    ("small_cnn_fine") keeps the same parameters but a Grad-CAM layer of stride 4, twice as fine, with a
+    smaller receptive field (26 px instead of 38); its last convolution runs on four times the pixels."""
 
     num_classes: int
     dropout_rate: float = 0.5
     widths: Sequence[int] = SMALL_CNN_WIDTHS
     param_dtype: Dtype = jnp.float32
     batchnorm: bool = True
+    pools: int | None = None
 
     def setup(self):
+        if self.pools is not None and not 0 <= self.pools < len(self.widths):
+            raise ValueError(f"SmallCNN: pools must be in [0, {len(self.widths) - 1}], got {self.pools!r}")
         fan_ins = [3 * 9] + [w * 9 for w in self.widths[:-1]]
         self.conv = [
             _conv(w, 3, padding=1, kernel_init=torch_linear_init(fan_in), bias_init=torch_linear_init(fan_in),
@@ -536,13 +546,13 @@ class SmallCNN(nn.Module):
 
     def features(self, x, *, train: bool = False, freeze_bn: bool = False):
         bn = dict(use_running_average=(not train) or freeze_bn, freeze_params=freeze_bn)
-        last = len(self.widths) - 1
+        pools = len(self.widths) - 1 if self.pools is None else self.pools
         for index, conv in enumerate(self.conv):
             x = conv(x)
             if self.batchnorm:
                 x = self.bn[index](x, **bn)
             x = nn.relu(x)
-            if index < last:
+            if index < pools:
                 x = _max_pool_2x2(x)
         return x
 
@@ -568,7 +578,7 @@ def cam_layer_size(name: str, image_size: int) -> int:
         for _ in range(5):  # the stem conv, the max-pool and three strided stages each halve, rounding up
             size = -(-size // 2)
         return size
-    return image_size // 2 ** (len(SMALL_CNN_WIDTHS) - 1)
+    return image_size // 2 ** SMALL_CNN_POOLS[name]
 
 
 def min_image_size(name: str) -> int:
@@ -582,8 +592,8 @@ def min_image_size(name: str) -> int:
 
 def build_model(name: str, num_classes: int, dropout_rate: float = 0.5, *,
                 param_dtype: Dtype = jnp.float32) -> nn.Module:
-    """The backbone `name` ("vgg16", "vgg19", "resnet18", "resnet50", "small_cnn", "small_cnn_nobn") with a
-    `num_classes` head.
+    """The backbone `name` ("vgg16", "vgg19", "resnet18", "resnet50", "small_cnn", "small_cnn_nobn",
+    "small_cnn_fine") with a `num_classes` head.
 
     `dropout_rate` applies where torchvision has dropout (VGG's classifier, small_cnn's head); ResNet
     has none. `param_dtype` is the dtype `model.init` creates params in (float64 needs jax_enable_x64);
@@ -601,4 +611,6 @@ def build_model(name: str, num_classes: int, dropout_rate: float = 0.5, *,
     if name in RESNET_CFGS:
         block, stage_sizes = RESNET_CFGS[name]
         return ResNet(block, stage_sizes, num_classes, param_dtype=param_dtype)
-    return SmallCNN(num_classes, dropout_rate, param_dtype=param_dtype, batchnorm=SMALL_CNN_BATCHNORM[name])
+    pools = SMALL_CNN_POOLS[name]
+    return SmallCNN(num_classes, dropout_rate, param_dtype=param_dtype, batchnorm=SMALL_CNN_BATCHNORM[name],
+                    pools=None if pools == len(SMALL_CNN_WIDTHS) - 1 else pools)

@@ -19,8 +19,9 @@ background, class + 1, 255 ignored).
   of a CAM grid (`cell`), the part mask averaged over each cell (what a coarse map that finds exactly the
   part's cells gives). A method that extends attention to the whole object must beat its body share, body
   recall and PxAP.
-- `PartTotals`: running sums over batches, `summarize`d into one dict (with the class's probability on the
-  image and on the image with its part erased, when given).
+- `image_records`: the per-image counts of all of these (with the class's probability on the image and on the
+  image with its part erased, when given), which `summarize_records` pools over a set or over resampled
+  images (a bootstrap); `PartTotals` collects them over batches.
 """
 from __future__ import annotations
 
@@ -90,71 +91,93 @@ def part_only_maps(part_masks: np.ndarray, cell: int | None = None) -> np.ndarra
     return np.repeat(np.repeat(blocks, cell, axis=1), cell, axis=2)
 
 
+def image_records(maps, body_masks, part_masks, gt_masks, thresholds=RECALL_THRESHOLDS, p_image=None,
+                  p_part_erased=None) -> dict:
+    """The metrics' per-image counts of one batch (what a bootstrap over images resamples; `summarize_records`
+    pools them): "body_share", "part_share" `[B]` (nan for an all-zero map), "body_hits", "part_hits" `[B, T]`
+    (region pixels at or above each threshold), "body_pixels", "part_pixels" `[B]`, "pxap_positives",
+    "pxap_negatives" `[B, T']` (`gain_jax.metrics.pixel_score_counts` of the whole object, body and part,
+    against the rest, the ignore ring left out), and "p_image", "p_part_erased" `[B]` when given."""
+    maps = np.asarray(maps)
+    body_share, part_share = mass_shares(maps, body_masks, part_masks)
+    gt_masks = np.asarray(gt_masks)
+    whole = np.where(gt_masks == metrics.IGNORE_LABEL, metrics.IGNORE_LABEL, (gt_masks > 0).astype(np.int64))
+    records = {key: [] for key in ("body_hits", "body_pixels", "part_hits", "part_pixels", "pxap_positives",
+                                   "pxap_negatives")}
+    for row in range(len(maps)):
+        image = slice(row, row + 1)
+        for region, masks in (("body", body_masks), ("part", part_masks)):
+            hits, pixels = region_hits(maps[image], np.asarray(masks)[image], thresholds)
+            records[f"{region}_hits"].append(hits)
+            records[f"{region}_pixels"].append(pixels)
+        positives, negatives = metrics.pixel_score_counts(maps[image], whole[image])
+        records["pxap_positives"].append(positives)
+        records["pxap_negatives"].append(negatives)
+    records = {key: np.stack(values) for key, values in records.items()}
+    records.update(body_share=body_share, part_share=part_share)
+    for key, values in (("p_image", p_image), ("p_part_erased", p_part_erased)):
+        if values is not None:
+            records[key] = np.asarray(values, np.float64)
+    return records
+
+
+def concatenate_records(batches) -> dict:
+    """One record dict from the `image_records` of several batches (the keys every batch has)."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no batch added")
+    keys = [key for key in batches[0] if all(key in batch for batch in batches)]
+    return {key: np.concatenate([batch[key] for batch in batches]) for key in keys}
+
+
+def summarize_records(records: dict, thresholds=RECALL_THRESHOLDS, rows=None) -> dict:
+    """Pool `image_records` (of the images `rows`, all by default): body_share, part_share (means over images
+    with a nonzero map, and their count `num_maps`), body_recall and part_recall {threshold: recall}, their
+    means over the thresholds (body_recall_mean, part_recall_mean), PxAP of the whole object, and with the
+    probabilities: p_image, p_part_erased (means) and p_kept_without_part (mean p_part_erased / mean p_image)."""
+    if rows is not None:
+        records = {key: values[rows] for key, values in records.items()}
+    body, part = records["body_share"], records["part_share"]
+    nonzero = ~np.isnan(body)
+    body_recall = records["body_hits"].sum(axis=0) / max(int(records["body_pixels"].sum()), 1)
+    part_recall = records["part_hits"].sum(axis=0) / max(int(records["part_pixels"].sum()), 1)
+    result = {
+        "num_images": int(len(body)), "num_maps": int(nonzero.sum()),
+        "body_share": float(body[nonzero].mean()) if nonzero.any() else float("nan"),
+        "part_share": float(part[nonzero].mean()) if nonzero.any() else float("nan"),
+        "body_recall": dict(zip(map(float, thresholds), body_recall.tolist())),
+        "part_recall": dict(zip(map(float, thresholds), part_recall.tolist())),
+        "body_recall_mean": float(body_recall.mean()), "part_recall_mean": float(part_recall.mean()),
+        "pxap": metrics.pixel_average_precision_from_counts(records["pxap_positives"].sum(axis=0),
+                                                            records["pxap_negatives"].sum(axis=0)),
+    }
+    if "p_image" in records:
+        result["p_image"] = float(records["p_image"].mean())
+    if "p_part_erased" in records:
+        result["p_part_erased"] = float(records["p_part_erased"].mean())
+    if "p_image" in records and "p_part_erased" in records:
+        result["p_kept_without_part"] = result["p_part_erased"] / result["p_image"]
+    return result
+
+
 @dataclasses.dataclass
 class PartTotals:
-    """Running sums of the part/body metrics over batches (`add`), then `summarize`."""
+    """The per-image records of batches (`add`), pooled by `summarize`."""
 
     thresholds: tuple = RECALL_THRESHOLDS
-    body_shares: list = dataclasses.field(default_factory=list)
-    part_shares: list = dataclasses.field(default_factory=list)
-    body_hits: np.ndarray | None = None
-    part_hits: np.ndarray | None = None
-    body_pixels: int = 0
-    part_pixels: int = 0
-    pxap_positives: np.ndarray | None = None
-    pxap_negatives: np.ndarray | None = None
-    p_image: list = dataclasses.field(default_factory=list)
-    p_part_erased: list = dataclasses.field(default_factory=list)
+    batches: list = dataclasses.field(default_factory=list)
 
     def add(self, maps, body_masks, part_masks, gt_masks, p_image=None, p_part_erased=None) -> PartTotals:
         """One batch: `[B, H, W]` label maps, body, part and VOC-encoded masks; optionally `[B]` probabilities
         of the label class on the image and on the image with the part erased. Returns self."""
-        maps = np.asarray(maps)
-        body, part = mass_shares(maps, body_masks, part_masks)
-        self.body_shares.append(body)
-        self.part_shares.append(part)
-        body_hits, body_pixels = region_hits(maps, body_masks, self.thresholds)
-        part_hits, part_pixels = region_hits(maps, part_masks, self.thresholds)
-        self.body_hits = body_hits if self.body_hits is None else self.body_hits + body_hits
-        self.part_hits = part_hits if self.part_hits is None else self.part_hits + part_hits
-        self.body_pixels += body_pixels
-        self.part_pixels += part_pixels
-        # the whole object (body and part) against the rest, the ignore ring left out
-        gt_masks = np.asarray(gt_masks)
-        whole = np.where(gt_masks == metrics.IGNORE_LABEL, metrics.IGNORE_LABEL, (gt_masks > 0).astype(np.int64))
-        positives, negatives = metrics.pixel_score_counts(maps, whole)
-        self.pxap_positives = positives if self.pxap_positives is None else self.pxap_positives + positives
-        self.pxap_negatives = negatives if self.pxap_negatives is None else self.pxap_negatives + negatives
-        if p_image is not None:
-            self.p_image.append(np.asarray(p_image, np.float64))
-        if p_part_erased is not None:
-            self.p_part_erased.append(np.asarray(p_part_erased, np.float64))
+        self.batches.append(image_records(maps, body_masks, part_masks, gt_masks, self.thresholds, p_image,
+                                          p_part_erased))
         return self
 
+    def records(self) -> dict:
+        """The batches' `image_records`, concatenated."""
+        return concatenate_records(self.batches)
+
     def summarize(self) -> dict:
-        """body_share, part_share (means over images with a nonzero map, and their count `num_maps`),
-        body_recall and part_recall {threshold: recall}, their means over the thresholds
-        (body_recall_mean, part_recall_mean), PxAP of the whole object, and with the probabilities:
-        p_image, p_part_erased (means) and p_kept_without_part (mean p_part_erased / mean p_image)."""
-        if not self.body_shares:
-            raise ValueError("no batch added")
-        body, part = np.concatenate(self.body_shares), np.concatenate(self.part_shares)
-        nonzero = ~np.isnan(body)
-        body_recall = self.body_hits / max(self.body_pixels, 1)
-        part_recall = self.part_hits / max(self.part_pixels, 1)
-        result = {
-            "num_images": int(len(body)), "num_maps": int(nonzero.sum()),
-            "body_share": float(body[nonzero].mean()) if nonzero.any() else float("nan"),
-            "part_share": float(part[nonzero].mean()) if nonzero.any() else float("nan"),
-            "body_recall": dict(zip(map(float, self.thresholds), body_recall.tolist())),
-            "part_recall": dict(zip(map(float, self.thresholds), part_recall.tolist())),
-            "body_recall_mean": float(body_recall.mean()), "part_recall_mean": float(part_recall.mean()),
-            "pxap": metrics.pixel_average_precision_from_counts(self.pxap_positives, self.pxap_negatives),
-        }
-        if self.p_image:
-            result["p_image"] = float(np.concatenate(self.p_image).mean())
-        if self.p_part_erased:
-            result["p_part_erased"] = float(np.concatenate(self.p_part_erased).mean())
-        if self.p_image and self.p_part_erased:
-            result["p_kept_without_part"] = result["p_part_erased"] / result["p_image"]
-        return result
+        """`summarize_records` of every image added."""
+        return summarize_records(self.records(), self.thresholds)

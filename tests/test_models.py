@@ -14,12 +14,13 @@ NUM_CLASSES = 5
 CASES = {
     "small_cnn": ((64, 48), (8, 6, 128)),
     "small_cnn_nobn": ((64, 48), (8, 6, 128)),
+    "small_cnn_fine": ((64, 48), (16, 12, 128)),
     "resnet18": ((64, 48), (2, 2, 512)),
     "resnet50": ((32, 32), (1, 1, 2048)),
     "vgg16": ((32, 32), (1, 1, 512)),
     "vgg19": ((64, 48), (2, 1, 512)),
 }
-HAS_BN = {"small_cnn", "resnet18", "resnet50"}
+HAS_BN = {"small_cnn", "small_cnn_fine", "resnet18", "resnet50"}
 
 
 @pytest.fixture
@@ -179,6 +180,40 @@ def test_small_cnn_nobn_init_is_small_cnn_without_batchnorm():
     assert sorted(nobn["params"]) == ["conv_0", "conv_1", "conv_2", "conv_3", "fc"]
     for name, module in nobn["params"].items():
         jax.tree_util.tree_map(np.testing.assert_array_equal, module, with_bn["params"][name])
+
+
+def _conv_stack(module, x, pools):
+    """A SmallCNN's Grad-CAM layer computed from its bound submodules, max-pooling after the first `pools` of its
+    conv - BN - ReLU blocks (evaluation mode)."""
+    from flax import linen as nn
+
+    from gain_jax.models import _max_pool_2x2
+
+    for index, conv in enumerate(module.conv):
+        x = nn.relu(module.bn[index](conv(x), use_running_average=True))
+        if index < pools:
+            x = _max_pool_2x2(x)
+    return x
+
+
+def test_small_cnn_fine_is_small_cnn_without_its_last_pool():
+    """small_cnn_fine has small_cnn's variables (small_cnn's weights load into it) and computes its blocks with
+    the third max-pool left out: a Grad-CAM layer twice as fine (28x28 at 112 px)."""
+    from gain_jax.convert import torch_key_layout
+    from gain_jax.models import cam_layer_size
+
+    assert torch_key_layout("small_cnn_fine", NUM_CLASSES) == torch_key_layout("small_cnn", NUM_CLASSES)
+    coarse, fine = build_model("small_cnn", NUM_CLASSES), build_model("small_cnn_fine", NUM_CLASSES)
+    images = _images((2, 24, 32, 3), jnp.float32)
+    variables = _variables(coarse, images, "small_cnn")
+    assert jax.tree_util.tree_structure(jax.eval_shape(fine.init, jax.random.PRNGKey(0), images)) == \
+        jax.tree_util.tree_structure(variables)
+    feats = fine.apply(variables, images, method="features")
+    assert feats.shape == (2, 6, 8, 128) and cam_layer_size("small_cnn_fine", 112) == 28
+    np.testing.assert_allclose(feats, fine.apply(variables, images, 2, method=_conv_stack), rtol=1e-6, atol=1e-6)
+    # the same stack with three pools is small_cnn's
+    np.testing.assert_allclose(coarse.apply(variables, images, method="features"),
+                               coarse.apply(variables, images, 3, method=_conv_stack), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -31,6 +31,9 @@ def test_flags_of_the_arms():
     assert baseline.train.pretrain_epochs == baseline.train.epochs == 3
     assert gain_ext.gain.ex_weight == 1 and gain_ext.data.ex_fraction == 1 and gain_ext.gain.erase == "shift"
     assert gain_ext.data.dataset == "gain_parts" and gain_ext.train.backbone == "small_cnn"
+    fine = script.config_of("baseline", script.build_parser().parse_args(["--backbone", "small_cnn_fine"]))
+    assert fine.train.backbone == "small_cnn_fine"
+    assert script.run_name("baseline", script.build_parser().parse_args([])) == "gain_parts_baseline_seed0"
 
 
 @pytest.mark.slow
@@ -42,7 +45,8 @@ def test_tiny_probe_end_to_end(small_parts, tmp_path, capsys):
     assert script.main(argv) == 0
     with open(out / "tiny.json") as handle:
         results = json.load(handle)["results"]
-    assert set(results) == {"baseline", "GAIN_ext", "part_only_pixels", "part_only_grid8", "whole_object"}
+    assert set(results) == {"baseline", "GAIN_ext", "part_only_pixels", "part_only_grid8", "part_only_grid4",
+                            "whole_object"}
     for arm in ("baseline", "GAIN_ext"):
         row = results[arm]
         assert row["num_images"] == 8 and 0 <= row["body_share"] <= 1 and 0 <= row["part_share"] <= 1
@@ -51,8 +55,8 @@ def test_tiny_probe_end_to_end(small_parts, tmp_path, capsys):
     whole, part_only = results["whole_object"], results["part_only_pixels"]
     assert whole["pxap"] == pytest.approx(1.0) and whole["body_recall_mean"] == 1.0
     assert part_only["part_share"] == 1.0 and part_only["body_recall_mean"] == 0.0
-    # the grid floor spreads over the part's cells, part of which is body
-    assert 0 < results["part_only_grid8"]["body_share"] < 1
+    # the grid floors spread over the part's cells, part of which is body: less of it at the finer grid
+    assert 0 < results["part_only_grid4"]["body_share"] < results["part_only_grid8"]["body_share"] < 1
     assert "| baseline |" in (out / "tiny.md").read_text() and "whole_object" in capsys.readouterr().out
     assert (out / "tiny.png").stat().st_size > 0
     # --reuse evaluates the finished runs without training them again

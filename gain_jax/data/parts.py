@@ -181,6 +181,18 @@ def generate_example(split: str, index: int, part_fraction: float = PART_FRACTIO
     }
 
 
+def part_erased_images(filenames, part_fraction: float, body_reliability: float) -> np.ndarray:
+    """uint8 `[B, 112, 112, 3]`: the examples `filenames` (bytes or str, `parts_<split>_<index>`) of the config
+    (`part_fraction`, `body_reliability`) regenerated with their part erased (`generate_example(...,
+    with_part=False)`)."""
+    images = []
+    for name in filenames:
+        split, index = example_index(name.decode() if isinstance(name, bytes) else str(name))
+        example = generate_example(split, index, part_fraction, body_reliability, with_part=False)
+        images.append(shapes.decode_png(example["image"]))
+    return np.stack(images)
+
+
 def example_index(filename: str) -> tuple[str, int]:
     """(split, index) of an example from its filename (`parts_<split>_<index>`)."""
     match = re.fullmatch(r"parts_(\w+)_(\d{6})", filename)

@@ -1,0 +1,156 @@
+"""experiments/parts_study.py: each arm's train.py settings (fast, no training), the flags' refusals, and the
+commands end to end on a tiny gain_parts (slow: train two seeds of three arms, select, test, figure, dose on two
+configs)."""
+import json
+import os
+import sys
+
+import pytest
+
+from gain_jax import config as run_config
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import parts_study as study
+
+
+def settings(arm, argv=()):
+    args = study.parse_args(["--budget", "tiny", *argv])
+    return study.run_config_of(arm, 0, args)
+
+
+def differences(arm, reference="GAIN"):
+    """{setting: (reference's, arm's)} of two arms' configs."""
+    return {name: (a, b) for name, a, b in run_config.setting_differences(settings(reference), settings(arm))}
+
+
+def test_every_arm_parses_and_the_study_lists_them_all():
+    args = study.parse_args(["--budget", "tiny"])
+    assert args.arms == list(study.ARMS) and args.name == "main"
+    for arm in study.ARMS:
+        config = study.run_config_of(arm, 0, args)
+        assert config.data.dataset == "gain_parts/part04_rel060" and config.train.backbone == "small_cnn_fine"
+        assert not config.eval.test and config.eval.eval_examples == 8
+
+
+def test_baseline_upstream_and_ceilings():
+    baseline = settings("baseline")
+    assert baseline.gain.am_weight == 0 and baseline.gain.ex_weight == 0
+    assert baseline.train.pretrain_epochs == baseline.train.epochs == 2
+    upstream = settings("GAIN_upstream")
+    assert (upstream.gain.am_weight, upstream.gain.am_batchnorm, upstream.gain.score, upstream.gain.erase) == (
+        1.0, "frozen", "softmax", "constant") and upstream.gain.ex_weight == 0
+    gain = settings("GAIN")
+    assert (gain.gain.am_weight, gain.gain.am_batchnorm, gain.gain.score, gain.gain.erase) == (
+        0.1, "batch", "sigmoid", "shift") and gain.gain.ex_weight == 0 and gain.train.pretrain_epochs == 1
+    for arm, fraction, am_weight in (("GAIN_ext@10%", 0.1, 0.1), ("GAIN_ext@100%", 1.0, 0.1), ("ex_only@100%", 1, 0)):
+        config = settings(arm)
+        assert config.gain.ex_weight == 1 and config.data.ex_fraction == fraction and config.gain.am_weight == am_weight
+    assert study.family_of(settings("GAIN_ext@10%")) == "GAIN_ext (<= 10% masks)"
+    assert study.family_of(settings("GAIN_ext@100%")) is None and study.family_of(baseline) is None
+    assert study.ceiling_arms(study.parse_args(["--budget", "tiny"])) == ["GAIN_ext@100%", "ex_only@100%"]
+    assert study.grid_floor(study.parse_args([])) == "part_only_grid4"
+    assert study.grid_floor(study.parse_args(["--backbone", "small_cnn"])) == "part_only_grid8"
+
+
+@pytest.mark.parametrize("arm, changed", [
+    ("GAIN:erase=constant", {"erase": ("shift", "constant")}),
+    ("GAIN:mask_grad=stop", {"mask_grad": ("through", "stop")}),
+    ("GAIN:cam_grad=full", {"cam_grad": ("stop", "full")}),
+    ("GAIN:cam_grad=full,mask_grad=stop", {"cam_grad": ("stop", "full"), "mask_grad": ("through", "stop")}),
+    ("GAIN:score=softmax", {"score": ("sigmoid", "softmax")}),
+    ("GAIN:am_batchnorm=frozen", {"am_batchnorm": ("batch", "frozen")}),
+    ("GAIN:am_weight=1", {"am_weight": (0.1, 1.0)}),
+])
+def test_each_self_guided_variant_changes_only_its_setting(arm, changed):
+    found = {name.rsplit(".", 1)[-1]: values for name, values in differences(arm).items()}
+    assert found == changed
+    assert study.family_of(settings(arm)) == "GAIN (self-guided)"
+
+
+def test_budget_flags_seeds_and_arms():
+    args = study.parse_args(["--budget", "full", "--seeds", "0,1,2,3,4", "--epochs", "8"])
+    assert args.seeds == [0, 1, 2, 3, 4] and args.epochs == 8 and args.steps_per_epoch == 100
+    assert args.eval_examples == 0 and "--eval_examples" not in study.run_flags("GAIN", 3, args)
+    assert study.run_name("GAIN:am_weight=1", 3, args) == "part04_rel060_small_cnn_fine_GAIN_am_weight_1_seed3"
+    added = study.parse_args(["--arm", "GAIN:sigma=0.25=--am_weight 0.1 --sigma 0.25", "--arms", "baseline",
+                              "GAIN:sigma=0.25"])
+    assert study.run_config_of("GAIN:sigma=0.25", 0, added).gain.sigma == 0.25 and added.name.startswith("arms-")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0,x"], "comma-separated"),
+    (["--seeds", "1,1"], "distinct"),
+    (["--budget", "huge"], "invalid choice"),
+    (["--arms", "nothing"], "unknown arm"),
+    (["--pretrain_epochs", "2"], "--pretrain_epochs"),
+    (["--arm", "bad"], "NAME=FLAGS"),
+    (["--arm", "x=--test", "--arms", "baseline", "x"], "blind to test"),
+    (["select", "--arms", "GAIN"], "needs the baseline"),
+    (["dose", "--configs", "part03_rel060"], "unknown gain_parts config"),
+    (["--figure_images", "51"], "--figure_images"),
+    (["--ex_fraction", "0"], "--ex_fraction"),
+])
+def test_bad_flags_exit_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        study.parse_args(["--budget", "tiny", *argv])
+    assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_test_and_figure_on_test_refuse_without_selection(tmp_path):
+    argv = ["--budget", "tiny", "--out", str(tmp_path), "--logdir", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit, match="no selection file"):
+        study.main(["test", *argv])
+    with pytest.raises(SystemExit, match="no selection file"):
+        study.main(["figure", "--split", "test", *argv])
+    with pytest.raises(SystemExit, match="no finished run"):
+        study.main(["select", *argv])
+
+
+@pytest.fixture
+def small_parts(tmp_path, monkeypatch):
+    from gain_jax.data import parts
+
+    monkeypatch.setattr(parts, "SPLIT_SIZES", {"train": 16, "validation": 8, "test": 8})
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    return str(data_dir)
+
+
+@pytest.mark.slow
+def test_tiny_study_train_select_test_figure_and_dose(small_parts, tmp_path, capsys):
+    out, logdir = tmp_path / "out", tmp_path / "runs"
+    common = ["--budget", "tiny", "--seeds", "0,1", "--arms", "baseline", "GAIN", "GAIN_ext@10%",
+              "--data_dir", small_parts, "--logdir", str(logdir), "--out", str(out), "--figure_images", "4"]
+    assert study.main(["train", *common]) == 0
+    name = "arms-baseline+GAIN+GAIN_ext_10pct"
+    assert "| GAIN_ext@10% | 1 |" in (out / f"{name}.train.md").read_text()
+    assert study.main(["select", *common]) == 0
+    selection = json.loads((out / f"{name}.selection.json").read_text())
+    assert set(selection["targets"]) == {t.name for t in study.TARGETS}
+    for run in selection["validation"].values():
+        assert 0 <= run["body_share"] <= 1 and 0 < run["p_image"] < 1 and run["num_images"] == 8
+    # each chosen arm is of its target's family, or none passed the mAP tolerance
+    assert selection["targets"]["self-guided body share"]["arm"] in ("GAIN", None)
+    assert selection["targets"]["GAIN_ext body share"]["arm"] in ("GAIN_ext@10%", None)
+    assert study.main(["test", *common]) == 0
+    result = json.loads((out / f"{name}.test.json").read_text())
+    assert result["references"]["whole_object"]["pxap"] == pytest.approx(1.0)
+    assert result["references"]["part_only_pixels"]["part_share"] == 1.0
+    assert {run["arm"] for run in result["per_run"].values()} >= {"baseline"}
+    for interval in result["bootstrap"]["baseline"].values():
+        assert interval["low"] <= interval["mean"] <= interval["high"]
+    assert "95% t-interval" in (out / f"{name}.test.md").read_text()
+    capsys.readouterr()
+    # the dose-response on two configs, one seed; then the figures (overlays of test images, the dose curve)
+    dose = ["--budget", "tiny", "--seeds", "0", "--data_dir", small_parts, "--logdir", str(logdir), "--out", str(out),
+            "--configs", "part04_rel060", "part02_rel100", "--dose_arms", "baseline", "GAIN"]
+    assert study.main(["dose", *dose]) == 0
+    rows = json.loads((out / "dose.json").read_text())["rows"]
+    assert [(row["config"], row["arm"]) for row in rows] == [
+        (config, arm) for config in ("part04_rel060", "part02_rel100")
+        for arm in ("baseline", "GAIN", "part_only_grid4", "whole_object")]
+    small, large = rows[4]["part_area_share"], rows[0]["part_area_share"]
+    assert 0 < small < large < 0.1  # 2% and 4% parts
+    assert "reusing" in capsys.readouterr().out  # the baseline and GAIN runs of part04_rel060 exist already
+    assert study.main(["figure", "--split", "test", *common]) == 0
+    assert (out / f"{name}.test.png").stat().st_size > 0 and (out / "dose.png").stat().st_size > 0
