@@ -148,7 +148,7 @@ def test_config_from_dict_checks_names_and_validate_checks_choices():
 def test_resume_must_match_fields_come_from_metadata():
     must_match = {name for _, name in run_config.must_match_fields()}
     assert must_match == {"dataset", "backbone", "image_size", "batch_size", "mode", "max_labels", "seed",
-                          "autoaugment"}
+                          "autoaugment", "train_split"}
     saved = run_config.config_to_dict(Config())
     assert run_config.resume_mismatches(saved, Config(train=TrainConfig(lr=0.1))) == []
     assert run_config.resume_mismatches(saved, Config(train=TrainConfig(seed=3))) == [("seed", 0, 3)]
