@@ -143,11 +143,15 @@ def assert_equals_separate_runs(states, histories, separate_runs):
 
 
 @pytest.mark.slow
-def test_a_sweep_equals_the_seeds_separate_runs_in_their_own_folders(shapes_data_dir, tmp_path, separate_runs):
+def test_a_sweep_equals_the_seeds_separate_runs_in_their_own_folders(shapes_data_dir, tmp_path, separate_runs,
+                                                                     capsys):
     from gain_jax.train_loop import train_and_evaluate
 
+    capsys.readouterr()
     states, histories = train_and_evaluate(tiny_config(shapes_data_dir, tmp_path, "pair", seeds=SEEDS))
     assert_equals_separate_runs(states, histories, separate_runs)
+    titles = [line for line in capsys.readouterr().out.splitlines() if " on gain_shapes, small_cnn, " in line]
+    assert [title.split(":")[0] for title in titles] == [f"seed {seed}" for seed in SEEDS]  # whose report is whose
     assert sorted(os.listdir(tmp_path)) == ["pair_seed3", "pair_seed5"]
     for seed, history in zip(SEEDS, histories):
         run_dir = os.path.join(tmp_path, f"pair_seed{seed}")

@@ -140,11 +140,13 @@ def _table(run: Run, rows: list[tuple[str, Mapping[str, Any]]], width: int) -> l
     return lines
 
 
-def report(run: Run, history: Mapping[str, Any], seconds: float, latest_checkpoint: int | None) -> str:
-    """The closing table: every final split, and the pre-training baseline's splits when there was one."""
+def report(run: Run, history: Mapping[str, Any], seconds: float, latest_checkpoint: int | None,
+           label: str = "") -> str:
+    """The closing table: every final split, and the pre-training baseline's splits when there was one.
+    `label` starts its title (a seed sweep's "seed k: ")."""
     config = run.config
     train, dataset = config.train, config.data.dataset
-    lines = [f"\n{method_name(config)} on {dataset}, {train.backbone}, {train.epochs} epochs "
+    lines = [f"\n{label}{method_name(config)} on {dataset}, {train.backbone}, {train.epochs} epochs "
              f"({train.pretrain_epochs} classification-only), {seconds:.0f} s"]
     rows = []
     pretrained = next((r for r in history["epochs"] if r["epoch"] == train.pretrain_epochs), None)

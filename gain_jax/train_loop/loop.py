@@ -173,8 +173,9 @@ class Loop:
         self.wait_for_checkpoints()
         self.finish("finished")
         if self.run.is_main:
-            for run, records, manager in zip(self.group.runs, self.records, self.managers):
-                print(console.report(run, records.history, time.time() - started, manager.latest_step()), flush=True)
+            for index, (run, records, manager) in enumerate(zip(self.group.runs, self.records, self.managers)):
+                print(console.report(run, records.history, time.time() - started, manager.latest_step(),
+                                     label=self.group.label(index)), flush=True)
         return self.state, [records.history for records in self.records]
 
     def finish(self, status: str, global_step: int | None = None) -> None:
