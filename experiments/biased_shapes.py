@@ -404,13 +404,14 @@ def run_all(args) -> tuple[dict, dict, dict, dict]:
                 continue
             results[key], seconds[key], cpu[key], sweeps[key] = metrics, None, None, None
             print(f"  reusing {run_dir(arm, seed, args)}", flush=True)
-        for batch in protocol.sweep_batches(arm, pending, run_config_of(arm, pending[0], args)) if pending else []:
+        for batch in protocol.sweep_batches(arm, pending, run_config_of(arm, seeds[0], args)):
             if len(batch) == 1:
                 print(f"  training {arm}, seed {batch[0]}: train.py {shlex.join(run_flags(arm, batch[0], args))}",
                       flush=True)
             else:
-                print(f"  training {arm}, seeds {','.join(map(str, batch))} together as one seed sweep (each run's "
-                      f"flags as alone, --seed k): train.py {shlex.join(run_flags(arm, batch[0], args))}", flush=True)
+                flags = protocol.sweep_flags(run_flags(arm, batch[0], args), batch)
+                print(f"  training {arm}, seeds {','.join(map(str, batch))} together as one seed sweep: train.py "
+                      f"{shlex.join(flags)}", flush=True)
             histories, wall, cpu_seconds = train_arm(arm, batch, args)
             share = f" ({len(batch)} runs trained together: the sweep's {wall:.0f} s and {cpu_seconds:.0f} CPU s " \
                     f"divided by {len(batch)})" if len(batch) > 1 else ""

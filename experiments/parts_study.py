@@ -332,12 +332,13 @@ def ensure_runs(arms, args, dataset: str | None = None, retrain: bool = False) -
                 continue
             print(f"  reusing {run_dir(arm, seed, args, dataset)}", flush=True)
             seconds[(arm, seed)] = None
-        for batch in protocol.sweep_batches(arm, pending, run_config_of(arm, pending[0], args, dataset)) \
-                if pending else []:
-            together = f"seeds {','.join(map(str, batch))} together as one seed sweep" if len(batch) > 1 else \
-                f"seed {batch[0]}"
-            print(f"  training {arm}, {together}: train.py {shlex.join(run_flags(arm, batch[0], args, dataset))}",
-                  flush=True)
+        for batch in protocol.sweep_batches(arm, pending, run_config_of(arm, seeds[0], args, dataset)):
+            flags = run_flags(arm, batch[0], args, dataset)
+            if len(batch) == 1:
+                print(f"  training {arm}, seed {batch[0]}: train.py {shlex.join(flags)}", flush=True)
+            else:
+                print(f"  training {arm}, seeds {','.join(map(str, batch))} together as one seed sweep: train.py "
+                      f"{shlex.join(protocol.sweep_flags(flags, batch))}", flush=True)
             wall = train_arm(arm, batch, args, dataset)
             for seed in batch:
                 seconds[(arm, seed)] = wall / len(batch)

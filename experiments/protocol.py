@@ -165,10 +165,10 @@ def sweep_refusal(config) -> str | None:
 
 
 def sweep_batches(arm: str, seeds: Sequence[int], config) -> list[list[int]]:
-    """The seeds of `arm` to train, as the groups `train_runs` trains: all of them as one sweep, or one at a time
-    when there is one, or when `sweep_refusal(config)` (printed, with the reason)."""
+    """The seeds of `arm` to train (`config`: one of its runs'), as the groups `train_runs` trains: all of them as
+    one sweep, or one at a time when there is one, or when `sweep_refusal(config)` (printed, with the reason)."""
     if len(seeds) < 2:
-        return [list(seeds)]
+        return [list(seeds)] if seeds else []
     reason = sweep_refusal(config)
     if reason is None:
         return [list(seeds)]
@@ -176,12 +176,17 @@ def sweep_batches(arm: str, seeds: Sequence[int], config) -> list[list[int]]:
     return [[seed] for seed in seeds]
 
 
-def sweep_flags(flags: Sequence[str], seeds: Sequence[int], run_name: str) -> list[str]:
-    """train.py flags of one run of a sweep (`--seed k --run_name <run_name>_seed<k>`) -> the sweep's."""
+def sweep_flags(flags: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """train.py flags of one run (`--seed k --run_name <name>_seed<k>`) -> those of the sweep of `seeds` it is one
+    of (`--seeds ... --run_name <name>`)."""
+    from gain_jax.train_loop.sweep import seed_suffix
+
     flags = list(flags)
     at = flags.index("--seed")
+    suffix = seed_suffix(int(flags[at + 1]))
     flags[at:at + 2] = ["--seeds", ",".join(map(str, seeds))]
-    flags[flags.index("--run_name") + 1] = run_name
+    at = flags.index("--run_name") + 1
+    flags[at] = flags[at].removesuffix(suffix)
     return flags
 
 
@@ -210,7 +215,7 @@ def train_runs(configs: Mapping[int, object], flags: Mapping[int, Sequence[str]]
                 raise ValueError(f"{label}: seed {seed}'s run differs from seed {seeds[0]}'s in more than its seed "
                                  "and run name; it cannot be trained in their sweep")
         header = (f"# trained in one seed sweep with seeds {','.join(map(str, seeds))}; its output, every seed's: "
-                  + shlex.join(["python", "train.py", *sweep_flags(flags[seeds[0]], seeds, config.log.run_name)])
+                  + shlex.join(["python", "train.py", *sweep_flags(flags[seeds[0]], seeds)])
                   + "\n")
     for directory in folders.values():
         if os.path.isdir(directory):

@@ -89,7 +89,7 @@ def test_together_groups_each_arms_seeds_and_falls_back_where_a_sweep_cannot_tra
     union = script.run_config_of("GAIN", 0, args)
     assert protocol.sweep_refusal(union) is None
     assert protocol.sweep_batches("GAIN", [0, 1], union) == [[0, 1]]
-    assert protocol.sweep_batches("GAIN", [1], union) == [[1]]
+    assert protocol.sweep_batches("GAIN", [1], union) == [[1]] and protocol.sweep_batches("GAIN", [], union) == []
     assert capsys.readouterr().out == ""
     args = parser.parse_args(["--arms", "GAIN", "--seeds", "0", "1", "--together", "--train_arg=--mode=per_label"])
     script.check_args(args, parser)
@@ -99,7 +99,7 @@ def test_together_groups_each_arms_seeds_and_falls_back_where_a_sweep_cannot_tra
     assert "GAIN: seeds 0,1 trained one after another, not together: --seeds cannot train --mode per_label" in (
         capsys.readouterr().out)
     flags = script.run_flags("GAIN", 1, args)
-    swept = protocol.sweep_flags(flags, [0, 1], "GAIN")
+    swept = protocol.sweep_flags(flags, [0, 1])
     assert "--seed" not in swept and swept[swept.index("--seeds") + 1] == "0,1"
     assert swept[swept.index("--run_name") + 1] == "GAIN" and flags[flags.index("--run_name") + 1] == "GAIN_seed1"
     # runs that differ in more than their seed are refused before anything is written
