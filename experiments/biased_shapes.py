@@ -8,6 +8,7 @@ instead of a background that correlates with the class?
     python experiments/biased_shapes.py --arms GAIN "GAIN_ext@5%" --seeds 0   # chosen arms
     python experiments/biased_shapes.py --arm "GAIN_lr=--am_weight 1 --lr 3e-4" --arms baseline GAIN_lr
     python experiments/biased_shapes.py --reuse                  # re-read finished runs, redo tables and figure
+    python experiments/biased_shapes.py --together               # each arm's seeds trained as one seed sweep
     python experiments/biased_shapes.py select --study main      # choose on validation: <out>/main.selection.json
     python experiments/biased_shapes.py test --study main        # then the chosen runs on test_unbiased, once
 
@@ -28,8 +29,10 @@ Arms: an arm is a name and the train.py flags that make it (ARMS; `{epochs}`, `{
 `{am_weight}`, `{ex_weight}` and `{ex_fraction}` stand for this script's flags). Every run gets the common
 flags (data set, backbone, seed, epochs, steps, batch, lr, --pretrain_epochs), then --train_arg, then
 the arm's flags, so an arm's flag wins. Each run is trained in this process by
-`gain_jax.train_loop.train_and_evaluate` (the loop train.py runs), one at a time; the runs of one seed share
-their initialization, data order and classification-only epochs. A study (STUDIES) is a named list of arms.
+`gain_jax.train_loop.train_and_evaluate` (the loop train.py runs), one at a time, or with --together each arm's
+seeds as one seed sweep (`protocol.train_runs`: the same run folders and, to float32 rounding, results); the runs
+of one seed share their initialization, data order and classification-only epochs. A study (STUDIES) is a named
+list of arms.
 
 Reported per arm by training: mean and sample standard deviation (ddof=1) over the seeds of validation mAP
 (biased, like train), and on validation_unbiased (what configurations are chosen on): mAP, mAP of the
@@ -41,7 +44,6 @@ run's history (its metrics.json) and log stay under --logdir; the summary goes t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -49,9 +51,7 @@ import math
 import os
 import platform
 import re
-import resource
 import shlex
-import shutil
 import sys
 import time
 import typing
@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the summary (json, md) and the figure go")
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs whose settings match instead of training them again")
+    p.add_argument("--together", action="store_true",
+                   help="train each arm's seeds (those not reused) together as one seed sweep in one program "
+                        "(train.py --seeds; --train_arg=--sweep_strategy=vmap for the other strategy): the same run "
+                        "folders, results equal to float32 rounding; a run's time is the sweep's divided by its "
+                        "seeds. Off by default: its speed against one run at a time is not measured yet. Arms a "
+                        "sweep cannot train (--mode per_label) are trained one seed at a time, with a line saying why")
     p.add_argument("--heatmap_images", type=int, default=6, help="validation_unbiased images in the figure")
     p.add_argument("--train_arg", action="append", default=[], metavar="FLAG",
                    help="extra train.py flag for every run, before the arm's (repeat; e.g. "
@@ -365,56 +371,58 @@ def _same_number(a, b) -> bool:
         return False
 
 
-def process_cpu_seconds() -> float:
-    """User + system CPU time of this process so far (all its threads)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def train_arm(arm: str, seeds: list[int], args) -> tuple[dict, float, float]:
+    """Train the arm's runs of `seeds` in this process, one run or several as one seed sweep
+    (`protocol.train_runs`: each run's folder, metrics.json and log are those of its run alone), and write each
+    one's RECORD_FILE; ({seed: history}, wall s, CPU s of them all)."""
+    import protocol
+
+    histories, wall, cpu = protocol.train_runs({seed: run_config_of(arm, seed, args) for seed in seeds},
+                                               {seed: run_flags(arm, seed, args) for seed in seeds},
+                                               f"biased_shapes: {arm}")
+    for seed in seeds:
+        with open(os.path.join(run_dir(arm, seed, args), RECORD_FILE), "w") as handle:
+            json.dump(run_record(arm, seed, args), handle, indent=1)
+    return histories, wall, cpu
 
 
-def train_one(arm: str, seed: int, args) -> tuple[dict, float, float]:
-    """Train one run in this process, its output in <logdir>/<run name>.log; (history, wall s, CPU s)."""
-    from gain_jax.train_loop import train_and_evaluate
+def run_all(args) -> tuple[dict, dict, dict, dict]:
+    """{(arm, seed): metrics}, {(arm, seed): wall seconds}, {(arm, seed): CPU seconds (user + system of this
+    process during the run)}, the last two None for reused runs, and {(arm, seed): the seeds trained with it in
+    one sweep (--together), None when alone or reused}: a sweep's runs are each given its time divided by their
+    number. One run at a time, or with --together each arm's seeds still to train as one sweep."""
+    import protocol
 
-    directory = run_dir(arm, seed, args)
-    if os.path.isdir(directory):
-        print(f"  removing the unfinished or different earlier run {directory}", flush=True)
-        shutil.rmtree(directory)
-    os.makedirs(args.logdir, exist_ok=True)
-    log_path = os.path.join(args.logdir, f"{run_name(arm, seed)}.log")
-    config = run_config_of(arm, seed, args)
-    started, cpu_started = time.time(), process_cpu_seconds()
-    with open(log_path, "w") as log:
-        log.write(shlex.join(["python", "train.py"] + run_flags(arm, seed, args)) + "\n")
-        log.flush()
-        try:
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                _, history = train_and_evaluate(config)
-        except run_config.RunError as error:
-            raise SystemExit(f"biased_shapes: {arm} seed {seed} failed: {error}; log {log_path}") from None
-    if history["status"] != "finished":
-        raise SystemExit(f"biased_shapes: {arm} seed {seed} {history['status']}; log {log_path}")
-    with open(os.path.join(directory, RECORD_FILE), "w") as handle:
-        json.dump(run_record(arm, seed, args), handle, indent=1)
-    return history, time.time() - started, process_cpu_seconds() - cpu_started
-
-
-def run_all(args) -> tuple[dict, dict, dict]:
-    """{(arm, seed): metrics}, {(arm, seed): wall seconds} and {(arm, seed): CPU seconds (user + system of this
-    process during the run)}; both None for reused runs. One run at a time."""
-    results, seconds, cpu = {}, {}, {}
-    for seed in args.seeds:
-        for arm in args.arms:
+    results, seconds, cpu, sweeps = {}, {}, {}, {}
+    for arm, seeds in protocol.run_groups(args.arms, args.seeds, args.together):
+        pending = []
+        for seed in seeds:
             key = (arm, seed)
             metrics = finished_metrics(arm, seed, args) if args.reuse else None
-            if metrics is not None:
-                results[key], seconds[key], cpu[key] = metrics, None, None
-                print(f"  reusing {run_dir(arm, seed, args)}", flush=True)
+            if metrics is None:
+                pending.append(seed)
                 continue
-            print(f"  training {arm}, seed {seed}: train.py {shlex.join(run_flags(arm, seed, args))}", flush=True)
-            results[key], seconds[key], cpu[key] = train_one(arm, seed, args)
-            values = ", ".join(f"{title} {metric_value(results[key], name):.3f}" for name, *_, title in METRICS)
-            print(f"  done {arm}, seed {seed} in {seconds[key]:.0f} s ({cpu[key]:.0f} CPU s): {values}", flush=True)
-    return results, seconds, cpu
+            results[key], seconds[key], cpu[key], sweeps[key] = metrics, None, None, None
+            print(f"  reusing {run_dir(arm, seed, args)}", flush=True)
+        for batch in protocol.sweep_batches(arm, pending, run_config_of(arm, seeds[0], args)):
+            if len(batch) == 1:
+                print(f"  training {arm}, seed {batch[0]}: train.py {shlex.join(run_flags(arm, batch[0], args))}",
+                      flush=True)
+            else:
+                flags = protocol.sweep_flags(run_flags(arm, batch[0], args), batch)
+                print(f"  training {arm}, seeds {','.join(map(str, batch))} together as one seed sweep: train.py "
+                      f"{shlex.join(flags)}", flush=True)
+            histories, wall, cpu_seconds = train_arm(arm, batch, args)
+            share = f" ({len(batch)} runs trained together: the sweep's {wall:.0f} s and {cpu_seconds:.0f} CPU s " \
+                    f"divided by {len(batch)})" if len(batch) > 1 else ""
+            for seed in batch:
+                key = (arm, seed)
+                results[key], sweeps[key] = histories[seed], (batch if len(batch) > 1 else None)
+                seconds[key], cpu[key] = wall / len(batch), cpu_seconds / len(batch)
+                values = ", ".join(f"{title} {metric_value(results[key], name):.3f}" for name, *_, title in METRICS)
+                print(f"  done {arm}, seed {seed} in {seconds[key]:.0f} s ({cpu[key]:.0f} CPU s){share}: {values}",
+                      flush=True)
+    return results, seconds, cpu, sweeps
 
 
 def metric_value(metrics: dict, key: str) -> float:
@@ -470,14 +478,17 @@ def summary_table(summary: dict, args, metrics=METRICS) -> str:
     return "\n".join(lines)
 
 
-def per_run_table(results: dict, seconds: dict, cpu_seconds: dict, args) -> str:
+def per_run_table(results: dict, seconds: dict, cpu_seconds: dict, args, sweeps: dict | None = None) -> str:
+    """One row per run; a run trained in a sweep of N (`sweeps`) has the sweep's times divided by N, marked /N."""
     lines = ["| arm | seed | " + " | ".join(title for *_, title in METRICS) + " | wall s | CPU s |",
              "|" + "---|" * (len(METRICS) + 4)]
     for arm in args.arms:
         for seed in args.seeds:
             cells = [f"{metric_value(results[(arm, seed)], key):.3f}" for key, *_ in METRICS]
             wall, cpu = seconds[(arm, seed)], cpu_seconds[(arm, seed)]
-            timing = "reused | reused" if wall is None else f"{wall:.0f} | {cpu:.0f}"
+            shared = (sweeps or {}).get((arm, seed))
+            mark = f" (sweep/{len(shared)})" if shared else ""
+            timing = "reused | reused" if wall is None else f"{wall:.0f}{mark} | {cpu:.0f}{mark}"
             lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + f" | {timing} |")
     return "\n".join(lines)
 
@@ -928,16 +939,18 @@ def main(argv=None) -> int:
     print(f"  {args.epochs} epochs x {args.steps_per_epoch} steps of {args.batch_size} (attention mining from "
           f"epoch {args.pretrain_epochs + 1}), lr {args.lr:g}; runs in {args.logdir}\n{arms_table(args)}",
           flush=True)
-    results, seconds, cpu_seconds = run_all(args)
+    results, seconds, cpu_seconds, sweeps = run_all(args)
     training_seconds = time.time() - started
 
     summary = summarize(results, args)
     floors = validation_floors(results)
     table = summary_table(summary, args)
-    runs = per_run_table(results, seconds, cpu_seconds, args)
+    runs = per_run_table(results, seconds, cpu_seconds, args, sweeps)
     first = results[(args.arms[0], args.seeds[0])]["final"]["validation_unbiased"]
     print(f"\nper run (CAM metrics at pointing tolerance {first.get('pointing_tolerance_px')} px, CAM threshold "
-          f"{first.get('cam_threshold')}; mAP conflicting: images whose texture is a non-label class's own):")
+          f"{first.get('cam_threshold')}; mAP conflicting: images whose texture is a non-label class's own"
+          + ("; sweep/N: trained in a seed sweep of N runs, the sweep's time divided by N" if any(sweeps.values())
+             else "") + "):")
     print(runs)
     print(f"\nmean ± std (ddof=1) over seeds {args.seeds} (choose configurations on validation_unbiased):")
     print(table)
@@ -968,7 +981,7 @@ def main(argv=None) -> int:
         "summary": summary,
         "floors_validation_unbiased": floors,
         "per_run": {run_name(a, s): {"arm": a, "seed": s, "seconds": seconds[(a, s)],
-                                     "cpu_seconds": cpu_seconds[(a, s)],
+                                     "cpu_seconds": cpu_seconds[(a, s)], "trained_with_seeds": sweeps[(a, s)],
                                      **{key: metric_value(results[(a, s)], key)
                                         for key, *_ in METRICS}}
                     for a in args.arms for s in args.seeds},

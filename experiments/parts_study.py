@@ -34,7 +34,9 @@ steps per epoch, batch size, learning rate and the number of validation/test ima
 `tiny` is for tests; `short` is the fine-grid probe's (experiments/results/parts_probe/fine_grid/README.md);
 `full` the study's. Runs go to <logdir>/<data set config>_<backbone>_<arm>_seed<seed>; training keeps a finished
 run with the same flags with --reuse, `dose` always keeps it (and trains the missing ones), `select`, `test` and
-`figure` never train (they refuse to run without every run finished).
+`figure` never train (they refuse to run without every run finished). Runs are trained one at a time, or with
+--together each arm's seeds to train as one seed sweep (train.py --seeds, `protocol.train_runs`: the same run
+folders and, to float32 rounding, the same results).
 
 `dose`: the dose-response over gain_parts' 12 configs (part size x body reliability): --dose_arms (baseline,
 GAIN, GAIN_ext@10% by default) trained on each config (--configs to choose), evaluated on its validation split;
@@ -47,11 +49,9 @@ share against the part-to-body area ratio per arm and reliability, to <out>/dose
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
-import shutil
 import sys
 import time
 
@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logdir", default=os.path.join(REPO_ROOT, "runs", "parts_study"))
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "experiments", "results", "parts_study"))
     p.add_argument("--reuse", action="store_true", help="train: keep finished runs with the same flags")
+    p.add_argument("--together", action="store_true",
+                   help="train and dose: each arm's seeds to train as one seed sweep in one program (train.py "
+                        "--seeds): the same run folders, results equal to float32 rounding; a run's wall time is "
+                        "the sweep's divided by its seeds. Off by default: its speed against one run at a time is "
+                        "not measured yet")
     p.add_argument("--train_arg", action="append", default=[], metavar="FLAG",
                    help="extra train.py flag for every run, before the arm's (repeat)")
     return p
@@ -298,45 +303,47 @@ def finished(arm: str, seed: int, args, dataset: str | None = None) -> dict | No
     return metrics
 
 
-def train_one(arm: str, seed: int, args, dataset: str | None = None) -> float:
-    """Train one run in this process (its output in <logdir>/<run name>.log); wall seconds."""
-    from gain_jax.train_loop import train_and_evaluate
+def train_arm(arm: str, seeds: list[int], args, dataset: str | None = None) -> float:
+    """Train the arm's runs of `seeds` in this process (`protocol.train_runs`: one run, or several as one seed
+    sweep; each run's output in <logdir>/<run name>.log) and write each one's RECORD_FILE; wall seconds of them all."""
+    import protocol
 
-    directory = run_dir(arm, seed, args, dataset)
-    if os.path.isdir(directory):
-        shutil.rmtree(directory)
-    os.makedirs(args.logdir, exist_ok=True)
-    log_path = directory + ".log"
-    started = time.time()
-    with open(log_path, "w") as log:
-        log.write(shlex.join(["python", "train.py"] + run_flags(arm, seed, args, dataset)) + "\n")
-        log.flush()
-        try:
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                _, history = train_and_evaluate(run_config_of(arm, seed, args, dataset))
-        except run_config.RunError as error:
-            raise SystemExit(f"parts_study: {arm} seed {seed} failed: {error}; log {log_path}") from None
-    if history["status"] != "finished":
-        raise SystemExit(f"parts_study: {arm} seed {seed} {history['status']}; log {log_path}")
-    with open(os.path.join(directory, RECORD_FILE), "w") as handle:
-        json.dump(run_record(arm, seed, args, dataset), handle, indent=1)
-    return time.time() - started
+    _, wall, _ = protocol.train_runs({seed: run_config_of(arm, seed, args, dataset) for seed in seeds},
+                                     {seed: run_flags(arm, seed, args, dataset) for seed in seeds},
+                                     f"parts_study: {arm}")
+    for seed in seeds:
+        with open(os.path.join(run_dir(arm, seed, args, dataset), RECORD_FILE), "w") as handle:
+            json.dump(run_record(arm, seed, args, dataset), handle, indent=1)
+    return wall
 
 
 def ensure_runs(arms, args, dataset: str | None = None, retrain: bool = False) -> dict:
     """{(arm, seed): wall seconds, None when reused}: every run trained unless a finished one with the same flags
-    is there (and not `retrain`)."""
+    is there (and not `retrain`); one at a time, or with --together each arm's seeds to train as one seed sweep,
+    whose runs are each given its wall time divided by their number."""
+    import protocol
+
     seconds = {}
-    for seed in args.seeds:
-        for arm in arms:
-            if not retrain and finished(arm, seed, args, dataset) is not None:
-                print(f"  reusing {run_dir(arm, seed, args, dataset)}", flush=True)
-                seconds[(arm, seed)] = None
+    for arm, seeds in protocol.run_groups(arms, args.seeds, args.together):
+        pending = []
+        for seed in seeds:
+            if retrain or finished(arm, seed, args, dataset) is None:
+                pending.append(seed)
                 continue
-            print(f"  training {arm}, seed {seed}: train.py {shlex.join(run_flags(arm, seed, args, dataset))}",
+            print(f"  reusing {run_dir(arm, seed, args, dataset)}", flush=True)
+            seconds[(arm, seed)] = None
+        for batch in protocol.sweep_batches(arm, pending, run_config_of(arm, seeds[0], args, dataset)):
+            flags = run_flags(arm, batch[0], args, dataset)
+            if len(batch) == 1:
+                print(f"  training {arm}, seed {batch[0]}: train.py {shlex.join(flags)}", flush=True)
+            else:
+                print(f"  training {arm}, seeds {','.join(map(str, batch))} together as one seed sweep: train.py "
+                      f"{shlex.join(protocol.sweep_flags(flags, batch))}", flush=True)
+            wall = train_arm(arm, batch, args, dataset)
+            for seed in batch:
+                seconds[(arm, seed)] = wall / len(batch)
+            print(f"  done in {wall:.0f} s" + (f" ({wall / len(batch):.0f} s per run)" if len(batch) > 1 else ""),
                   flush=True)
-            seconds[(arm, seed)] = train_one(arm, seed, args, dataset)
-            print(f"  done in {seconds[(arm, seed)]:.0f} s", flush=True)
     return seconds
 
 
@@ -454,6 +461,9 @@ def train_main(args) -> int:
     for (arm, seed), wall in seconds.items():
         value = finished(arm, seed, args)["final"]["validation"]["mAP"]
         lines.append(f"| {arm} | {seed} | {value:.3f} | {'reused' if wall is None else f'{wall:.0f}'} |")
+    if args.together:
+        lines.append("\n(--together: each arm's seeds trained as one seed sweep; a run's wall s is the sweep's "
+                     "divided by its runs)")
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)

@@ -9,11 +9,19 @@ keeping what the intervals need per image.
 Records: "scores"/"targets" [N, C] (mAP), "conflicting" [N] (gain_shapes' bias-conflicting flag),
 "pxap_positives"/"pxap_negatives" [N, T] (per image, summed over its label classes: PxAP pools them),
 "iou" {threshold: counts of `gain_jax.evaluate.cam_counts` summed over the split} for CAM_THRESHOLDS.
+
+Training, shared by biased_shapes.py and parts_study.py: `train_runs` trains one run, or several seeds of one arm
+as one seed sweep (`--together`), in this process; `run_groups` and `sweep_batches` say in which order and groups.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping
+import resource
+import shlex
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -120,3 +128,120 @@ def checkpoint_steps(run_dir: str) -> list[int]:
     if not os.path.isdir(directory):
         return []
     return sorted(checkpoint.open_manager(directory, create=False).all_steps())
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def process_cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_groups(arms: Sequence[str], seeds: Sequence[int], together: bool) -> list[tuple[str, list[int]]]:
+    """[(arm, seeds)] in training order: one run at a time, every arm of the first seed first; or, `together`,
+    each arm with all its seeds (those not reused are trained as one sweep, `sweep_batches`)."""
+    if together:
+        return [(arm, list(seeds)) for arm in arms]
+    return [(arm, [seed]) for seed in seeds for arm in arms]
+
+
+def sweep_refusal(config) -> str | None:
+    """Why seeds of `config` (one run's) cannot be trained as one seed sweep; None when they can. The sweep's own
+    checks (`gain_jax.config.check_seeds`: union mode only) and one device (`train_loop.sweep.create_group`)."""
+    import dataclasses
+
+    import jax
+
+    from gain_jax import config as run_config
+
+    try:
+        run_config.check_seeds(dataclasses.replace(config, train=dataclasses.replace(config.train, seeds=(0, 1))))
+    except run_config.ConfigError as error:
+        return str(error)
+    if jax.device_count() > 1:
+        return f"a seed sweep trains on one device, this process has {jax.device_count()}"
+    return None
+
+
+def sweep_batches(arm: str, seeds: Sequence[int], config) -> list[list[int]]:
+    """The seeds of `arm` to train (`config`: one of its runs'), as the groups `train_runs` trains: all of them as
+    one sweep, or one at a time when there is one, or when `sweep_refusal(config)` (printed, with the reason)."""
+    if len(seeds) < 2:
+        return [list(seeds)] if seeds else []
+    reason = sweep_refusal(config)
+    if reason is None:
+        return [list(seeds)]
+    print(f"  {arm}: seeds {','.join(map(str, seeds))} trained one after another, not together: {reason}", flush=True)
+    return [[seed] for seed in seeds]
+
+
+def sweep_flags(flags: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """train.py flags of one run (`--seed k --run_name <name>_seed<k>`) -> those of the sweep of `seeds` it is one
+    of (`--seeds ... --run_name <name>`)."""
+    from gain_jax.train_loop.sweep import seed_suffix
+
+    flags = list(flags)
+    at = flags.index("--seed")
+    suffix = seed_suffix(int(flags[at + 1]))
+    flags[at:at + 2] = ["--seeds", ",".join(map(str, seeds))]
+    at = flags.index("--run_name") + 1
+    flags[at] = flags[at].removesuffix(suffix)
+    return flags
+
+
+def train_runs(configs: Mapping[int, object], flags: Mapping[int, Sequence[str]], label: str
+               ) -> tuple[dict[int, dict], float, float]:
+    """Train the runs `configs` ({seed: its config}, runs of one arm: equal but for the seed and the run name
+    <name>_seed<k>) in this process: one run through `train_and_evaluate`, several as one seed sweep (its config
+    with `train.seeds`, run name <name>), whose seed k's folder, checkpoints and metrics.json are those its run
+    alone writes (their results equal to float32 rounding, tests/test_train_sweep.py). An earlier folder of a run
+    is removed first. Each run's output goes to <its folder>.log after the command that reruns it alone (`flags`:
+    its train.py flags); a sweep's output, every seed's lines ("seed k: ..." for one seed's), is in each of its
+    runs' logs after the sweep's command. ({seed: history}, wall s, CPU s of this process: user + system) of the
+    whole call; SystemExit naming `label`, the seeds and the log when a run fails or does not finish."""
+    from gain_jax.config import RunError
+    from gain_jax.train_loop import train_and_evaluate
+    from gain_jax.train_loop.sweep import member_config, sweep_config
+
+    seeds = list(configs)
+    folders = {seed: os.path.join(config.log.logdir, config.log.run_name) for seed, config in configs.items()}
+    commands = {seed: shlex.join(["python", "train.py", *flags[seed]]) for seed in seeds}
+    config, header = configs[seeds[0]], ""
+    if len(seeds) > 1:
+        config = sweep_config(configs[seeds[0]], seeds)
+        for seed in seeds:  # the sweep trains exactly the runs asked for
+            if member_config(config, seed) != configs[seed]:
+                raise ValueError(f"{label}: seed {seed}'s run differs from seed {seeds[0]}'s in more than its seed "
+                                 "and run name; it cannot be trained in their sweep")
+        header = (f"# trained in one seed sweep with seeds {','.join(map(str, seeds))}; its output, every seed's: "
+                  + shlex.join(["python", "train.py", *sweep_flags(flags[seeds[0]], seeds)])
+                  + "\n")
+    for directory in folders.values():
+        if os.path.isdir(directory):
+            print(f"  removing the unfinished or different earlier run {directory}", flush=True)
+            shutil.rmtree(directory)
+    os.makedirs(config.log.logdir, exist_ok=True)
+    log_path = folders[seeds[0]] + ".log"
+    what = f"{label} seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
+    started, cpu_started = time.time(), process_cpu_seconds()
+    with open(log_path, "w") as log:
+        log.write(commands[seeds[0]] + "\n" + header)
+        log.flush()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                _, histories = train_and_evaluate(config)
+        except RunError as error:
+            raise SystemExit(f"{what} failed: {error}; log {log_path}") from None
+    wall, cpu = time.time() - started, process_cpu_seconds() - cpu_started
+    histories = dict(zip(seeds, histories)) if len(seeds) > 1 else {seeds[0]: histories}
+    if len(seeds) > 1:
+        with open(log_path) as handle:
+            output = handle.read().split("\n", 2)[2]  # after the command and the header
+        for seed in seeds[1:]:
+            with open(folders[seed] + ".log", "w") as handle:
+                handle.write(commands[seed] + "\n" + header + output)
+    for seed, history in histories.items():
+        if history["status"] != "finished":
+            raise SystemExit(f"{label} seed {seed} {history['status']}; log {folders[seed]}.log")
+    return histories, wall, cpu

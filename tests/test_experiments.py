@@ -1,14 +1,18 @@
 """experiments/biased_shapes.py end to end on tiny settings: two arms, one seed, two steps per epoch, 16
 evaluation images; then --reuse re-reads the finished runs, `select` chooses on validation (never reading a test
-split) and `test` evaluates the choice on test_unbiased."""
+split) and `test` evaluates the choice on test_unbiased; --together trains one arm's two seeds as one seed sweep
+whose runs equal those trained alone. experiments/protocol.py's training plan (which seeds train together)."""
 import importlib.util
 import json
 import os
+import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "biased_shapes.py")
+sys.path.insert(0, os.path.join(ROOT, "experiments"))  # protocol.py, as the scripts import it
 
 
 def load_script():
@@ -69,6 +73,39 @@ def test_arms_studies_and_flags():
     assert (control.gain.ex_weight, control.data.ex_fraction, control.data.ex_oversample) == (0, 0.1, 0.5)
     with pytest.raises(SystemExit):
         script.check_args(parser.parse_args(["--study", "converged"]), parser)  # 2.0.0 has no train_unbiased
+
+
+def test_together_groups_each_arms_seeds_and_falls_back_where_a_sweep_cannot_train(capsys):
+    import protocol
+
+    script = load_script()
+    parser = script.build_parser()
+    args = parser.parse_args(["--arms", "baseline", "GAIN", "--seeds", "0", "1", "--together"])
+    script.check_args(args, parser)
+    assert args.together and not parser.parse_args([]).together  # one run at a time by default
+    assert protocol.run_groups(args.arms, args.seeds, True) == [("baseline", [0, 1]), ("GAIN", [0, 1])]
+    assert protocol.run_groups(args.arms, args.seeds, False) == [("baseline", [0]), ("GAIN", [0]), ("baseline", [1]),
+                                                                 ("GAIN", [1])]
+    union = script.run_config_of("GAIN", 0, args)
+    assert protocol.sweep_refusal(union) is None
+    assert protocol.sweep_batches("GAIN", [0, 1], union) == [[0, 1]]
+    assert protocol.sweep_batches("GAIN", [1], union) == [[1]] and protocol.sweep_batches("GAIN", [], union) == []
+    assert capsys.readouterr().out == ""
+    args = parser.parse_args(["--arms", "GAIN", "--seeds", "0", "1", "--together", "--train_arg=--mode=per_label"])
+    script.check_args(args, parser)
+    per_label = script.run_config_of("GAIN", 0, args)
+    assert "per_label" in protocol.sweep_refusal(per_label)
+    assert protocol.sweep_batches("GAIN", [0, 1], per_label) == [[0], [1]]
+    assert "GAIN: seeds 0,1 trained one after another, not together: --seeds cannot train --mode per_label" in (
+        capsys.readouterr().out)
+    flags = script.run_flags("GAIN", 1, args)
+    swept = protocol.sweep_flags(flags, [0, 1])
+    assert "--seed" not in swept and swept[swept.index("--seeds") + 1] == "0,1"
+    assert swept[swept.index("--run_name") + 1] == "GAIN" and flags[flags.index("--run_name") + 1] == "GAIN_seed1"
+    # runs that differ in more than their seed are refused before anything is written
+    other = script.run_config_of("baseline", 1, args)
+    with pytest.raises(ValueError, match="more than its seed"):
+        protocol.train_runs({0: per_label, 1: other}, {0: flags, 1: flags}, "biased_shapes: GAIN")
 
 
 @pytest.mark.slow
@@ -142,6 +179,42 @@ def test_tiny_study_end_to_end_and_reuse(shapes_data_dir, tmp_path, capsys, monk
     assert script.main(tiny_argv(shapes_data_dir, tmp_path) + ["--reuse"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("reusing") == 2 and "  training " not in printed
+
+    # --together: the baseline's seeds 0 and 1 as one seed sweep (in another --logdir); each run's folder, record
+    # and log as a run trained alone writes them, seed 0's results those of its run trained alone above (to float32
+    # rounding); --reuse then reads both as finished runs
+    together = ["--arms", "baseline", "--seeds", "0", "1", "--together",
+                *tiny_argv(shapes_data_dir, tmp_path / "together")[5:]]
+    assert script.main(together) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("  training baseline, seeds 0,1 together as one seed sweep") == 1
+    assert printed.count("  done baseline") == 2 and printed.count("divided by 2") == 2
+    with open(tmp_path / "together" / "out" / "arms-baseline.json") as handle:
+        assert json.load(handle)["per_run"]["baseline_seed1"]["trained_with_seeds"] == [0, 1]
+    runs = tmp_path / "together" / "runs"
+    histories = {}
+    for seed in (0, 1):
+        assert os.path.isfile(runs / f"baseline_seed{seed}" / script.RECORD_FILE)
+        log = (runs / f"baseline_seed{seed}.log").read_text().splitlines()
+        assert f"--run_name baseline_seed{seed} --seed {seed} " in log[0] and "--seeds 0,1" in log[1]
+        assert f"seed {seed}: epoch 2/2" in "\n".join(log)
+        with open(runs / f"baseline_seed{seed}" / "metrics.json") as handle:
+            histories[seed] = json.load(handle)
+    with open(tmp_path / "runs" / "baseline_seed0" / "metrics.json") as handle:
+        alone = json.load(handle)
+    assert histories[0]["status"] == "finished" and histories[0]["config"]["train"] == alone["config"]["train"]
+    for key in ("loss", "cl"):
+        np.testing.assert_allclose([r[key] for r in histories[0]["steps"]], [r[key] for r in alone["steps"]],
+                                   rtol=2e-5, atol=1e-6, err_msg=key)
+    for split, result in alone["final"].items():
+        assert histories[0]["final"][split]["mAP"] == pytest.approx(result["mAP"], abs=1e-6), split
+    assert histories[1]["steps"][0]["loss"] != histories[0]["steps"][0]["loss"]  # the seeds differ
+    parser = script.build_parser()
+    args = parser.parse_args(together + ["--reuse"])
+    script.check_args(args, parser)
+    results, seconds, _, sweeps = script.run_all(args)
+    assert capsys.readouterr().out.count("  reusing ") == 2 and set(results) == {("baseline", 0), ("baseline", 1)}
+    assert set(seconds.values()) == {None} and set(sweeps.values()) == {None}
 
     # the mask-coverage diagnostic reads the same finished runs (validation_unbiased), trains nothing
     path = os.path.join(ROOT, "experiments", "mask_coverage.py")

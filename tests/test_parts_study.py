@@ -1,6 +1,6 @@
 """experiments/parts_study.py: each arm's train.py settings (fast, no training), the flags' refusals, and the
-commands end to end on a tiny gain_parts (slow: train two seeds of three arms, select, test, figure, dose on two
-configs)."""
+commands end to end on a tiny gain_parts (slow: train two seeds of three arms, each arm's seeds together as one
+seed sweep, select, test, figure, dose on two configs, one run at a time)."""
 import json
 import os
 import sys
@@ -121,9 +121,13 @@ def test_tiny_study_train_select_test_figure_and_dose(small_parts, tmp_path, cap
     out, logdir = tmp_path / "out", tmp_path / "runs"
     common = ["--budget", "tiny", "--seeds", "0,1", "--arms", "baseline", "GAIN", "GAIN_ext@10%",
               "--data_dir", small_parts, "--logdir", str(logdir), "--out", str(out), "--figure_images", "4"]
-    assert study.main(["train", *common]) == 0
+    # each arm's two seeds as one seed sweep (--together): select, test, figure and dose read its runs as any
+    assert study.main(["train", *common, "--together"]) == 0
+    assert capsys.readouterr().out.count("seeds 0,1 together as one seed sweep") == 3
     name = "arms-baseline+GAIN+GAIN_ext_10pct"
     assert "| GAIN_ext@10% | 1 |" in (out / f"{name}.train.md").read_text()
+    for seed in (0, 1):
+        assert os.path.isfile(logdir / f"{study.run_name('GAIN', seed, study.parse_args(common))}.log")
     assert study.main(["select", *common]) == 0
     selection = json.loads((out / f"{name}.selection.json").read_text())
     assert set(selection["targets"]) == {t.name for t in study.TARGETS}
