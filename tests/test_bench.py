@@ -118,11 +118,10 @@ def test_gain_step_work_grows_with_the_rows_present():
 
 @pytest.mark.slow
 def test_seed_sweep_reports_every_way_for_each_run_count():
-    out = run("bench/seed_sweep.py", "--seeds", "1,2,3", "--max-unrolled", "2", "--image-size", "16",
+    # every way up to --max-unrolled runs, vmap alone above it (each row compiles a GAIN step: as few as show it)
+    out = run("bench/seed_sweep.py", "--seeds", "1,2", "--max-unrolled", "1", "--image-size", "16",
               "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1")
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [(row[0], row[1]) for row in rows] == [
-        ("1", "sequential"), ("1", "unrolled"), ("1", "vmap"),
-        ("2", "sequential"), ("2", "unrolled"), ("2", "vmap"), ("3", "vmap")]
+    assert [(row[0], row[1]) for row in rows] == [("1", "sequential"), ("1", "unrolled"), ("1", "vmap"), ("2", "vmap")]
     assert all(float(row[2]) > 0 for row in rows)
     assert rows[0][4] == "1.00x" and rows[-1][4] == "n/a"
