@@ -42,7 +42,6 @@ def pytest_unconfigure(config):
         os.environ.pop(CACHE_OWNER, None)
 
 
-
 @pytest.fixture(scope="session")
 def shapes_data_dir(tmp_path_factory):
     """gain_shapes prepared once for the whole session."""
