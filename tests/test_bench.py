@@ -38,9 +38,11 @@ def test_step_time_gpu_path_runs_on_cpu_without_tensorflow():
 
 @pytest.mark.slow
 def test_gain_overhead_memory_child_reports_host_peak():
-    spec = dict(backbone="small_cnn", image_size=32, batch_size=2, num_classes=20, voc_batches=1, steps=1)
+    # the sizes of test_gain_step_work_grows_with_the_rows_present, whose programs then load from the session's
+    # compilation cache
+    spec = dict(backbone="small_cnn", image_size=32, batch_size=4, num_classes=20, voc_batches=1, steps=1)
     peaks = {}
-    for case in (-1, 3):  # the classification step, per-label K=3 padded
+    for case in (-1, 1):  # the classification step, per-label K=2 padded
         last = run("bench/gain_overhead.py", "--memory-child", json.dumps(dict(spec, case=case))).splitlines()[-1]
         peaks[case] = json.loads(last)["peak_bytes"]
     assert all(isinstance(peak, int) and peak > 0 for peak in peaks.values()), peaks
@@ -118,11 +120,10 @@ def test_gain_step_work_grows_with_the_rows_present():
 
 @pytest.mark.slow
 def test_seed_sweep_reports_every_way_for_each_run_count():
-    out = run("bench/seed_sweep.py", "--seeds", "1,2,3", "--max-unrolled", "2", "--image-size", "16",
+    # every way up to --max-unrolled runs, vmap alone above it (each row compiles a GAIN step: as few as show it)
+    out = run("bench/seed_sweep.py", "--seeds", "1,2", "--max-unrolled", "1", "--image-size", "16",
               "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1")
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [(row[0], row[1]) for row in rows] == [
-        ("1", "sequential"), ("1", "unrolled"), ("1", "vmap"),
-        ("2", "sequential"), ("2", "unrolled"), ("2", "vmap"), ("3", "vmap")]
+    assert [(row[0], row[1]) for row in rows] == [("1", "sequential"), ("1", "unrolled"), ("1", "vmap"), ("2", "vmap")]
     assert all(float(row[2]) > 0 for row in rows)
     assert rows[0][4] == "1.00x" and rows[-1][4] == "n/a"

@@ -2,8 +2,9 @@
 links of the repository's Markdown files point at files (and headings) that exist.
 
 Each block runs in its own fresh Python process (as a reader would paste it), in a temporary working
-directory, with TFDS_DATA_DIR set to a temporary folder, so that the training-loop example builds the
-embedded gain_shapes set there (data_dir=None means tfds' default) and writes its run under that folder.
+directory, with TFDS_DATA_DIR set to the session's prepared gain_shapes folder (conftest.py: built once, as
+`make_dataset` builds it for any data dir), so that the training-loop example reads the embedded set from tfds'
+default (data_dir=None) and writes its run under the working directory.
 """
 import importlib.util
 import os
@@ -34,11 +35,6 @@ def python_blocks():
 BLOCKS = python_blocks()
 
 
-@pytest.fixture(scope="session")
-def tfds_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def test_readme_has_the_library_examples():
     code = "\n".join(block for _, block in BLOCKS)
     assert len(BLOCKS) >= 3
@@ -48,8 +44,8 @@ def test_readme_has_the_library_examples():
 
 @pytest.mark.parametrize("line,code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
 @pytest.mark.slow
-def test_python_block_runs(line, code, tfds_dir, tmp_path):
-    env = dict(os.environ, TFDS_DATA_DIR=tfds_dir, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+def test_python_block_runs(line, code, shapes_data_dir, tmp_path):
+    env = dict(os.environ, TFDS_DATA_DIR=shapes_data_dir, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONUNBUFFERED="1")
     script = tmp_path / f"readme_{line}.py"
     script.write_text(code)

@@ -142,36 +142,32 @@ def assert_equals_separate_runs(states, histories, separate_runs):
     assert histories[0]["steps"][0]["loss"] != histories[1]["steps"][0]["loss"]
 
 
-@pytest.mark.slow
-def test_a_sweep_equals_the_seeds_separate_runs_in_their_own_folders(shapes_data_dir, tmp_path, separate_runs,
-                                                                     capsys):
-    from gain_jax.train_loop import train_and_evaluate
-
-    capsys.readouterr()
-    states, histories = train_and_evaluate(tiny_config(shapes_data_dir, tmp_path, "pair", seeds=SEEDS))
-    assert_equals_separate_runs(states, histories, separate_runs)
-    titles = [line for line in capsys.readouterr().out.splitlines() if " on gain_shapes, small_cnn, " in line]
-    assert [title.split(":")[0] for title in titles] == [f"seed {seed}" for seed in SEEDS]  # whose report is whose
-    assert sorted(os.listdir(tmp_path)) == ["pair_seed3", "pair_seed5"]
+def assert_each_seed_has_its_own_folder(logdir, run_name, histories):
+    """<run_name>_seed<seed>/ per seed, nothing else: its metrics.json (the history returned), its config.json
+    (the seed's own run), heatmaps and TensorBoard events."""
+    assert sorted(os.listdir(logdir)) == [f"{run_name}_seed{seed}" for seed in SEEDS]
     for seed, history in zip(SEEDS, histories):
-        run_dir = os.path.join(tmp_path, f"pair_seed{seed}")
+        run_dir = os.path.join(logdir, f"{run_name}_seed{seed}")
         assert history["paths"]["run_dir"] == run_dir
         with open(os.path.join(run_dir, "metrics.json")) as handle:
             assert json.dumps(json.load(handle), sort_keys=True) == json.dumps(history, sort_keys=True)
         with open(os.path.join(run_dir, "config.json")) as handle:
             record = json.load(handle)
         assert (record["train"]["seed"], record["train"]["seeds"], record["log"]["run_name"]) == (
-            seed, None, f"pair_seed{seed}")
-        assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["2", "4"]
+            seed, None, f"{run_name}_seed{seed}")
         assert sorted(os.listdir(os.path.join(run_dir, "heatmaps"))) == ["step_0000002.png", "step_0000004.png"]
         assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_each_seed_from_its_own_checkpoint(shapes_data_dir, tmp_path, separate_runs):
+def test_an_interrupted_sweep_resumes_each_seed_from_its_own_checkpoint(shapes_data_dir, tmp_path, separate_runs,
+                                                                        capsys):
+    """Stopped after 3 of 4 steps (across the end of the classification-only epoch) and resumed, a sweep of the
+    unrolled strategy has each seed's separate run, and each seed's records in its own folder. (One sweep serves
+    both: the stopped invocation trains steps 1 to 3 as a sweep does from the start.)"""
     from gain_jax.train_loop import train_and_evaluate
 
-    config = tiny_config(shapes_data_dir, tmp_path, "resumed", seeds=SEEDS)
+    config = tiny_config(shapes_data_dir, tmp_path, "resumed", seeds=SEEDS, sweep_strategy="unrolled")
     _, stopped = train_and_evaluate(config, stop_after=3)
     assert [h["status"] for h in stopped] == ["stopped after 3 steps"] * 2
     checkpoints = [os.path.join(tmp_path, f"resumed_seed{seed}", "checkpoints") for seed in SEEDS]
@@ -181,8 +177,12 @@ def test_an_interrupted_sweep_resumes_each_seed_from_its_own_checkpoint(shapes_d
     with pytest.raises(run_config.RunError, match="seed 3 at step 3, seed 5 at step 2"):
         train_and_evaluate(config, resume=True)
     shutil.move(tmp_path / "aside", os.path.join(checkpoints[1], "3"))
+    capsys.readouterr()
     states, histories = train_and_evaluate(config, resume=True)
     assert_equals_separate_runs(states, histories, separate_runs)
+    titles = [line for line in capsys.readouterr().out.splitlines() if " on gain_shapes, small_cnn, " in line]
+    assert [title.split(":")[0] for title in titles] == [f"seed {seed}" for seed in SEEDS]  # whose report is whose
+    assert_each_seed_has_its_own_folder(tmp_path, "resumed", histories)
     assert [sorted(os.listdir(folder)) for folder in checkpoints] == [["2", "3", "4"], ["2", "3", "4"]]
     # and one seed of the sweep is a run of its own: --seed 5 --run_name resumed_seed5 finds it finished
     alone = dataclasses.replace(config, train=dataclasses.replace(config.train, seeds=None, seed=5),

@@ -114,11 +114,12 @@ def test_eval_step_outputs_and_class_cams(setup):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", gj.training.SWEEP_STRATEGIES)
-def test_sweep_step_equals_the_runs_one_by_one(setup, strategy):
+def test_sweep_step_equals_the_runs_one_by_one(setup):
     """Three runs (own weights, data and dropout keys) for three steps, as one program and one by one: the
     same losses and parameters to float32 rounding. SGD keeps the comparison meaningful (Adam turns the
-    float noise of exactly-zero gradients into full-size steps); dropout on, so the keys matter."""
+    float noise of exactly-zero gradients into full-size steps); dropout on, so the keys matter.
+    The vmap strategy here; the unrolled one is asserted the same way through the whole loop, a sweep of
+    train_and_evaluate against each seed's separate run (tests/test_train_sweep.py)."""
     _, _, batch = setup
     model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.5)
     cfg = gj.GainConfig(am_weight=0.5, ex_weight=1.0, am_batchnorm="batch", score="sigmoid")
@@ -130,7 +131,7 @@ def test_sweep_step_equals_the_runs_one_by_one(setup, strategy):
                for run in range(runs)]
     keys = [jax.random.PRNGKey(30 + run) for run in range(runs)]
     step = gj.make_train_step(model, cfg, donate=False)
-    sweep_step = gj.make_sweep_train_step(model, cfg, strategy=strategy)
+    sweep_step = gj.make_sweep_train_step(model, cfg, strategy="vmap")
     stacked = gj.stack_trees(states)
     for step_index in range(3):
         step_keys = [jax.random.fold_in(key, step_index) for key in keys]
