@@ -434,11 +434,12 @@ def must_match_fields() -> list[tuple[str, str]]:
 def resume_mismatches(saved: Mapping[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
     """[(field, saved value, this run's value)] for the must-match settings that differ between a
     checkpoint's config (nested or the earlier flat layout) and `config`."""
-    current = config_to_dict(config)
+    current, defaults = config_to_dict(config), config_to_dict(Config())
     mismatches = []
     for section_name, name in must_match_fields():
         if isinstance(saved.get(section_name), Mapping):
-            section = saved[section_name]
+            # a setting added after the run was saved: the run had its default (e.g. train_split "train")
+            section = {name: defaults[section_name][name], **saved[section_name]}
         else:
             section = saved
         if name in section and section[name] != current[section_name][name]:

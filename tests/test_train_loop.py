@@ -153,6 +153,11 @@ def test_resume_must_match_fields_come_from_metadata():
     assert run_config.resume_mismatches(saved, Config(train=TrainConfig(lr=0.1))) == []
     assert run_config.resume_mismatches(saved, Config(train=TrainConfig(seed=3))) == [("seed", 0, 3)]
     assert run_config.resume_mismatches({"seed": 1}, Config()) == [("seed", 1, 0)]  # the flat layout
+    # a checkpoint saved before a must-match setting existed trained with its default
+    del saved["data"]["train_split"]
+    assert run_config.resume_mismatches(saved, Config()) == []
+    assert run_config.resume_mismatches(saved, Config(data=DataConfig(train_split="validation"))) == [
+        ("train_split", "train", "validation")]
 
 
 def test_changed_settings_name_what_a_resume_changes():
