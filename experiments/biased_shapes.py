@@ -156,6 +156,9 @@ STUDIES = {
                   "oracle"),
     "erase": ("GAIN", "GAIN:erase=shift", "GAIN_ext", "ablation:erase=shift", "ablation:am_weight=1",
               "ablation:am_weight=1,erase=shift"),
+    # issue 20, item 5: train.py's default re-chosen at its own budget (gain_shapes 2.0.0, --steps_per_epoch 93:
+    # 6 epochs of one pass) among its simpler alternatives; `select` applies DEFAULT_CHAIN
+    "default": ("baseline", "ex_only@100%", "GAIN_ext@100%"),
 }
 # (key in the summary, split in metrics.json, metric in that split, column title): validation splits only, what
 # training reports; test_unbiased is evaluated by the `test` command, for the configurations `select` chose
@@ -706,6 +709,18 @@ SELECTION_RULE = ("per arm, the CAM threshold with the highest mean over the see
                   "split is read.")
 BASELINE_ARM = "baseline"
 BOOTSTRAP_RESAMPLES = 1000
+# train.py's default (--study default): simplest first; `select` moves from one arm to the next only when the next
+# one's difference to the current choice, paired by seed, clears DEFAULT_GAIN_MARGIN on validation_unbiased mAP and
+# DEFAULT_COST_MARGIN on biased validation mAP by the interval rule (lower bounds above the margins)
+DEFAULT_CHAIN = ("baseline", "ex_only@100%", "GAIN_ext@100%")
+DEFAULT_GAIN_MARGIN, DEFAULT_COST_MARGIN = 0.0, -0.02
+DEFAULT_RULE = ("start from the baseline; move to the next arm of the chain (baseline -> ex_only@100% -> "
+                "GAIN_ext@100%) only when its difference to the current choice, paired by seed, has a 95% t-interval "
+                "on validation_unbiased mAP with its lower bound above 0 and one on biased validation mAP with its "
+                "lower bound above -0.02; the last arm reached is train.py's default. No test split is read.")
+# the closing table's "baseline trained as long" rows (gain_jax/train_loop/reference.py): these splits and metrics
+REFERENCE_SPLITS = ("validation", "validation_unbiased")
+REFERENCE_METRICS = ("mAP", "topk_accuracy", "cam_mIoU", "cam_object_mIoU", "pointing_game", "mAP_conflicting")
 
 
 def selection_path(args) -> str:
@@ -796,6 +811,7 @@ def select_main(args) -> int:
     candidates = {arm for family in FAMILIES.values() for arm in args.arms if family(configs[arm])}
     controls = [arm for arm in args.arms if arm != BASELINE_ARM and arm not in candidates]
     print(f"  controls (evaluated on test as they are): {', '.join(controls) or 'none'}", flush=True)
+    default = default_choice(per_run, results, args) if set(DEFAULT_CHAIN) <= set(args.arms) else None
     record = {"study": args.name, "gain_shapes_version": data_version(args.dataset), "arms": args.arms,
               "seeds": args.seeds, "controls": controls,
               "settings": {key: value for key, value in vars(args).items()
@@ -803,6 +819,7 @@ def select_main(args) -> int:
               "train_commands": {run_name(a, s): shlex.join(["python", "train.py"] + run_flags(a, s, args))
                                  for a in args.arms for s in args.seeds},
               "rule": SELECTION_RULE, "thresholds": thresholds, "targets": choices,
+              **({"default_choice": default} if default else {}),
               "validation_unbiased": {name: {k: v for k, v in entry.items() if k != "records"}
                                       for name, entry in per_run.items()}}
     os.makedirs(args.out, exist_ok=True)
@@ -810,6 +827,38 @@ def select_main(args) -> int:
         json.dump(record, handle, indent=1)
     print(f"selection: {selection_path(args)} (commit it before running `test`)")
     return 0
+
+
+def default_choice(per_run: dict, results: dict, args) -> dict:
+    """DEFAULT_RULE on the validation numbers of `select`: each step of the chain with its intervals, the arm
+    chosen, and the baseline's means over the seeds on REFERENCE_SPLITS (the rows train.py's closing table shows
+    as the baseline trained as long)."""
+    from gain_jax import stats
+
+    def by_seed(arm, key):
+        return {seed: per_run[run_name(arm, seed)][key] for seed in args.seeds}
+
+    chosen, steps = DEFAULT_CHAIN[0], []
+    for arm in DEFAULT_CHAIN[1:]:
+        gain = stats.t_interval(stats.paired_differences(by_seed(arm, "mAP"), by_seed(chosen, "mAP")))
+        cost = stats.t_interval(stats.paired_differences(by_seed(arm, "validation_mAP"),
+                                                         by_seed(chosen, "validation_mAP")))
+        moves = gain.low > DEFAULT_GAIN_MARGIN and cost.low > DEFAULT_COST_MARGIN
+        steps.append({"arm": arm, "against": chosen, "validation_unbiased_mAP": gain.as_dict(),
+                      "validation_mAP": cost.as_dict(), "moves": moves})
+        print(f"  default: {arm} - {chosen}: validation_unbiased mAP {_interval_text(gain.as_dict())}, validation "
+              f"mAP {_interval_text(cost.as_dict())}: " + ("moves to it" if moves else "stays"), flush=True)
+        if moves:
+            chosen = arm
+    print(f"  default: {chosen} (train.py's default configuration, by DEFAULT_RULE)", flush=True)
+    baseline = {split: {metric: float(np.mean([results[(BASELINE_ARM, seed)]["final"][split][metric]
+                                               for seed in args.seeds]))
+                        for metric in REFERENCE_METRICS}
+                for split in REFERENCE_SPLITS}
+    return {"rule": DEFAULT_RULE, "chain": list(DEFAULT_CHAIN), "steps": steps, "default": chosen,
+            "train_flags": arm_flags(chosen, args), "baseline_trained_as_long": baseline,
+            "budget": {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
+                       "gain_shapes_version": data_version(args.dataset), "seeds": args.seeds}}
 
 
 def _interval_text(interval: dict) -> str:

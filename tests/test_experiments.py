@@ -75,6 +75,50 @@ def test_arms_studies_and_flags():
         script.check_args(parser.parse_args(["--study", "converged"]), parser)  # 2.0.0 has no train_unbiased
 
 
+def test_default_study_is_train_pys_configuration_and_its_chain_rule(capsys):
+    """--study default at --steps_per_epoch 93: its GAIN_ext@100% arm is train.py's default run; the chain moves
+    to the next arm only when the interval's lower bounds clear both margins."""
+    from gain_jax import config as run_config
+
+    script = load_script()
+    parser = script.build_parser()
+    args = parser.parse_args(["select", "--study", "default", "--steps_per_epoch", "93", "--seeds", "0", "1", "2"])
+    script.check_args(args, parser)
+    assert tuple(args.arms) == script.DEFAULT_CHAIN
+    gain_ext = script.run_config_of("GAIN_ext@100%", 0, args)
+    default = run_config.Config()
+    assert gain_ext.gain == default.gain and gain_ext.data.ex_fraction == default.data.ex_fraction
+    assert (gain_ext.train.epochs, gain_ext.train.pretrain_epochs, gain_ext.train.lr, gain_ext.train.batch_size) == (
+        default.train.epochs, default.train.pretrain_epochs, default.train.lr, default.train.batch_size)
+
+    def runs(unbiased, biased):  # {arm: per-seed values} -> select's per_run and the runs' metrics
+        per_run, results = {}, {}
+        for arm in unbiased:
+            for seed in args.seeds:
+                per_run[script.run_name(arm, seed)] = {"mAP": unbiased[arm][seed], "validation_mAP": biased[arm][seed]}
+                split = {metric: unbiased[arm][seed] for metric in script.REFERENCE_METRICS}
+                results[(arm, seed)] = {"final": {name: split for name in script.REFERENCE_SPLITS}}
+        return per_run, results
+
+    biased = {arm: [0.90, 0.91, 0.92] for arm in script.DEFAULT_CHAIN}
+    unbiased = {"baseline": [0.38, 0.40, 0.39], "ex_only@100%": [0.50, 0.53, 0.51],
+                "GAIN_ext@100%": [0.51, 0.52, 0.52]}  # L_am: +0.003 [-0.025, +0.032]: contains zero
+    choice = script.default_choice(*runs(unbiased, biased), args)
+    assert choice["default"] == "ex_only@100%" and [step["moves"] for step in choice["steps"]] == [True, False]
+    assert choice["steps"][1]["against"] == "ex_only@100%"
+    assert choice["train_flags"][:2] == ["--am_weight", "0"]
+    assert choice["baseline_trained_as_long"]["validation_unbiased"]["mAP"] == pytest.approx(0.39)
+    unbiased["GAIN_ext@100%"] = [0.55, 0.58, 0.56]
+    assert script.default_choice(*runs(unbiased, biased), args)["default"] == "GAIN_ext@100%"
+    biased["GAIN_ext@100%"] = [0.87, 0.88, 0.89]  # -0.03 on biased validation: the cost margin stops it
+    assert script.default_choice(*runs(unbiased, biased), args)["default"] == "ex_only@100%"
+    unbiased["ex_only@100%"] = [0.37, 0.42, 0.38]  # no clear gain over the baseline: GAIN_ext is compared with it
+    choice = script.default_choice(*runs(unbiased, {arm: [0.9, 0.91, 0.92] for arm in biased}), args)
+    assert [step["against"] for step in choice["steps"]] == ["baseline", "baseline"]
+    assert choice["default"] == "GAIN_ext@100%"
+    assert "default: GAIN_ext@100%" in capsys.readouterr().out
+
+
 def test_together_groups_each_arms_seeds_and_falls_back_where_a_sweep_cannot_train(capsys):
     import protocol
 
