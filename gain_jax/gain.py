@@ -106,7 +106,8 @@ class GainOutput:
     """Everything `gain_forward` computes. K = 1 in union mode, `max_labels` in per-label mode.
 
     logits_cl [B,C]; heatmap [B,K,H,W] (upsampled relu cam, before min-max); scaled [B,K,H,W];
-    mask [B,K,H,W]; masked_images [B,K,H,W,3]; logits_am [B,K,C];
+    mask [B,K,H,W]; masked_images [B,K,H,W,3]; logits_am [B,K,C] (None: the stream was left out,
+        `gain_forward(attention_mining=False)`);
     slot_labels [B,K]: the class of each slot, -1 for padding (union mode: the argmax class in evaluation,
         the lowest positive label in training, where the slot stands for the union of `selector`);
     selector [B,K,C]: the classes each slot attends to (multi-hot in union training, one-hot otherwise,
@@ -123,7 +124,7 @@ class GainOutput:
     scaled: jax.Array
     mask: jax.Array
     masked_images: jax.Array
-    logits_am: jax.Array
+    logits_am: jax.Array | None
     slot_labels: jax.Array
     selector: jax.Array
     model_state: Any
@@ -274,6 +275,7 @@ def gain_forward(
     train: bool = True,
     rngs: Mapping[str, jax.Array] | None = None,
     packing: LabelPacking | None = None,
+    attention_mining: bool = True,
 ) -> GainOutput:
     """Both GAIN streams for a batch. images ``[B,H,W,3]``; labels ``[B,C]`` multi-hot (may be None when
     `train=False`: the argmax class is attended, as upstream does in evaluation).
@@ -292,6 +294,10 @@ def gain_forward(
     stream, whose random masks are drawn for the packed rows instead). A packing with sampled pairs
     (`pack_labels(..., am_labels_per_image=n, rng=...)`) runs the stream on those only, and L_am averages
     each image's sampled pairs (`out.am_slots`); Grad-CAM, the masks and L_ext still cover every slot.
+
+    `attention_mining=False` leaves out the attention-mining stream (the erased images' forward): `logits_am`
+    is None. A training step whose L_am weighs 0 (`GainConfig.am_weight`, the mask loss alone) passes it, so
+    that it does not pay for a second forward and backward that cannot move a weight.
     """
     if packing is not None and (cfg.mode != "per_label" or not train):
         raise ValueError("gain_forward: packing is for per-label mode in training")
@@ -358,6 +364,11 @@ def gain_forward(
         fill_image = fill_image[:, None]
     erase_mask = jax.lax.stop_gradient(mask) if cfg.mask_grad == "stop" else mask
     masked_images = apply_mask(images[:, None], erase_mask, fill_image)
+
+    if not attention_mining:
+        return GainOutput(
+            logits_cl=logits_cl, heatmap=heatmap, scaled=scaled, mask=mask, masked_images=masked_images,
+            logits_am=None, slot_labels=slot_labels, selector=selectors, model_state=model_state, am_slots=None)
 
     # 6. attention-mining stream: one batched forward over the B*K masked images, BatchNorm as configured
     am_params = jax.lax.stop_gradient(params) if cfg.grads_off else params
@@ -429,18 +440,26 @@ def gain_losses(out: GainOutput, labels: jax.Array, cfg: GainConfig, gt_masks: j
         only the slots of `out.am_slots` count (with sampled pairs: the mean over each image's sampled
         labels, an unbiased estimate of the mean over all of them).
     ex: `extra_supervision_loss` when `gt_masks` is given (images with `has_mask` False excluded), else 0.
+    Without the attention-mining stream (`out.logits_am` None) am is NaN, "not computed", and the total leaves
+    it out, which needs `cfg.am_weight` 0.
     """
     if labels is None:
         raise ValueError("gain_losses needs labels for the classification loss")
     logits_cl = out.logits_cl
     cl = optax.sigmoid_binary_cross_entropy(logits_cl, labels.astype(logits_cl.dtype)).mean()
 
-    am_scores = AM_SCORES[cfg.score](out.logits_am)
-    attended = out.selector.astype(am_scores.dtype)
-    if out.am_slots is not None:  # slots sampled out of the attention-mining stream count in neither sum
-        attended = attended * out.am_slots.astype(am_scores.dtype)[..., None]
-    per_image = _safe_divide((am_scores * attended).sum(axis=(1, 2)), attended.sum(axis=(1, 2)))
-    am = per_image.mean()
+    if out.logits_am is None:
+        if cfg.am_weight:
+            raise ValueError(f"gain_losses: am_weight {cfg.am_weight} needs the attention-mining stream "
+                             "(gain_forward(attention_mining=True))")
+        am = jnp.full((), jnp.nan, cl.dtype)
+    else:
+        am_scores = AM_SCORES[cfg.score](out.logits_am)
+        attended = out.selector.astype(am_scores.dtype)
+        if out.am_slots is not None:  # slots sampled out of the attention-mining stream count in neither sum
+            attended = attended * out.am_slots.astype(am_scores.dtype)[..., None]
+        per_image = _safe_divide((am_scores * attended).sum(axis=(1, 2)), attended.sum(axis=(1, 2)))
+        am = per_image.mean()
 
     if gt_masks is None:
         ex = jnp.zeros((), cl.dtype)
@@ -457,8 +476,11 @@ def total_loss(terms: Mapping[str, jax.Array], cfg: GainConfig, attention_on=1.0
     `attention_on` (0 or 1, may be traced) switches attention mining and extra supervision on after the
     classification-only pre-training, without a recompile; `mining_on` (0 or 1, may be traced) switches
     attention mining alone, so that it can start after the extra supervision (TrainConfig.am_start_epoch).
+    With `cfg.am_weight` 0 the am term is left out (it may be NaN: not computed).
     """
     dtype = terms["cl"].dtype
     attention_on = jnp.asarray(attention_on, dtype)
+    if not cfg.am_weight:
+        return cfg.cl_weight * terms["cl"] + attention_on * (cfg.ex_weight * terms["ex"])
     am_weight = jnp.asarray(mining_on, dtype) * cfg.am_weight
     return cfg.cl_weight * terms["cl"] + attention_on * (am_weight * terms["am"] + cfg.ex_weight * terms["ex"])

@@ -57,7 +57,8 @@ def make_train_step(model, cfg: GainConfig, donate: bool = True) -> Callable:
     (a scalar, 0 or 1) multiplies the attention-mining loss alone (TrainConfig.am_start_epoch), likewise.
     Both streams run in every step, so L_am is logged during pre-training too: a `lax.cond` that skipped the
     attention-mining stream while it is off was slower on XLA:CPU (docs/design.md, "`attention_on`
-    multiplies, it does not branch"), so it is not used.
+    multiplies, it does not branch"), so it is not used. With `cfg.am_weight` 0 (the mask loss alone, the
+    classification baseline) the stream is left out of the compiled step (a static choice): "am" is NaN.
     With `donate`, the input state's buffers are reused for the new state: don't read the old state (nor
     the variables it was created from) after the call.
     metrics: "loss" (the total optimized), "cl", "am", "ex" (unweighted terms), "logits" [B,C].
@@ -65,7 +66,8 @@ def make_train_step(model, cfg: GainConfig, donate: bool = True) -> Callable:
 
     def loss_fn(params, batch_stats, batch, rng, attention_on, mining_on):
         out = gain_forward(model, variables_of(params, batch_stats), batch["image"], batch["labels"], cfg,
-                           train=True, rngs={"dropout": rng}, packing=batch.get("packing"))
+                           train=True, rngs={"dropout": rng}, packing=batch.get("packing"),
+                           attention_mining=bool(cfg.am_weight))
         gt_masks, has_mask = _batch_masks(batch, cfg)
         terms = gain_losses(out, batch["labels"], cfg, gt_masks=gt_masks, has_mask=has_mask)
         total = total_loss(terms, cfg, attention_on, mining_on)

@@ -100,6 +100,47 @@ def test_total_loss_mining_switch_drops_exactly_the_attention_mining_term():
     assert float(grad_am(am, 0.0)) == 0.0 and float(grad_am(am, 1.0)) == pytest.approx(0.3)
 
 
+def test_mask_loss_alone_leaves_out_the_attention_mining_stream_and_trains_the_same(setup):
+    """am_weight 0: the step's program has no erased-image forward (fewer convolutions), L_am reads NaN (not
+    computed), and the update equals the one with the stream kept and its term weighted 0 (the step before)."""
+    model, variables, batch = setup
+    cfg = gj.GainConfig(cl_weight=1.5, am_weight=0.0, ex_weight=2.0)
+    tx = optax.sgd(1.0)
+    step = gj.make_train_step(model, cfg, donate=False)
+    state = gj.create_train_state(variables, tx)
+    new_state, metrics = step(state, batch, jax.random.PRNGKey(0), 1.0, 1.0)
+    assert np.isnan(float(metrics["am"])) and np.isfinite(float(metrics["loss"])) and float(metrics["ex"]) > 0
+
+    def kept(params):  # the stream computed, its term multiplied by 0
+        out = gj.gain_forward(model, {**variables, "params": params}, batch["image"], batch["labels"], cfg,
+                              rngs={"dropout": jax.random.PRNGKey(0)}, attention_mining=True)
+        terms = gj.gain_losses(out, batch["labels"], cfg, gt_masks=batch["mask"], has_mask=batch["has_mask"])
+        assert out.logits_am is not None
+        return cfg.cl_weight * terms["cl"] + (0.0 * terms["am"] + cfg.ex_weight * terms["ex"]), out.model_state
+
+    (want_loss, want_state), grads = jax.jit(jax.value_and_grad(kept, has_aux=True))(variables["params"])
+    np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
+    for got, old, grad in zip(jax.tree_util.tree_leaves(new_state.params),
+                              jax.tree_util.tree_leaves(variables["params"]), jax.tree_util.tree_leaves(grads)):
+        # (conv biases before BatchNorm have gradients of exactly 0 up to float noise: an absolute bound)
+        step_taken = np.asarray(old) - np.asarray(got)
+        assert np.max(np.abs(step_taken - grad)) <= 1e-4 * max(float(np.max(np.abs(grad))), 1e-3)
+    for got, want in zip(jax.tree_util.tree_leaves(new_state.batch_stats), jax.tree_util.tree_leaves(want_state)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+    def convolutions(gain_cfg):
+        program = gj.make_train_step(model, gain_cfg, donate=False).lower(state, batch, jax.random.PRNGKey(0), 1.0,
+                                                                          1.0)
+        return program.as_text().count("stablehlo.convolution")
+
+    with_stream = convolutions(gj.GainConfig(cl_weight=1.5, am_weight=0.1, ex_weight=2.0))
+    assert convolutions(cfg) < with_stream
+    with pytest.raises(ValueError, match="needs the attention-mining stream"):
+        out = gj.gain_forward(model, variables, batch["image"], batch["labels"], cfg, train=False,
+                              attention_mining=False)
+        gj.gain_losses(out, batch["labels"], gj.GainConfig(am_weight=0.1))
+
+
 def test_eval_step_outputs_and_class_cams(setup):
     model, variables, batch = setup
     cfg = gj.GainConfig()
