@@ -560,7 +560,8 @@ def fraction_arms(args) -> tuple[list, list]:
     curve, references = [], []
     for arm in args.arms:
         config = run_config_of(arm, args.seeds[0], args)
-        if config.gain.ex_weight > 0 and config.gain.am_weight > 0:
+        # oversampled draws are another setting, not a point of the fraction curve
+        if config.gain.ex_weight > 0 and config.gain.am_weight > 0 and not config.data.ex_oversample:
             curve.append((config.data.ex_fraction, arm))
         else:
             references.append(arm)
@@ -571,6 +572,63 @@ def has_fraction_curve(curve: list) -> bool:
     """A curve needs two or more points, one per fraction (arms that differ in other settings at one fraction,
     as in the ablations, are not a curve)."""
     return len(curve) >= 2 and len({fraction for fraction, _ in curve}) == len(curve)
+
+
+def save_palette_png(path: str) -> None:
+    """Rewrite the PNG at `path` with a 256-colour palette: plots and heatmaps keep their look at about a
+    third of the bytes (committed figures stay small)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        palette = image.convert("RGB").quantize(colors=256)
+    palette.save(path, optimize=True)
+
+
+COMPARISON_TITLES = {"mAP": "test_unbiased mAP", "mAP_conflicting": "mAP, bias-conflicting images",
+                     "PxAP": "CAM PxAP", "cam_mIoU": "CAM mIoU (validation threshold)",
+                     "validation_mAP": "validation mAP (biased)"}
+
+
+def test_figure(record: dict, selection: dict, args, path: str) -> int:
+    """The `test` command's figure: per metric, every paired difference of `record["comparisons"]` (arm - its
+    reference, mean over the seeds) with its 95% t-interval, zero and the targets' margins dashed; bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = list(record["comparisons"])
+    keys = [key for key in COMPARISON_TITLES if all(key in record["comparisons"][pair] for pair in pairs)]
+    margins = {}
+    for target in selection["targets"].values():
+        if target["arm"] and target["measure"][1] in keys:
+            key = "validation_mAP" if target["measure"][0] == "validation" else target["measure"][1]
+            margins[key] = target["margin"]
+    figure, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys) + 3.2, 0.42 * len(pairs) + 1.4), dpi=80,
+                                sharey=True, squeeze=False)
+    positions = list(range(len(pairs)))[::-1]
+    for axis, key in zip(axes[0], keys):
+        for position, pair in zip(positions, pairs):
+            interval = record["comparisons"][pair][key]
+            low, high = interval.get("low", interval["mean"]), interval.get("high", interval["mean"])
+            clears = pair.endswith(f" - {BASELINE_ARM}") and key in margins and low > margins[key]
+            colour = "tab:green" if clears else "black"
+            axis.errorbar(interval["mean"], position, xerr=[[interval["mean"] - low], [high - interval["mean"]]],
+                          fmt="o", color=colour, capsize=3, markersize=4)
+        axis.axvline(0.0, color="grey", linewidth=0.8)
+        if key in margins:
+            axis.axvline(margins[key], color="tab:red", linestyle="--", linewidth=0.8)
+        axis.set_title(COMPARISON_TITLES[key], fontsize=9)
+        axis.tick_params(labelsize=8)
+    axes[0][0].set_yticks(positions, pairs, fontsize=8)
+    figure.suptitle(f"gain_shapes {data_version(args.dataset)}, {args.name}: differences paired by seed "
+                    f"{args.seeds}, mean and 95% t-interval (red dashed: a target's margin; green: an arm - baseline "
+                    "interval whose lower bound clears it)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    save_palette_png(path)
+    return os.path.getsize(path)
 
 
 def make_figure(summary: dict, floors: dict, args, path: str) -> int:
@@ -654,6 +712,7 @@ def make_figure(summary: dict, floors: dict, args, path: str) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=80)
     plt.close(figure)
+    save_palette_png(path)
     return os.path.getsize(path)
 
 
@@ -964,6 +1023,9 @@ def test_main(args) -> int:
         json.dump(record, handle, indent=1)
     with open(os.path.join(args.out, f"{args.name}.test.md"), "w") as handle:
         handle.write(text)
+    if importlib.util.find_spec("matplotlib") is not None:
+        figure_path = os.path.join(args.out, f"{args.name}.test.png")
+        print(f"figure: {figure_path} ({test_figure(record, selection, args, figure_path) / 1000:.0f} kB)")
     return 0
 
 

@@ -218,6 +218,11 @@ def test_tiny_study_end_to_end_and_reuse(shapes_data_dir, tmp_path, capsys, monk
     boot = tested["bootstrap"]["GAIN_ext"]["mAP"]
     assert boot["low"] <= boot["mean"] <= boot["high"] and boot["n"] == 16
     assert tested["per_run"]["GAIN_ext_seed0"]["cam_threshold"] == selection["thresholds"]["GAIN_ext"]["threshold"]
+    from PIL import Image
+
+    for figure in (f"{name}.test.png", f"{name}.png"):  # committed figures are palette PNGs
+        with Image.open(tmp_path / "out" / figure) as image:
+            assert image.mode == "P" and image.size[0] > 200, figure
     capsys.readouterr()
 
     assert script.main(tiny_argv(shapes_data_dir, tmp_path) + ["--reuse"]) == 0
