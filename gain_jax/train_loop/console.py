@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from gain_jax import metrics
 from gain_jax.config import Config
+from gain_jax.train_loop import reference
 from gain_jax.train_loop.setup import Run
 from gain_jax.train_loop.steps import schedule_text, trained_terms
 
@@ -48,7 +49,7 @@ def first_line(run: Run, device_count: int) -> str:
     return (f"run {run.paths.run_dir}: {method_name(config)}, {train.backbone} on {config.data.dataset} "
             f"({run.num_classes} classes, {config.data.image_size}x{config.data.image_size}), {train.epochs} "
             f"epochs x {train.steps_per_epoch} steps of {train.batch_size} on {device_count} device(s), "
-            f"{schedule_text(train)}")
+            f"{schedule_text(train, trained_terms(run.config))}")
 
 
 def sweep_line(runs) -> str:
@@ -130,11 +131,13 @@ def _table(run: Run, rows: list[tuple[str, Mapping[str, Any]]], width: int) -> l
     lines = [f"{'split':<{width}}{'mAP':>7}{'top-k acc':>11}{f'CAM mIoU@{run.config.eval.cam_threshold:g}':>15}"
              f"{'object mIoU':>13}{pointing_header:>22}" + (f"{'mAP conflicting':>18}" if conflicting else "")]
     for name, result in rows:
-        pointing = f"{result['pointing_game']:.3f} ({result['pointing_hits']}/{result['pointing_trials']})"
+        pointing = f"{result['pointing_game']:.3f}" + (f" ({result['pointing_hits']}/{result['pointing_trials']})"
+                                                        if "pointing_hits" in result else "")
         line = (f"{name:<{width}}{result['mAP']:>7.3f}{result['topk_accuracy']:>11.3f}"
                 f"{result['cam_mIoU']:>15.3f}{result.get('cam_object_mIoU', math.nan):>13.3f}{pointing:>22}")
         if "mAP_conflicting" in result:
-            subset = f"{result['mAP_conflicting']:.3f} (n={result['num_conflicting']})"
+            subset = f"{result['mAP_conflicting']:.3f}" + (f" (n={result['num_conflicting']})"
+                                                            if "num_conflicting" in result else "")
             line += f"{subset:>18}"
         lines.append(line)
     return lines
@@ -142,22 +145,29 @@ def _table(run: Run, rows: list[tuple[str, Mapping[str, Any]]], width: int) -> l
 
 def report(run: Run, history: Mapping[str, Any], seconds: float, latest_checkpoint: int | None,
            label: str = "") -> str:
-    """The closing table: every final split, and the pre-training baseline's splits when there was one.
-    `label` starts its title (a seed sweep's "seed k: ")."""
+    """The closing table: every final split, beside the classification-only baseline trained as long when the
+    run's data and budget are train.py's defaults (`reference.baseline_trained_as_long`), else beside the run's
+    own pre-training epochs, said to be no fair comparison. `label` starts its title (a seed sweep's "seed k: ")."""
     config = run.config
     train, dataset = config.train, config.data.dataset
     lines = [f"\n{label}{method_name(config)} on {dataset}, {train.backbone}, {train.epochs} epochs "
              f"({train.pretrain_epochs} classification-only), {seconds:.0f} s"]
-    rows = []
+    rows, notes = [], []
+    baseline = reference.baseline_trained_as_long(config)
     pretrained = next((r for r in history["epochs"] if r["epoch"] == train.pretrain_epochs), None)
-    if pretrained is not None and train.pretrain_epochs < train.epochs:
+    if baseline is not None:
+        rows += [(f"{split} (baseline)", baseline[split]) for split in history["final"] if split in baseline]
+        notes.append(f"(baseline: classification only, trained as long on the same data, mean over seeds "
+                     f"{','.join(map(str, reference.SEEDS))}: {reference.SOURCE}; the other rows: this run)")
+    elif pretrained is not None and train.pretrain_epochs < train.epochs:
         rows += [(f"{split} (pre-trained)", pretrained[split]) for split in history["final"] if split in pretrained]
+        notes.append(f"(pre-trained: after epoch {train.pretrain_epochs} of {train.epochs}, classification only; not "
+                     f"a fair baseline: train one as long with --am_weight 0 --ex_weight 0 --pretrain_epochs "
+                     f"{train.epochs})")
     rows += list(history["final"].items())
     width = max(len(name) for name, _ in rows) + 2
     lines += _table(run, rows, width)
-    if len(rows) > len(history["final"]):
-        lines.append(f"(pre-trained: after epoch {train.pretrain_epochs}, the classification-only baseline; "
-                     f"the other rows: after attention mining)")
+    lines += notes
     if any("mAP_conflicting" in result for _, result in rows):
         lines.append("(mAP conflicting: on the images whose background texture is a non-label class's own)")
     floor_lines = [line for split, result in history["final"].items()
