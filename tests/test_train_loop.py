@@ -44,10 +44,11 @@ def test_config_round_trips_through_json():
     assert (flat.train.backbone, flat.gain.fill, flat.data.image_size) == ("vgg16", 0.0, 224)
 
 
-def test_defaults_are_the_benchmark_gain_ext_and_saved_runs_read_as_trained(tmp_path):
-    # train.py's defaults: the GAIN_ext configuration chosen on gain_shapes; GainConfig() stays upstream's
+def test_defaults_are_the_benchmark_mask_loss_and_saved_runs_read_as_trained(tmp_path):
+    # train.py's defaults: the mask loss alone, chosen at the default's budget (attention mining's settings as
+    # chosen on gain_shapes, for --am_weight 0.1); GainConfig() stays upstream's
     assert Config().gain == run_config.BENCHMARK_GAIN == gj.GainConfig(
-        am_weight=0.1, am_batchnorm="batch", score="sigmoid", ex_weight=1.0)
+        am_weight=0.0, am_batchnorm="batch", score="sigmoid", ex_weight=1.0)
     assert (Config().data.ex_fraction, Config().train.epochs, Config().train.pretrain_epochs) == (1.0, 6, 2)
     upstream = parse(["--am_weight", "1", "--am_batchnorm", "frozen", "--score", "softmax", "--ex_weight", "0"])
     assert upstream.gain == gj.GainConfig()
@@ -132,6 +133,13 @@ def test_am_start_epoch_delays_attention_mining_alone():
     assert schedule_text(TrainConfig(am_start_epoch=4)) == ("extra supervision (L_ext) from epoch 3, "
                                                             "attention mining (L_am) from epoch 5")
     assert schedule_text(TrainConfig(am_start_epoch=6)).endswith("attention mining (L_am) never")
+    # what the run trains decides what is named: the mask loss alone, the baseline
+    from gain_jax.train_loop import phase_text, trained_terms
+
+    assert schedule_text(TrainConfig(), trained_terms(Config())) == "the mask loss (L_ext) from epoch 3"
+    assert schedule_text(TrainConfig(), ("cl",)) == "classification only"
+    assert phase_text(1.0, 1.0, ("cl", "ex")) == " (L_ext)" and phase_text(0.0, 0.0, ("cl", "ex")) == ""
+    assert phase_text(1.0, 1.0) == " (attention mining)" and phase_text(1.0, 1.0, ("cl",)) == ""
 
 
 def test_config_from_dict_checks_names_and_validate_checks_choices():
@@ -235,7 +243,9 @@ def test_library_modules_import_neither_tensorflow_nor_torch():
 # ---------------------------------------------------------------------------------------------- runs
 
 def tiny_config(data_dir, logdir, run_name, **log_changes) -> Config:
-    return Config(data=DataConfig(data_dir=data_dir, image_size=32),
+    """GAIN_ext (--am_weight 0.1 on train.py's defaults): every stream of the step runs."""
+    return Config(gain=dataclasses.replace(run_config.BENCHMARK_GAIN, am_weight=0.1),
+                  data=DataConfig(data_dir=data_dir, image_size=32),
                   train=TrainConfig(batch_size=8, steps_per_epoch=2, epochs=2, pretrain_epochs=1),
                   eval=EvalConfig(eval_examples=16),
                   log=LogConfig(**{"logdir": str(logdir), "run_name": run_name, "num_heatmaps": 2, **log_changes}))
@@ -510,8 +520,9 @@ def test_the_report_names_what_was_trained():
         config = Config(gain=dataclasses.replace(Config().gain, **gain))
         return method_name(config)
 
-    assert named() == "GAIN_ext (union)"  # train.py's default: am_weight 0.1, ex_weight 1
-    assert named(ex_weight=0.0) == "GAIN (union)"
+    assert named() == "mask loss alone, L_cl + L_ext (union)"  # train.py's default: am_weight 0, ex_weight 1
+    assert named(am_weight=0.1) == "GAIN_ext (union)"
+    assert named(am_weight=0.1, ex_weight=0.0) == "GAIN (union)"
     assert named(am_weight=0.0, mode="per_label") == "mask loss alone, L_cl + L_ext (per_label)"
     assert named(am_weight=0.0, ex_weight=0.0) == "classification baseline (no attention loss)"
     # a term the schedule never turns on is not trained: attention mining from epoch 7 of 6

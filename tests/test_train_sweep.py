@@ -27,7 +27,9 @@ def parse(argv):
 
 
 def tiny_config(data_dir, logdir, run_name, **train) -> Config:
-    return Config(data=DataConfig(data_dir=data_dir, image_size=32),
+    """GAIN_ext (--am_weight 0.1 on train.py's defaults): every stream of the step runs."""
+    return Config(gain=dataclasses.replace(run_config.BENCHMARK_GAIN, am_weight=0.1),
+                  data=DataConfig(data_dir=data_dir, image_size=32),
                   train=TrainConfig(batch_size=8, steps_per_epoch=2, epochs=2, pretrain_epochs=1, **train),
                   eval=EvalConfig(eval_examples=16),
                   log=LogConfig(logdir=str(logdir), run_name=run_name, num_heatmaps=2, log_every=1))

@@ -41,8 +41,12 @@ def trained_terms(config: Config) -> tuple[str, ...]:
     return terms
 
 
-def schedule_text(train: TrainConfig) -> str:
-    """When the attention losses start, in 1-based epochs, for the run's first line."""
+def schedule_text(train: TrainConfig, terms: tuple[str, ...] = ("cl", "am", "ex")) -> str:
+    """When the attention losses start, in 1-based epochs, for the run's first line; `terms` are those the run
+    trains (`trained_terms`): without L_am only the mask loss's start is named."""
+    if "am" not in terms:
+        return (f"the mask loss (L_ext) from epoch {train.pretrain_epochs + 1}" if "ex" in terms
+                else "classification only")
     mining_start = mining_start_epoch(train)
     if mining_start == train.pretrain_epochs:
         return f"attention mining from epoch {train.pretrain_epochs + 1}"
@@ -50,8 +54,10 @@ def schedule_text(train: TrainConfig) -> str:
     return f"extra supervision (L_ext) from epoch {train.pretrain_epochs + 1}, attention mining (L_am) {mining}"
 
 
-def phase_text(attention_on, mining_on) -> str:
-    """The epoch line's note on which attention losses counted."""
+def phase_text(attention_on, mining_on, terms: tuple[str, ...] = ("cl", "am", "ex")) -> str:
+    """The epoch line's note on which attention losses counted (of `terms`, those the run trains)."""
+    if "am" not in terms:
+        return " (L_ext)" if attention_on and "ex" in terms else ""
     if mining_on:
         return " (attention mining)"
     return " (L_ext, L_am not yet)" if attention_on else ""
