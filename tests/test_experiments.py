@@ -2,6 +2,7 @@
 evaluation images; then --reuse re-reads the finished runs, `select` chooses on validation (never reading a test
 split) and `test` evaluates the choice on test_unbiased; --together trains one arm's two seeds as one seed sweep
 whose runs equal those trained alone. experiments/protocol.py's training plan (which seeds train together)."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -76,8 +77,9 @@ def test_arms_studies_and_flags():
 
 
 def test_default_study_is_train_pys_configuration_and_its_chain_rule(capsys):
-    """--study default at --steps_per_epoch 93: its GAIN_ext@100% arm is train.py's default run; the chain moves
-    to the next arm only when the interval's lower bounds clear both margins."""
+    """--study default at --steps_per_epoch 93: its arms are train.py's default run (the mask loss alone, the
+    rule's choice) and that run with --am_weight 0.1 (GAIN_ext, the former default); the chain moves to the next
+    arm only when the interval's lower bounds clear both margins."""
     from gain_jax import config as run_config
 
     script = load_script()
@@ -85,11 +87,14 @@ def test_default_study_is_train_pys_configuration_and_its_chain_rule(capsys):
     args = parser.parse_args(["select", "--study", "default", "--steps_per_epoch", "93", "--seeds", "0", "1", "2"])
     script.check_args(args, parser)
     assert tuple(args.arms) == script.DEFAULT_CHAIN
-    gain_ext = script.run_config_of("GAIN_ext@100%", 0, args)
+    gain_ext, mask_loss = (script.run_config_of(arm, 0, args) for arm in ("GAIN_ext@100%", "ex_only@100%"))
     default = run_config.Config()
-    assert gain_ext.gain == default.gain and gain_ext.data.ex_fraction == default.data.ex_fraction
-    assert (gain_ext.train.epochs, gain_ext.train.pretrain_epochs, gain_ext.train.lr, gain_ext.train.batch_size) == (
-        default.train.epochs, default.train.pretrain_epochs, default.train.lr, default.train.batch_size)
+    assert gain_ext.gain == dataclasses.replace(default.gain, am_weight=0.1)
+    assert (mask_loss.gain.am_weight, mask_loss.gain.ex_weight) == (default.gain.am_weight, default.gain.ex_weight)
+    for arm in (gain_ext, mask_loss):
+        assert arm.data.ex_fraction == default.data.ex_fraction and arm.train.steps_per_epoch == 93
+        assert (arm.train.epochs, arm.train.pretrain_epochs, arm.train.lr, arm.train.batch_size) == (
+            default.train.epochs, default.train.pretrain_epochs, default.train.lr, default.train.batch_size)
 
     def runs(unbiased, biased):  # {arm: per-seed values} -> select's per_run and the runs' metrics
         per_run, results = {}, {}
