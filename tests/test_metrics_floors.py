@@ -287,3 +287,6 @@ def test_report_shows_object_miou_floors_and_the_conflicting_map(flagged):
     expected = "/".join(f"{floors[name]['cam_mIoU']:.3f}" for name in metrics.FLOOR_NAMES)
     floor_rows = [line for line in lines if f"mIoU {expected}," in line]
     assert len(floor_rows) == 2 and "object mIoU 0.000/" in floor_rows[0]
+    from gain_jax.train_loop.console import floors_line  # a split name as wide as the column stays apart
+
+    assert floors_line("validation", result, len("validation")).startswith("  validation mIoU ")

@@ -122,7 +122,7 @@ def floors_line(split: str, result: Mapping[str, Any], width: int) -> str | None
     figures = ", ".join(f"{label} " + "/".join(f"{floors[name][key]:.3f}" for name in names)
                         for label, key in (("mIoU", "cam_mIoU"), ("object mIoU", "cam_object_mIoU"),
                                            ("pointing", "pointing_game")))
-    return f"  {split:<{width}}{figures}"
+    return f"  {split:<{width}} {figures}"  # the space: a split name as wide as `width` still stands apart
 
 
 def _table(run: Run, rows: list[tuple[str, Mapping[str, Any]]], width: int) -> list[str]:
