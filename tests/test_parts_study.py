@@ -106,6 +106,27 @@ def test_test_and_figure_on_test_refuse_without_selection(tmp_path):
         study.main(["select", *argv])
 
 
+def test_the_two_stage_study_screen_then_confirm(tmp_path, capsys):
+    """The screen holds every arm a target chooses from (not the ceilings); the confirmation's arms come from the
+    screen's selection file and are refused without it; PxAP does the choosing."""
+    screen = study.parse_args(["--budget", "tiny", "--study", "screen", "--out", str(tmp_path)])
+    assert screen.name == "screen" and "GAIN_ext@100%" not in screen.arms and "ex_only@100%" not in screen.arms
+    families = {study.family_of(study.run_config_of(arm, 0, screen)) for arm in screen.arms}
+    assert families == {None, "GAIN (self-guided)", "GAIN_ext (<= 10% masks)"}
+    assert {target.choose_on for target in study.TARGETS} == {"pxap"}
+    confirm = ["--budget", "tiny", "--study", "confirm", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as error:
+        study.parse_args(confirm)
+    assert error.value.code == 2 and "screen.selection.json" in capsys.readouterr().err
+    for chosen, arms in (("GAIN:cam_grad=full", ["baseline", "GAIN:cam_grad=full", "GAIN_ext@10%", "ex_only@100%"]),
+                         (None, ["baseline", "GAIN_ext@10%", "ex_only@100%"])):
+        (tmp_path / "screen.selection.json").write_text(json.dumps(
+            {"targets": {study.TARGETS[0].name: {"arm": chosen}}}))
+        args = study.parse_args(confirm)
+        assert args.arms == arms and args.name == "confirm"
+        assert study.parse_args([*confirm, "--arms", "baseline", "GAIN"]).name.startswith("arms-")
+
+
 @pytest.fixture
 def small_parts(tmp_path, monkeypatch):
     from gain_jax.data import parts
