@@ -3,7 +3,7 @@ discriminative part to its body? On the embedded gain_parts benchmark (gain_jax/
 configurations chosen on validation only, intervals against the baseline.
 
     # issue 21's study, pre-registered in two stages (experiments/README.md, "Pre-registration"):
-    python experiments/parts_study.py --study screen --seeds 0 --budget full            # 12 arms, one seed
+    python experiments/parts_study.py --study screen --seeds 0 --budget full            # 11 arms, one seed
     python experiments/parts_study.py select --study screen --seeds 0 --budget full     # picks the self-guided arm
     python experiments/parts_study.py --study confirm --seeds 0,1,2,3,4 --budget full --reuse   # 4 arms, 5 seeds
     python experiments/parts_study.py select --study confirm --seeds 0,1,2,3,4 --budget full    # commit its file
