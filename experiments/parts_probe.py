@@ -188,14 +188,22 @@ def evaluate_maps(arm_variables, args) -> tuple[dict, dict]:
     return {name: total.summarize() for name, total in totals.items()}, figure
 
 
-def save_figure(path: str, figure: dict, arms) -> None:
+def save_figure(path: str, figure: dict, arms, erased: dict | None = None) -> None:
+    """Rows: the images, their body and part masks, then each arm's maps, each followed by the images as its
+    attention-mining stream erases them when `erased` has the arm ({arm: [N,H,W,3] normalized images})."""
     from gain_jax import viz
 
+    erased = erased or {}
     pictures = viz.denormalize(figure["images"])
     masks = np.repeat((np.asarray(figure["masks"]) * 120).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
-    rows = [list(pictures), list(masks)] + [[viz.overlay(picture, heat) for picture, heat in zip(pictures, figure[arm])]
-                                            for arm in arms]
-    viz.save_png(path, viz.grid(rows, captions=["images", "body (grey) and part (white)", *arms]))
+    rows, captions = [list(pictures), list(masks)], ["images", "body (grey) and part (white)"]
+    for arm in arms:
+        rows.append([viz.overlay(picture, heat) for picture, heat in zip(pictures, figure[arm])])
+        captions.append(arm)
+        if arm in erased:
+            rows.append(list(viz.denormalize(erased[arm])))
+            captions.append(f"{arm}: the image its L_am sees (its own map erased)")
+    viz.save_png(path, viz.grid(rows, captions=captions))
 
 
 def load(arm: str, args):

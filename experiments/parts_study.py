@@ -9,6 +9,7 @@ configurations chosen on validation only, intervals against the baseline.
     python experiments/parts_study.py select --study confirm --seeds 0,1,2,3,4 --budget full    # commit its file
     python experiments/parts_study.py test --study confirm --seeds 0,1,2,3,4 --budget full     # test, once
     python experiments/parts_study.py figure --study confirm --split test --seeds 0,1,2,3,4 --budget full
+    python experiments/parts_study.py curves --study confirm --seeds 0,1,2,3,4 --budget full   # loss curves
     python experiments/parts_study.py dose --budget short                      # the 12 configs (one seed)
     python experiments/parts_study.py --study short --budget short --seeds 0   # a quick look: 4 arms
 
@@ -46,8 +47,11 @@ GAIN, GAIN_ext@10% by default) trained on each config (--configs to choose), eva
 body share, part share, the part's share of the object's area and the ratio of the two, PxAP, mAP, probability
 kept without the part, per config and arm (mean over --seeds), to <out>/dose.{json,md}. `figure` draws the
 first --figure_images images of a split (validation; test only once the selection file exists) with their
-masks and each arm's map (first seed), to <out>/<name>.<split>.png, and, when <out>/dose.json exists, body
-share against the part-to-body area ratio per arm and reliability, to <out>/dose.png.
+masks and each arm's map (first seed), below the map of an arm that trains L_am the images as its
+attention-mining stream erases them, to <out>/<name>.<split>.png, and, when <out>/dose.json exists, body
+share against the part-to-body area ratio per arm and reliability, to <out>/dose.png. `curves` tabulates each
+arm's training losses (L_cl, L_am, L_ext) and validation mAP per epoch, mean over the seeds, from the runs'
+records (no split read), to <out>/<name>.curves.md.
 """
 from __future__ import annotations
 
@@ -144,7 +148,7 @@ BOOTSTRAP_MEASURES = ("body_share", "pxap", "mAP")
 BOOTSTRAP_RESAMPLES = 1000
 RECORD_FILE = "parts_study_run.json"
 EVAL_BATCH = 50  # images per evaluation batch; the figure's images come from the first
-COMMANDS = ("train", "select", "test", "dose", "figure")
+COMMANDS = ("train", "select", "test", "dose", "figure", "curves")
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -438,6 +442,23 @@ def evaluate_run(arm: str, seed: int, split: str, args, dataset: str | None = No
     if keep_maps:
         records["maps"] = np.concatenate(maps_kept)[:keep_maps]
     return records
+
+
+def erased_images(arm: str, seed: int, images: np.ndarray, labels: np.ndarray, args) -> np.ndarray:
+    """What the run's attention-mining stream sees: `images` [N,H,W,3] erased by its own soft mask of the label
+    class (gain_forward in evaluation mode, the run's erase fill), [N,H,W,3] in the network's normalization."""
+    import jax
+    import protocol
+
+    import gain_jax as gj
+    import gain_jax.data as gd
+
+    config = run_config_of(arm, seed, args)
+    model = gj.build_model(config.train.backbone, gd.dataset_info(args.dataset).num_classes, dropout_rate=0.0)
+    variables, _ = protocol.restore_run(run_dir(arm, seed, args))
+    out = gj.gain_forward(model, variables, jax.numpy.asarray(images), jax.numpy.asarray(labels), config.gain,
+                          train=False, attention_mining=False)
+    return np.asarray(out.masked_images)[:, 0]  # union mode: one erased image per image
 
 
 def reference_records(split: str, args, dataset: str | None = None) -> dict:
@@ -739,8 +760,13 @@ def figure_main(args) -> int:
     batch = next(iter(split_batches(args.split, args)))
     figure["images"] = np.asarray(batch["image"])[:args.figure_images]
     figure["masks"] = (np.asarray(batch["body_mask"]) + 2 * np.asarray(batch["part_mask"]))[:args.figure_images]
+    erased = {}
+    for arm in args.arms:
+        if run_config_of(arm, seed, args).gain.am_weight > 0:
+            erased[arm] = erased_images(arm, seed, figure["images"], np.asarray(batch["labels"])[:args.figure_images],
+                                        args)
     path = os.path.join(args.out, f"{args.name}.{args.split}.png")
-    parts_probe.save_figure(path, figure, args.arms)
+    parts_probe.save_figure(path, figure, args.arms, erased=erased)
     print(f"figure: {path}")
     dose_path = os.path.join(args.out, "dose.json")
     if os.path.isfile(dose_path):
@@ -750,10 +776,33 @@ def figure_main(args) -> int:
     return 0
 
 
+def curves_main(args) -> int:
+    """Per epoch, each arm's training losses and validation figures from its runs' records, mean over the seeds:
+    did L_am fall, and did the maps move while it did? Reads no split."""
+    import train_curves
+
+    existing_runs(args.arms, args, "curves")
+    tables = []
+    for arm in args.arms:
+        histories = []
+        for seed in args.seeds:
+            with open(os.path.join(run_dir(arm, seed, args), "metrics.json")) as handle:
+                histories.append(json.load(handle))
+        tables.append(train_curves.table(arm, histories))
+    text = (f"{args.dataset} {data_version()}, {args.backbone}, study {args.name}, budget {args.budget}, seeds "
+            f"{args.seeds}: training losses (unweighted; L_am is computed in the classification-only epochs too, "
+            "where it weighs 0) and the train loop's validation figures per epoch\n\n" + "\n\n".join(tables))
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.name}.curves.md"), "w") as handle:
+        handle.write(text + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = {"train": train_main, "select": select_main, "test": test_main, "dose": dose_main,
-               "figure": figure_main}[args.command]
+               "figure": figure_main, "curves": curves_main}[args.command]
     return command(args)
 
 

@@ -127,6 +127,22 @@ def test_the_two_stage_study_screen_then_confirm(tmp_path, capsys):
         assert study.parse_args([*confirm, "--arms", "baseline", "GAIN"]).name.startswith("arms-")
 
 
+def test_figure_rows_add_each_erasing_arm_s_erased_images(tmp_path):
+    """An arm in `erased` gets a second row (the images its L_am sees); the others one."""
+    import numpy as np
+    import parts_probe
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    figure = {"images": rng.normal(size=(3, 16, 16, 3)).astype(np.float32), "masks": np.zeros((3, 16, 16), int),
+              "a": rng.uniform(size=(3, 16, 16)), "b": rng.uniform(size=(3, 16, 16))}
+    heights = []
+    for erased in ({}, {"b": rng.normal(size=(3, 16, 16, 3)).astype(np.float32)}):
+        parts_probe.save_figure(str(tmp_path / "f.png"), figure, ["a", "b"], erased=erased)
+        heights.append(Image.open(tmp_path / "f.png").size[1])
+    assert heights[1] - heights[0] == heights[0] // 4  # 4 rows of equal height, then 5
+
+
 @pytest.fixture
 def small_parts(tmp_path, monkeypatch):
     from gain_jax.data import parts
@@ -179,3 +195,10 @@ def test_tiny_study_train_select_test_figure_and_dose(small_parts, tmp_path, cap
     assert "reusing" in capsys.readouterr().out  # the baseline and GAIN runs of part04_rel060 exist already
     assert study.main(["figure", "--split", "test", *common]) == 0
     assert (out / f"{name}.test.png").stat().st_size > 0 and (out / "dose.png").stat().st_size > 0
+    capsys.readouterr()
+    assert study.main(["curves", *common]) == 0
+    curves = (out / f"{name}.curves.md").read_text()
+    assert curves == capsys.readouterr().out
+    for arm in ("baseline", "GAIN", "GAIN_ext@10%"):
+        assert f"{arm} (mean over 2 seeds)" in curves
+    assert "| 2 | on |" in curves and "| 1 | off |" in curves  # GAIN's classification-only epoch, then attention
