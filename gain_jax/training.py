@@ -151,11 +151,13 @@ def class_cams(model, variables: Mapping, images: jax.Array, cfg: GainConfig | N
 
 def make_eval_step(model, cfg: GainConfig) -> Callable:
     """`eval_step(state, batch) -> dict`, jit-compiled: gain_forward in evaluation mode (argmax class),
-    the loss terms with the batch's labels, and every class's normalized Grad-CAM ("class_cams")."""
+    the loss terms with the batch's labels, and every class's normalized Grad-CAM ("class_cams"). With
+    `cfg.am_weight` 0 the attention-mining stream is left out, as in the train step: "am" is NaN."""
 
     def eval_step(state: TrainState, batch):
         variables = state.variables
-        out = gain_forward(model, variables, batch["image"], batch["labels"], cfg, train=False)
+        out = gain_forward(model, variables, batch["image"], batch["labels"], cfg, train=False,
+                           attention_mining=bool(cfg.am_weight))
         gt_masks, has_mask = _batch_masks(batch, cfg)
         terms = gain_losses(out, batch["labels"], cfg, gt_masks=gt_masks, has_mask=has_mask)
         _, cams = class_cams(model, variables, batch["image"], cfg)

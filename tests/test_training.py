@@ -154,6 +154,18 @@ def test_eval_step_outputs_and_class_cams(setup):
         assert np.isfinite(float(ev[name]))
 
 
+def test_eval_step_of_the_mask_loss_alone_leaves_out_the_attention_mining_stream(setup):
+    """am_weight 0: the same outputs as with L_am weighted, but "am" NaN and the total without it."""
+    model, variables, batch = setup
+    state = gj.create_train_state(variables, optax.adam(1e-3))
+    alone = gj.make_eval_step(model, gj.GainConfig(am_weight=0.0, ex_weight=2.0))(state, batch)
+    mined = gj.make_eval_step(model, gj.GainConfig(am_weight=0.5, ex_weight=2.0))(state, batch)
+    for name in ("logits", "cl", "ex", "class_cams", "scaled", "masked_images"):
+        np.testing.assert_allclose(alone[name], mined[name], rtol=1e-6, atol=1e-7)
+    assert np.isnan(float(alone["am"])) and np.isfinite(float(mined["am"]))
+    np.testing.assert_allclose(alone["loss"], float(mined["cl"]) + 2.0 * float(mined["ex"]), rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_sweep_step_equals_the_runs_one_by_one(setup):
     """Three runs (own weights, data and dropout keys) for three steps, as one program and one by one: the
