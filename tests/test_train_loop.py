@@ -116,7 +116,7 @@ def test_invalid_values_raise_config_error_naming_the_flag(argv, message):
 
 
 def test_am_start_epoch_delays_attention_mining_alone():
-    from gain_jax.train_loop import loss_switches, schedule_text
+    from gain_jax.train_loop import loss_switches, phase_text, schedule_text
 
     assert [parse(["--am_start_epoch", str(n)]).train.am_start_epoch for n in (0, 2, 4, 6)] == [0, 2, 4, 6]
     assert parse(["--am_start_epoch", "0", "--pretrain_epochs", "9"]).train.am_start_epoch == 0
@@ -129,17 +129,24 @@ def test_am_start_epoch_delays_attention_mining_alone():
     assert switches(TrainConfig(am_start_epoch=4)) == [off] * 2 + [mask_loss] * 2 + [both] * 2
     assert switches(TrainConfig(am_start_epoch=6)) == [off] * 2 + [mask_loss] * 4
     assert all(type(on) is np.float32 for on in loss_switches(TrainConfig(), 0))  # the step's traced dtype
-    assert schedule_text(TrainConfig()) == "attention mining from epoch 3"
-    assert schedule_text(TrainConfig(am_start_epoch=4)) == ("extra supervision (L_ext) from epoch 3, "
-                                                            "attention mining (L_am) from epoch 5")
-    assert schedule_text(TrainConfig(am_start_epoch=6)).endswith("attention mining (L_am) never")
-    # what the run trains decides what is named: the mask loss alone, the baseline
-    from gain_jax.train_loop import phase_text, trained_terms
 
-    assert schedule_text(TrainConfig(), trained_terms(Config())) == "the mask loss (L_ext) from epoch 3"
-    assert schedule_text(TrainConfig(), ("cl",)) == "classification only"
-    assert phase_text(1.0, 1.0, ("cl", "ex")) == " (L_ext)" and phase_text(0.0, 0.0, ("cl", "ex")) == ""
-    assert phase_text(1.0, 1.0) == " (attention mining)" and phase_text(1.0, 1.0, ("cl",)) == ""
+    def run(am_weight=0.1, ex_weight=1.0, **train):  # GAIN_ext by default (train.py's default trains no L_am)
+        default = Config()
+        return dataclasses.replace(default, train=TrainConfig(**train), gain=dataclasses.replace(
+            default.gain, am_weight=am_weight, ex_weight=ex_weight))
+
+    assert schedule_text(run()) == "attention mining from epoch 3"
+    assert schedule_text(run(am_start_epoch=4)) == ("extra supervision (L_ext) from epoch 3, "
+                                                    "attention mining (L_am) from epoch 5")
+    # L_am switched on after the last epoch is not trained: the run is the mask loss alone
+    assert schedule_text(run(am_start_epoch=6)) == "the mask loss (L_ext) from epoch 3"
+    assert [phase_text(run(am_start_epoch=4), epoch) for epoch in (1, 2, 4)] == [
+        "", " (L_ext, L_am not yet)", " (attention mining)"]
+    # what the run trains decides what is named: the mask loss alone, the baseline
+    assert schedule_text(Config()) == schedule_text(run(am_weight=0)) == "the mask loss (L_ext) from epoch 3"
+    assert schedule_text(run(am_weight=0, ex_weight=0)) == "classification only"
+    assert phase_text(run(am_weight=0), 2) == " (L_ext)" and phase_text(run(am_weight=0), 1) == ""
+    assert phase_text(run(am_weight=0, ex_weight=0), 2) == ""
 
 
 def test_config_from_dict_checks_names_and_validate_checks_choices():

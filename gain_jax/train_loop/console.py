@@ -49,7 +49,7 @@ def first_line(run: Run, device_count: int) -> str:
     return (f"run {run.paths.run_dir}: {method_name(config)}, {train.backbone} on {config.data.dataset} "
             f"({run.num_classes} classes, {config.data.image_size}x{config.data.image_size}), {train.epochs} "
             f"epochs x {train.steps_per_epoch} steps of {train.batch_size} on {device_count} device(s), "
-            f"{schedule_text(train, trained_terms(run.config))}")
+            f"{schedule_text(config)}")
 
 
 def sweep_line(runs) -> str:

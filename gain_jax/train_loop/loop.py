@@ -27,7 +27,7 @@ from gain_jax.train_loop.devices import agree_to_stop, prefetch_to_device
 from gain_jax.train_loop.evaluation import evaluate_split, final_splits, heatmap_picture
 from gain_jax.train_loop.records import RunRecords, step_means
 from gain_jax.train_loop.setup import Position, config_file_record, create_train_state, load_torch_state_dict
-from gain_jax.train_loop.steps import STEP_KEYS, loss_switches, phase_text, trained_terms
+from gain_jax.train_loop.steps import STEP_KEYS, loss_switches, phase_text
 from gain_jax.train_loop.stopping import StopRequest, check_stop, handle_signals
 from gain_jax.train_loop.sweep import Group, create_group
 from gain_jax.training import TrainState
@@ -339,7 +339,7 @@ class Loop:
         if (epoch + 1) % config.log.checkpoint_every == 0 or epoch + 1 == train.epochs:
             with self.stop.protect():  # the synchronous part (the commit goes on in the background)
                 self.save_checkpoints()
-        phase = phase_text(*loss_switches(train, epoch), trained_terms(config))
+        phase = phase_text(config, epoch)
         for index, (records, (record, _)) in enumerate(zip(self.records, epoch_records)):
             records.write()
             if self.run.is_main:

@@ -41,23 +41,25 @@ def trained_terms(config: Config) -> tuple[str, ...]:
     return terms
 
 
-def schedule_text(train: TrainConfig, terms: tuple[str, ...] = ("cl", "am", "ex")) -> str:
-    """When the attention losses start, in 1-based epochs, for the run's first line; `terms` are those the run
-    trains (`trained_terms`): without L_am only the mask loss's start is named."""
+def schedule_text(config: Config) -> str:
+    """When the attention losses start, in 1-based epochs, for the run's first line: of the terms the run trains
+    (`trained_terms`), so that without L_am only the mask loss's start is named."""
+    train, terms = config.train, trained_terms(config)
     if "am" not in terms:
         return (f"the mask loss (L_ext) from epoch {train.pretrain_epochs + 1}" if "ex" in terms
                 else "classification only")
-    mining_start = mining_start_epoch(train)
+    mining_start = mining_start_epoch(train)  # within the run: trained_terms has "am"
     if mining_start == train.pretrain_epochs:
         return f"attention mining from epoch {train.pretrain_epochs + 1}"
-    mining = f"from epoch {mining_start + 1}" if mining_start < train.epochs else "never"
-    return f"extra supervision (L_ext) from epoch {train.pretrain_epochs + 1}, attention mining (L_am) {mining}"
+    return (f"extra supervision (L_ext) from epoch {train.pretrain_epochs + 1}, attention mining (L_am) from epoch "
+            f"{mining_start + 1}")
 
 
-def phase_text(attention_on, mining_on, terms: tuple[str, ...] = ("cl", "am", "ex")) -> str:
-    """The epoch line's note on which attention losses counted (of `terms`, those the run trains)."""
-    if "am" not in terms:
-        return " (L_ext)" if attention_on and "ex" in terms else ""
+def phase_text(config: Config, epoch: int) -> str:
+    """The line of the 0-based `epoch`: a note on which of the run's trained attention losses counted."""
+    attention_on, mining_on = loss_switches(config.train, epoch)
+    if "am" not in trained_terms(config):
+        return " (L_ext)" if attention_on and "ex" in trained_terms(config) else ""
     if mining_on:
         return " (attention mining)"
     return " (L_ext, L_am not yet)" if attention_on else ""
