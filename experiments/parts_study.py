@@ -790,8 +790,9 @@ def curves_main(args) -> int:
                 histories.append(json.load(handle))
         tables.append(train_curves.table(arm, histories))
     text = (f"{args.dataset} {data_version()}, {args.backbone}, study {args.name}, budget {args.budget}, seeds "
-            f"{args.seeds}: training losses (unweighted; L_am is computed in the classification-only epochs too, "
-            "where it weighs 0) and the train loop's validation figures per epoch\n\n" + "\n\n".join(tables))
+            f"{args.seeds}: training losses (unweighted; in the epochs where L_am weighs 0 it is computed by runs "
+            "trained before the loop left the attention-mining stream out of them, nan in later ones) and the "
+            "train loop's validation figures per epoch\n\n" + "\n\n".join(tables))
     print(text)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.name}.curves.md"), "w") as handle:

@@ -6,7 +6,8 @@ erased images are told apart? does the mask loss settle at the all-zero map's fi
 
 Reads <logdir>/<arm>_seed<seed>/metrics.json (the runs `experiments/biased_shapes.py` trains; arm names as
 there) and prints, per arm and epoch, the mean over the seeds of the
-train steps' L_cl, L_am and L_ext (unweighted; L_am is computed in pre-training too, where its weight is 0)
+train steps' L_cl, L_am and L_ext (unweighted; where L_am weighs 0, runs trained before the loop left the
+attention-mining stream out of those epochs computed it, later ones record nan)
 and of validation mAP, plus the Grad-CAM metrics of the final evaluation. Nothing is trained.
 """
 from __future__ import annotations

@@ -135,9 +135,8 @@ class TrainConfig:
     am_start_epoch: int = option(0, "epochs done before attention mining's loss (L_am) counts: from "
                                     "--pretrain_epochs to this, GAIN_ext's mask loss trains without it; 0 = "
                                     "with the mask loss, after --pretrain_epochs; else in [--pretrain_epochs, "
-                                    "--epochs]. The attention-mining stream still runs in those epochs (its "
-                                    "time is spent, its loss weighted 0), so that one compiled step serves "
-                                    "every epoch", range=(0, None))
+                                    "--epochs]. Those epochs, like pre-training, run a step compiled without "
+                                    "the attention-mining stream (L_am recorded as nan)", range=(0, None))
     seed: int = option(0, "seed of initialization, dropout and data order", resume=MUST_MATCH)
     seeds: tuple[int, ...] | None = option(None, "train one run per seed (e.g. 0,1,2,3,4) together in one program, "
                                                  "instead of one run of --seed: each seed's run is the run "

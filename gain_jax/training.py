@@ -55,8 +55,9 @@ def make_train_step(model, cfg: GainConfig, donate: bool = True) -> Callable:
     `attention_on` (a scalar, 0 or 1) multiplies the attention-mining and extra losses in the total
     (`total_loss`), so switching them on after pre-training reuses the same compiled program; `mining_on`
     (a scalar, 0 or 1) multiplies the attention-mining loss alone (TrainConfig.am_start_epoch), likewise.
-    Both streams run in every step, so L_am is logged during pre-training too: a `lax.cond` that skipped the
-    attention-mining stream while it is off was slower on XLA:CPU (docs/design.md, "`attention_on`
+    Both streams run in every step of this function (the train loop compiles a second program without the
+    attention-mining stream for the epochs where L_am weighs 0, `train_loop.make_loop_train_step`): a `lax.cond`
+    that skipped the stream while it is off was slower on XLA:CPU (docs/design.md, "`attention_on`
     multiplies, it does not branch"), so it is not used. With `cfg.am_weight` 0 (the mask loss alone, the
     classification baseline) the stream is left out of the compiled step (a static choice): "am" is NaN.
     With `donate`, the input state's buffers are reused for the new state: don't read the old state (nor

@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -185,6 +186,36 @@ def test_changed_settings_name_what_a_resume_changes():
     # where things are is not a setting
     moved = run_config.config_to_dict(Config(log=LogConfig(logdir="elsewhere")))
     assert run_config.changed_settings(moved, Config()) == []
+
+
+@pytest.mark.slow  # three GAIN programs compiled
+def test_epochs_where_l_am_weighs_0_train_without_the_attention_mining_stream():
+    """The loop's step in a classification-only epoch (mining_on 0): the update of the whole GAIN step with
+    L_am weighted 0, to float32 rounding, without computing L_am (NaN); with mining_on 1 the whole step."""
+    import jax
+    import optax
+
+    from gain_jax.train_loop import make_loop_train_step
+
+    model = gj.build_model("small_cnn", 3, dropout_rate=0.0)
+    images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    batch = {"image": images, "labels": jnp.eye(3)[jnp.array([0, 1, 2, 0])]}
+    variables = model.init(jax.random.PRNGKey(0), images)
+    cfg = gj.GainConfig(am_weight=0.5, ex_weight=0.0)
+    whole = gj.make_train_step(model, cfg, donate=False)
+    loop_step = make_loop_train_step(model, cfg)
+    key = jax.random.PRNGKey(2)
+    for attention_on, mining_on in ((0.0, 0.0), (1.0, 0.0), (1.0, 1.0)):
+        state = gj.create_train_state(variables, optax.sgd(1.0))
+        want_state, want = whole(state, batch, jax.random.fold_in(key, 7), np.float32(attention_on),
+                                 np.float32(mining_on))
+        state = gj.create_train_state(jax.tree.map(jnp.copy, variables), optax.sgd(1.0))  # the loop donates it
+        got_state, got = loop_step(state, batch, key, 7, np.float32(attention_on), np.float32(mining_on))
+        assert math.isnan(float(got["am"])) == (not mining_on) and math.isfinite(float(want["am"]))
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+        for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves((got_state.params, got_state.batch_stats)),
+                                       jax.tree_util.tree_leaves((want_state.params, want_state.batch_stats))):
+            np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-6)
 
 
 def test_device_topk_accuracy_matches_the_host_metric():
@@ -396,11 +427,12 @@ def test_am_start_epoch_run_trains_the_mask_loss_alone_first_and_resumes_on_sche
     gain = config.gain  # train.py's default GAIN_ext: both weights non-zero
     assert gain.am_weight > 0 and gain.ex_weight > 0
     for record in history["steps"]:
-        am_weight = gain.am_weight if record["mining"] else 0.0
+        am_term = gain.am_weight * record["am"] if record["mining"] else 0.0
         ex_weight = gain.ex_weight if record["attention"] else 0.0
-        want = gain.cl_weight * record["cl"] + am_weight * record["am"] + ex_weight * record["ex"]
+        want = gain.cl_weight * record["cl"] + am_term + ex_weight * record["ex"]
         assert record["loss"] == pytest.approx(want, rel=1e-5), record["step"]
-    assert all(record["am"] > 0 for record in history["steps"])  # L_am is computed while it does not count
+    # L_am is computed only where it counts: the other epochs run without the attention-mining stream
+    assert all(record["am"] > 0 if record["mining"] else math.isnan(record["am"]) for record in history["steps"])
 
 
 @pytest.mark.slow
@@ -551,7 +583,9 @@ def test_without_a_terminal_progress_is_plain_lines_with_every_trained_loss(shap
     # count the compilation) nor after the last (the epoch line reports it)
     assert [line.split(":")[0] for line in progress] == ["epoch 1/2 step 2/4", "epoch 1/2 step 3/4",
                                                          "epoch 2/2 step 2/4", "epoch 2/2 step 3/4"]
-    assert all("(cl " in line and ", am " in line and ", ex " in line for line in progress)
+    # the classification-only epoch runs without the attention-mining stream: no L_am to show
+    assert all("(cl " in line and ", ex " in line and (", am " in line) == line.startswith("epoch 2/2")
+               for line in progress)
     epoch_lines = [line for line in lines if line.startswith("epoch 2/2 (attention mining): train loss")]
     assert len(epoch_lines) == 1 and ", ex " in epoch_lines[0]
     assert "\nGAIN_ext (union) on gain_shapes" in out

@@ -38,9 +38,14 @@ def method_name(config: Config) -> str:
     return "classification baseline (no attention loss)"
 
 
+def shown_terms(config: Config, means: Mapping[str, float]) -> tuple[str, ...]:
+    """The terms the run trains that these means have: L_am is not computed in the epochs where it weighs 0."""
+    return tuple(key for key in trained_terms(config) if not math.isnan(means[key]))
+
+
 def loss_text(config: Config, means: Mapping[str, float]) -> str:
-    """The total loss and each trained term: "loss 0.1234 (cl 0.1000, am 0.0200, ex 0.0034)"."""
-    terms = ", ".join(f"{key} {means[key]:.4f}" for key in trained_terms(config))
+    """The total loss and each trained term computed: "loss 0.1234 (cl 0.1000, am 0.0200, ex 0.0034)"."""
+    terms = ", ".join(f"{key} {means[key]:.4f}" for key in shown_terms(config, means))
     return f"loss {means['loss']:.4f}" + (f" ({terms})" if terms else "")
 
 
@@ -87,7 +92,7 @@ class Progress:
         """The epoch's mean losses so far (at a read-back)."""
         config = self._run.config
         if self._bar is not None:
-            self._bar.set_postfix({key: f"{means[key]:.4f}" for key in ("loss",) + trained_terms(config)})
+            self._bar.set_postfix({key: f"{means[key]:.4f}" for key in ("loss",) + shown_terms(config, means)})
             return
         steps = config.train.steps_per_epoch
         if not self._run.is_main or self._done - self._last_line < self._every or self._done == steps:

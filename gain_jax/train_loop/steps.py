@@ -1,6 +1,7 @@
 """The loop's train step and the schedule of its losses: which terms count in which epoch."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -65,36 +66,67 @@ def phase_text(config: Config, epoch: int) -> str:
     return " (L_ext, L_am not yet)" if attention_on else ""
 
 
-def make_loop_train_step(model, gain_cfg: GainConfig) -> Callable:
-    """`step(state, batch, dropout_key, global_step, attention_on, mining_on) -> (state, metrics)`,
-    jit-compiled, the state donated. `attention_on` and `mining_on` are the epoch's switches (`loss_switches`),
-    traced: changing them does not recompile. The dropout key of a step is `fold_in(dropout_key, global_step)`
-    (a resumed run draws the same ones); metrics are device scalars: the loss terms and the batch's top-k
-    accuracy."""
-    train_step = make_train_step(model, gain_cfg, donate=False)  # the outer jit donates
+def _by_mining_switch(make_step: Callable, gain_cfg: GainConfig) -> Callable:
+    """The step that `make_step(gain_cfg)` compiles, except in epochs where L_am weighs 0 (`mining_on` 0: the
+    classification-only pre-training, and L_ext's epochs before `am_start_epoch`): there the same step compiled
+    without the attention-mining stream (`am_weight` 0, "am" NaN), whose update is the same to float32
+    rounding at the cost of a classification step. A second program, picked on the host, not a `lax.cond`
+    (docs/design.md: one was 8x slower on XLA:CPU); it is compiled when an epoch first needs it."""
+    with_mining = make_step(gain_cfg)
+    if not gain_cfg.am_weight:
+        return with_mining
+    programs = {}
 
     def step(state, batch, dropout_key, global_step, attention_on, mining_on):
-        rng = jax.random.fold_in(dropout_key, global_step)
-        state, step_metrics = train_step(state, batch, rng, attention_on, mining_on)
-        summary = {key: step_metrics[key] for key in LOSS_KEYS}
-        summary["topk_accuracy"] = topk_accuracy(step_metrics["logits"], batch["labels"])
-        return state, summary
+        if float(mining_on):  # a host value: the epoch's switch (`loss_switches`)
+            return with_mining(state, batch, dropout_key, global_step, attention_on, mining_on)
+        if "without" not in programs:
+            programs["without"] = make_step(dataclasses.replace(gain_cfg, am_weight=0.0))
+        return programs["without"](state, batch, dropout_key, global_step, attention_on, mining_on)
 
-    return jax.jit(step, donate_argnums=(0,))
+    return step
+
+
+def make_loop_train_step(model, gain_cfg: GainConfig) -> Callable:
+    """`step(state, batch, dropout_key, global_step, attention_on, mining_on) -> (state, metrics)`,
+    jit-compiled, the state donated. `attention_on` and `mining_on` are the epoch's switches (`loss_switches`):
+    `attention_on` is traced (changing it does not recompile); `mining_on` is read on the host: an epoch where
+    L_am weighs 0 runs without the attention-mining stream (`_by_mining_switch`). The dropout key of a step is
+    `fold_in(dropout_key, global_step)` (a resumed run draws the same ones); metrics are device scalars: the loss
+    terms and the batch's top-k accuracy."""
+
+    def compiled(cfg: GainConfig) -> Callable:
+        train_step = make_train_step(model, cfg, donate=False)  # the outer jit donates
+
+        def step(state, batch, dropout_key, global_step, attention_on, mining_on):
+            rng = jax.random.fold_in(dropout_key, global_step)
+            state, step_metrics = train_step(state, batch, rng, attention_on, mining_on)
+            summary = {key: step_metrics[key] for key in LOSS_KEYS}
+            summary["topk_accuracy"] = topk_accuracy(step_metrics["logits"], batch["labels"])
+            return state, summary
+
+        return jax.jit(step, donate_argnums=(0,))
+
+    return _by_mining_switch(compiled, gain_cfg)
 
 
 def make_loop_sweep_step(model, gain_cfg: GainConfig, strategy: str) -> Callable:
     """`make_loop_train_step`'s step for N runs of one configuration (a seed sweep), as one jit-compiled program
     (`make_sweep_train_step` with `strategy`): the states, batches and dropout keys `[N, 2]` stacked on a
     leading run axis, each run's step key `fold_in(its dropout key, global_step)` as the single run's; every
-    metric `[N]`. The states are donated."""
-    sweep_step = make_sweep_train_step(model, gain_cfg, strategy, donate=False)  # the outer jit donates
+    metric `[N]`. The states are donated; epochs where L_am weighs 0 run without the attention-mining stream,
+    as the single run's."""
 
-    def step(states, batches, dropout_keys, global_step, attention_on, mining_on):
-        rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(dropout_keys, global_step)
-        states, step_metrics = sweep_step(states, batches, rngs, attention_on, mining_on)
-        summary = {key: step_metrics[key] for key in LOSS_KEYS}
-        summary["topk_accuracy"] = jax.vmap(topk_accuracy)(step_metrics["logits"], batches["labels"])
-        return states, summary
+    def compiled(cfg: GainConfig) -> Callable:
+        sweep_step = make_sweep_train_step(model, cfg, strategy, donate=False)  # the outer jit donates
 
-    return jax.jit(step, donate_argnums=(0,))
+        def step(states, batches, dropout_keys, global_step, attention_on, mining_on):
+            rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(dropout_keys, global_step)
+            states, step_metrics = sweep_step(states, batches, rngs, attention_on, mining_on)
+            summary = {key: step_metrics[key] for key in LOSS_KEYS}
+            summary["topk_accuracy"] = jax.vmap(topk_accuracy)(step_metrics["logits"], batches["labels"])
+            return states, summary
+
+        return jax.jit(step, donate_argnums=(0,))
+
+    return _by_mining_switch(compiled, gain_cfg)
