@@ -24,11 +24,25 @@ being written).
 """
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 
-from gain_jax.train_loop import stopping  # neither JAX nor TensorFlow: cheap, before everything else
+
+def _interrupted_while_importing(signum, frame):
+    print(f"train.py: interrupted by {signal.Signals(signum).name} while starting, before training: nothing "
+          "written", file=sys.stderr, flush=True)
+    sys.exit(130)  # stopping.EXIT_STATUS, not imported yet
+
+
+if __name__ == "__main__":
+    # before this file's own imports (a loaded machine can take a second over them): a Ctrl-C there is a clean
+    # exit 130 too, until main() installs the loop's handlers
+    signal.signal(signal.SIGINT, _interrupted_while_importing)
+    signal.signal(signal.SIGTERM, _interrupted_while_importing)
+
+import argparse  # noqa: E402
+
+from gain_jax.train_loop import stopping  # noqa: E402  neither JAX nor TensorFlow: cheap, before everything else
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = stopping.EXIT_STATUS
