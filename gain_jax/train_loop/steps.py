@@ -59,8 +59,9 @@ def schedule_text(config: Config) -> str:
 def phase_text(config: Config, epoch: int) -> str:
     """The line of the 0-based `epoch`: a note on which of the run's trained attention losses counted."""
     attention_on, mining_on = loss_switches(config.train, epoch)
-    if "am" not in trained_terms(config):
-        return " (L_ext)" if attention_on and "ex" in trained_terms(config) else ""
+    terms = trained_terms(config)
+    if "am" not in terms:
+        return " (L_ext)" if attention_on and "ex" in terms else ""
     if mining_on:
         return " (attention mining)"
     return " (L_ext, L_am not yet)" if attention_on else ""
