@@ -17,9 +17,10 @@ MAX_OBJECTS = len(shapes.NUM_OBJECTS_PROBS)
 
 
 @pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    """The whole data set, built once in a temporary data_dir, as numpy columns per split."""
-    builder = tfds.builder("gain_shapes", data_dir=str(tmp_path_factory.mktemp("tfds")))
+def splits(shapes_data_dir):
+    """The whole data set as numpy columns per split, from the session's data dir (tests/conftest.py: this
+    builder's download_and_prepare in a temporary folder, once per session, shared with the training tests)."""
+    builder = tfds.builder("gain_shapes", data_dir=shapes_data_dir)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     columns = {}
     for split in shapes.SPLIT_SIZES:
