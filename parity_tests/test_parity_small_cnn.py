@@ -26,8 +26,10 @@ NOBN_PER_LABEL_TRAIN = Case("small_cnn_nobn", (24, 40), ((0,), (2, 5), (0, 1, 3,
 NOBN_PER_LABEL_EVAL = Case("small_cnn_nobn", (32, 32), ((2, 4),), mode="per_label", train=False, grads_off=True,
                            fill=NORMALIZED_BLACK, ex=True, dropout=0.5)
 
+# the fast tier keeps every small_cnn case; small_cnn_nobn's (about 12 s) run with the whole suite
 FLOAT64_CASES = [UNION_TRAIN, PER_LABEL_TRAIN, UPSTREAM_BATCH_1, UNION_EVAL, PER_LABEL_EVAL,
-                 NOBN_UNION_TRAIN, NOBN_PER_LABEL_TRAIN, NOBN_PER_LABEL_EVAL]
+                 *(pytest.param(case, marks=pytest.mark.slow) for case in
+                   (NOBN_UNION_TRAIN, NOBN_PER_LABEL_TRAIN, NOBN_PER_LABEL_EVAL))]
 FLOAT32_CASES = [UNION_TRAIN, PER_LABEL_TRAIN, UNION_EVAL]
 ADAM_CASES = [PER_LABEL_TRAIN, pytest.param(NOBN_PER_LABEL_TRAIN, marks=pytest.mark.slow)]
 

@@ -502,6 +502,7 @@ def scalar_steps(run_dir) -> dict:
     return steps
 
 
+@pytest.mark.slow  # every_step_run trains a run (18 s); the fast tier trains one in the progress test
 def test_every_tensorboard_scalar_is_at_the_global_step(every_step_run):
     _, history = every_step_run
     steps = scalar_steps(history["paths"]["run_dir"])
@@ -513,6 +514,7 @@ def test_every_tensorboard_scalar_is_at_the_global_step(every_step_run):
     assert {step for tag_steps in steps.values() for step in tag_steps} <= {1, 2, 3, 4}
 
 
+@pytest.mark.slow  # every_step_run trains a run (18 s); the fast tier trains one in the progress test
 def test_config_json_records_the_library_versions_and_the_git_revision(every_step_run, tmp_path):
     import importlib.metadata
 

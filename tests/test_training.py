@@ -100,6 +100,7 @@ def test_total_loss_mining_switch_drops_exactly_the_attention_mining_term():
     assert float(grad_am(am, 0.0)) == 0.0 and float(grad_am(am, 1.0)) == pytest.approx(0.3)
 
 
+@pytest.mark.slow  # two train programs (12 s); the fast tier keeps the eval step's test of the same
 def test_mask_loss_alone_leaves_out_the_attention_mining_stream_and_trains_the_same(setup):
     """am_weight 0: the step's program has no erased-image forward (fewer convolutions), L_am reads NaN (not
     computed), and the update equals the one with the stream kept and its term weighted 0 (the step before)."""
