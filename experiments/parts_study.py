@@ -12,6 +12,7 @@ configurations chosen on validation only, intervals against the baseline.
     python experiments/parts_study.py curves --study confirm --seeds 0,1,2,3,4 --budget full   # loss curves
     python experiments/parts_study.py dose --budget short                      # the 12 configs (one seed)
     python experiments/parts_study.py --study short --budget short --seeds 0   # a quick look: 4 arms
+    python experiments/parts_study.py calibrate --budget full --seeds 0        # where the ceiling has room
 
 Protocol (issue 20's, as experiments/biased_shapes.py): training (the default command) evaluates validation
 only (a run's --test is refused). `select` evaluates the finished runs' final checkpoints on validation with
@@ -51,7 +52,9 @@ masks and each arm's map (first seed), below the map of an arm that trains L_am 
 attention-mining stream erases them, to <out>/<name>.<split>.png, and, when <out>/dose.json exists, body
 share against the part-to-body area ratio per arm and reliability, to <out>/dose.png. `curves` tabulates each
 arm's training losses (L_cl, L_am, L_ext) and validation mAP per epoch, mean over the seeds, from the runs'
-records (no split read), to <out>/<name>.curves.md.
+records (no split read), to <out>/<name>.curves.md. `calibrate`: the baseline and the ceiling (ex_only@100%)
+under CALIBRATION_SETTINGS (longer training, a heavier mask loss), cheapest first, validation only, until the
+ceiling's PxAP clears the baseline's by CEILING_MARGIN, to <out>/calibration.{json,md}.
 """
 from __future__ import annotations
 
@@ -148,7 +151,14 @@ BOOTSTRAP_MEASURES = ("body_share", "pxap", "mAP")
 BOOTSTRAP_RESAMPLES = 1000
 RECORD_FILE = "parts_study_run.json"
 EVAL_BATCH = 50  # images per evaluation batch; the figure's images come from the first
-COMMANDS = ("train", "select", "test", "dose", "figure", "curves")
+COMMANDS = ("train", "select", "test", "dose", "figure", "curves", "calibrate")
+# `calibrate`: training settings tried for the ceiling, cheapest first (the budget's epochs times the factor, the
+# mask loss's weight); fixed before any calibration run (experiments/README.md, "Calibrating the ceiling")
+CALIBRATION_SETTINGS = {"epochs_x1_ex_weight_1": (1, 1.0), "epochs_x1_ex_weight_10": (1, 10.0),
+                        "epochs_x3_ex_weight_1": (3, 1.0), "epochs_x3_ex_weight_10": (3, 10.0)}
+CEILING_ARM = "ex_only@100%"
+CEILING_MARGIN = 0.15  # the ceiling's validation PxAP over the baseline's that a setting must reach: room for the
+# +0.10 targets below it
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -706,14 +716,19 @@ def dose_main(args) -> int:
     text = (f"gain_parts {data_version()} dose-response, {args.backbone}, budget {args.budget}, seeds {args.seeds}, "
             f"validation; means over seeds; part_share_over_area: part share / the part's share of the object's "
             f"area (1: no preference for the part). {(time.time() - started) / 60:.1f} min.\n\n" + "\n".join(lines))
-    print(text)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "dose.json"), "w") as handle:
-        json.dump({"settings": {k: v for k, v in vars(args).items() if k != "arm_flags"}, "rows": rows}, handle,
-                  indent=1)
-    with open(os.path.join(args.out, "dose.md"), "w") as handle:
-        handle.write(text + "\n")
+    write_result(args.out, "dose", {"settings": {k: v for k, v in vars(args).items() if k != "arm_flags"},
+                                    "rows": rows}, text)
     return 0
+
+
+def write_result(out: str, stem: str, record: dict, text: str) -> None:
+    """Print the table and write it to <out>/<stem>.md, the record to <out>/<stem>.json."""
+    print(text)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as handle:
+        json.dump(record, handle, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as handle:
+        handle.write(text + "\n")
 
 
 def dose_figure(rows: list, path: str) -> None:
@@ -800,10 +815,57 @@ def curves_main(args) -> int:
     return 0
 
 
+def calibration_args(args, epochs_factor: int, ex_weight: float, name: str, arm: str) -> argparse.Namespace:
+    """The study's settings with the budget's epochs times `epochs_factor` and the mask loss's weight; each arm's
+    runs in their own folder under <logdir>/calibration (the baseline's shared by the settings of one length, which
+    do not change it)."""
+    epochs = args.epochs * epochs_factor
+    folder = f"epochs{epochs}" if arm == BASELINE_ARM else name
+    return argparse.Namespace(**{**vars(args), "epochs": epochs, "ex_weight": ex_weight,
+                                 "logdir": os.path.join(args.logdir, "calibration", folder)})
+
+
+def calibrate_main(args) -> int:
+    """Train the baseline and the ceiling (every mask) under CALIBRATION_SETTINGS, cheapest first, on validation
+    only, until the ceiling's PxAP clears the baseline's by CEILING_MARGIN: the setting where the benchmark has room
+    for the study's targets. Writes <out>/calibration.{json,md}; the study is then run at the chosen setting."""
+    rows, chosen, started = [], None, time.time()
+    for name, (epochs_factor, ex_weight) in CALIBRATION_SETTINGS.items():
+        row = {"setting": name, "epochs": args.epochs * epochs_factor, "steps": args.epochs * epochs_factor
+               * args.steps_per_epoch, "ex_weight": ex_weight}
+        for arm in (BASELINE_ARM, CEILING_ARM):
+            arm_args = calibration_args(args, epochs_factor, ex_weight, name, arm)
+            ensure_runs([arm], arm_args)
+            summaries = [flat(summarize(evaluate_run(arm, seed, "validation", arm_args))) for seed in args.seeds]
+            for key in ("pxap", "body_share", "body_recall@0.5", "mAP"):
+                row[f"{arm} {key}"] = float(np.mean([summary[key] for summary in summaries]))
+        row["headroom"] = row[f"{CEILING_ARM} pxap"] - row[f"{BASELINE_ARM} pxap"]
+        rows.append(row)
+        print(f"  {name}: ceiling PxAP {row[f'{CEILING_ARM} pxap']:.3f} - baseline {row[f'{BASELINE_ARM} pxap']:.3f}"
+              f" = {row['headroom']:+.3f} (needed {CEILING_MARGIN:+.2f})", flush=True)
+        if row["headroom"] >= CEILING_MARGIN:
+            chosen = name
+            break
+    keys = [key for key in rows[0] if key != "setting"]
+    lines = ["| setting | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {row['setting']} | " + " | ".join(f"{row[key]:.3f}" if isinstance(row[key], float) else
+                                                   str(row[key]) for key in keys) + " |" for row in rows]
+    verdict = (f"chosen: {chosen} (the cheapest setting whose ceiling clears the baseline's validation PxAP by "
+               f"{CEILING_MARGIN:+.2f})" if chosen else
+               f"no setting's ceiling clears the baseline's validation PxAP by {CEILING_MARGIN:+.2f}")
+    text = (f"{args.dataset} {data_version()}, {args.backbone}, calibration of the ceiling ({CEILING_ARM}) against "
+            f"the baseline, budget {args.budget}, seeds {args.seeds}, validation; {verdict}. "
+            f"{(time.time() - started) / 60:.1f} min.\n\n" + "\n".join(lines))
+    write_result(args.out, "calibration", {"dataset": args.dataset, "gain_parts_version": data_version(),
+                                           "budget": args.budget, "seeds": args.seeds, "margin": CEILING_MARGIN,
+                                           "chosen": chosen, "rows": rows}, text)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = {"train": train_main, "select": select_main, "test": test_main, "dose": dose_main,
-               "figure": figure_main, "curves": curves_main}[args.command]
+               "figure": figure_main, "curves": curves_main, "calibrate": calibrate_main}[args.command]
     return command(args)
 
 

@@ -202,3 +202,33 @@ def test_tiny_study_train_select_test_figure_and_dose(small_parts, tmp_path, cap
     for arm in ("baseline", "GAIN", "GAIN_ext@10%"):
         assert f"{arm} (mean over 2 seeds)" in curves
     assert "| 2 | on |" in curves and "| 1 | off |" in curves  # GAIN's classification-only epoch, then attention
+
+
+def test_calibrate_stops_at_the_cheapest_setting_with_room_and_keeps_each_ceiling_apart(tmp_path, monkeypatch):
+    """`calibrate` trains the baseline once per length and the ceiling once per setting, each in its own folder,
+    and stops at the first setting (cheapest first) whose ceiling clears the baseline's PxAP by the margin."""
+    trained = []
+    monkeypatch.setattr(study, "ensure_runs", lambda arms, args: trained.append(
+        (tuple(arms), args.epochs, args.ex_weight, os.path.relpath(args.logdir, str(tmp_path / "runs")))))
+
+    def evaluate_run(arm, seed, split, args):  # the ceiling gains 0.1 per extra epoch factor and with weight 10
+        assert split == "validation"
+        pxap = 0.6 if arm == "baseline" else 0.62 + 0.1 * (args.epochs // 2 - 1) + (0.03 if args.ex_weight > 1 else 0)
+        return {"pxap": pxap, "arm": arm}
+
+    monkeypatch.setattr(study, "evaluate_run", evaluate_run)
+    monkeypatch.setattr(study, "summarize", lambda record: {"pxap": record["pxap"], "body_share": 0.7,
+                                                            "body_recall@0.5": 0.3, "mAP": 1.0})
+    argv = ["calibrate", "--budget", "tiny", "--out", str(tmp_path), "--logdir", str(tmp_path / "runs")]
+    assert study.main(argv) == 0
+    # tiny: 2 epochs; x1 w1 (+0.02), x1 w10 (+0.05), x3 w1 (+0.22 >= 0.15): stops there
+    assert trained == [(("baseline",), 2, 1.0, "calibration/epochs2"),
+                       (("ex_only@100%",), 2, 1.0, "calibration/epochs_x1_ex_weight_1"),
+                       (("baseline",), 2, 10.0, "calibration/epochs2"),
+                       (("ex_only@100%",), 2, 10.0, "calibration/epochs_x1_ex_weight_10"),
+                       (("baseline",), 6, 1.0, "calibration/epochs6"),
+                       (("ex_only@100%",), 6, 1.0, "calibration/epochs_x3_ex_weight_1")]
+    record = json.loads((tmp_path / "calibration.json").read_text())
+    assert record["chosen"] == "epochs_x3_ex_weight_1" and len(record["rows"]) == 3
+    assert [round(row["headroom"], 6) for row in record["rows"]] == [0.02, 0.05, 0.22]
+    assert "chosen: epochs_x3_ex_weight_1" in (tmp_path / "calibration.md").read_text()
