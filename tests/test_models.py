@@ -126,9 +126,7 @@ def test_backbone_shapes_and_dtypes(name, x64):
         _check_backbone(name, dtype, execute=False)
 
 
-# both slow (8 s for small_cnn): the fast tier runs the backbones under jit in test_variants and test_gain
-@pytest.mark.parametrize("name", [pytest.param("small_cnn", marks=pytest.mark.slow),
-                                  pytest.param("resnet18", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["small_cnn", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_backbone_jit_executes_and_matches_eager(name):
     model, variables, images, jit_feats, jit_logits = _check_backbone(name, jnp.float32, execute=True)
     eager_feats = model.apply(variables, images, method="features")

@@ -72,7 +72,6 @@ def test_packed_equals_padded_in_float64(cam_grad):
             assert float(jnp.max(jnp.abs(g - w))) <= 1e-12 * scale
 
 
-@pytest.mark.slow  # three train programs (9 s); the fast tier keeps the packing's layout and sampling tests
 def test_train_step_takes_the_packing_and_refuses_it_elsewhere():
     model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
     images = jnp.zeros((5, 24, 32, 3))

@@ -290,7 +290,6 @@ def test_quiet_console_and_verbose(tmp_path):
     assert "did not fully read" not in verbose.stderr  # nothing cached, even with nothing filtered
 
 
-@pytest.mark.slow  # several pipelines built (6 s); the fast tier keeps the pipeline's other tests
 def test_oversample_draws_from_the_pool_and_refuses_what_it_cannot_do(data_dir):
     pool = {f"shapes_train_{index:06d}" for index in (0, 1, 2, 3)}
 
