@@ -509,10 +509,12 @@ def flat(summary: dict) -> dict:
     return {key: value for key, value in summary.items() if not isinstance(value, dict)}
 
 
-def table(rows: dict, keys=MEASURES) -> str:
-    lines = ["| map | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+def table(rows: dict, keys=MEASURES, first: str = "map") -> str:
+    """A Markdown table, a line per {name: row}; numbers to 3 decimals, counts (int) as they are."""
+    lines = [f"| {first} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, row in rows.items():
-        cells = ["" if row.get(key) is None else f"{row[key]:.3f}" for key in keys]
+        cells = ["" if row.get(key) is None else str(row[key]) if isinstance(row[key], int) else f"{row[key]:.3f}"
+                 for key in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -846,16 +848,13 @@ def calibrate_main(args) -> int:
         if row["headroom"] >= CEILING_MARGIN:
             chosen = name
             break
-    keys = [key for key in rows[0] if key != "setting"]
-    lines = ["| setting | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines += [f"| {row['setting']} | " + " | ".join(f"{row[key]:.3f}" if isinstance(row[key], float) else
-                                                   str(row[key]) for key in keys) + " |" for row in rows]
     verdict = (f"chosen: {chosen} (the cheapest setting whose ceiling clears the baseline's validation PxAP by "
                f"{CEILING_MARGIN:+.2f})" if chosen else
                f"no setting's ceiling clears the baseline's validation PxAP by {CEILING_MARGIN:+.2f}")
     text = (f"{args.dataset} {data_version()}, {args.backbone}, calibration of the ceiling ({CEILING_ARM}) against "
             f"the baseline, budget {args.budget}, seeds {args.seeds}, validation; {verdict}. "
-            f"{(time.time() - started) / 60:.1f} min.\n\n" + "\n".join(lines))
+            f"{(time.time() - started) / 60:.1f} min.\n\n"
+            + table({row["setting"]: row for row in rows}, [key for key in rows[0] if key != "setting"], "setting"))
     write_result(args.out, "calibration", {"dataset": args.dataset, "gain_parts_version": data_version(),
                                            "budget": args.budget, "seeds": args.seeds, "margin": CEILING_MARGIN,
                                            "chosen": chosen, "rows": rows}, text)
