@@ -832,13 +832,17 @@ def calibrate_main(args) -> int:
     only, until the ceiling's PxAP clears the baseline's by CEILING_MARGIN: the setting where the benchmark has room
     for the study's targets. Writes <out>/calibration.{json,md}; the study is then run at the chosen setting."""
     rows, chosen, started = [], None, time.time()
+    evaluated = {}  # run folder -> its seeds' validation summaries: the baseline's serves both weights of a length
     for name, (epochs_factor, ex_weight) in CALIBRATION_SETTINGS.items():
         row = {"setting": name, "epochs": args.epochs * epochs_factor, "steps": args.epochs * epochs_factor
                * args.steps_per_epoch, "ex_weight": ex_weight}
         for arm in (BASELINE_ARM, CEILING_ARM):
             arm_args = calibration_args(args, epochs_factor, ex_weight, name, arm)
             ensure_runs([arm], arm_args)
-            summaries = [flat(summarize(evaluate_run(arm, seed, "validation", arm_args))) for seed in args.seeds]
+            if arm_args.logdir not in evaluated:
+                evaluated[arm_args.logdir] = [flat(summarize(evaluate_run(arm, seed, "validation", arm_args)))
+                                              for seed in args.seeds]
+            summaries = evaluated[arm_args.logdir]
             for key in ("pxap", "body_share", "body_recall@0.5", "mAP"):
                 row[f"{arm} {key}"] = float(np.mean([summary[key] for summary in summaries]))
         row["headroom"] = row[f"{CEILING_ARM} pxap"] - row[f"{BASELINE_ARM} pxap"]

@@ -211,8 +211,11 @@ def test_calibrate_stops_at_the_cheapest_setting_with_room_and_keeps_each_ceilin
     monkeypatch.setattr(study, "ensure_runs", lambda arms, args: trained.append(
         (tuple(arms), args.epochs, args.ex_weight, os.path.relpath(args.logdir, str(tmp_path / "runs")))))
 
+    evaluations = []
+
     def evaluate_run(arm, seed, split, args):  # the ceiling gains 0.1 per extra epoch factor and with weight 10
         assert split == "validation"
+        evaluations.append(os.path.relpath(args.logdir, str(tmp_path / "runs")))
         pxap = 0.6 if arm == "baseline" else 0.62 + 0.1 * (args.epochs // 2 - 1) + (0.03 if args.ex_weight > 1 else 0)
         return {"pxap": pxap, "arm": arm}
 
@@ -228,6 +231,10 @@ def test_calibrate_stops_at_the_cheapest_setting_with_room_and_keeps_each_ceilin
                        (("ex_only@100%",), 2, 10.0, "calibration/epochs_x1_ex_weight_10"),
                        (("baseline",), 6, 1.0, "calibration/epochs6"),
                        (("ex_only@100%",), 6, 1.0, "calibration/epochs_x3_ex_weight_1")]
+    # each run folder evaluated once: the 2-epoch baseline serves both weights
+    assert evaluations == ["calibration/epochs2", "calibration/epochs_x1_ex_weight_1",
+                           "calibration/epochs_x1_ex_weight_10", "calibration/epochs6",
+                           "calibration/epochs_x3_ex_weight_1"]
     record = json.loads((tmp_path / "calibration.json").read_text())
     assert record["chosen"] == "epochs_x3_ex_weight_1" and len(record["rows"]) == 3
     assert [round(row["headroom"], 6) for row in record["rows"]] == [0.02, 0.05, 0.22]
