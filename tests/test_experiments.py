@@ -162,6 +162,7 @@ def test_tiny_study_end_to_end_and_reuse(shapes_data_dir, tmp_path, capsys, monk
     import gain_jax.data as gd
 
     script = load_script()
+    monkeypatch.setattr(script, "BOOTSTRAP_RESAMPLES", 100)  # the intervals' checks do not depend on their number
     assert script.main(tiny_argv(shapes_data_dir, tmp_path)) == 0
     name = "arms-baseline+GAIN_ext"
     with open(tmp_path / "out" / f"{name}.json") as handle:
