@@ -291,8 +291,14 @@ def test_float64_end_to_end(small):
     model, variables, images = small
     with jax.enable_x64(True):
         variables64, images64 = to_float64((variables, images))
-        out = gj.gain_forward(model, variables64, images64, jnp.asarray(LABELS, jnp.float64), gj.GainConfig())
-        losses = gj.gain_losses(out, jnp.asarray(LABELS, jnp.float64), gj.GainConfig())
+        labels64 = jnp.asarray(LABELS, jnp.float64)
+
+        @jax.jit  # one program: cheaper than op by op
+        def forward_and_losses(variables, images, labels):
+            out = gj.gain_forward(model, variables, images, labels, gj.GainConfig())
+            return out, gj.gain_losses(out, labels, gj.GainConfig())
+
+        out, losses = forward_and_losses(variables64, images64, labels64)
         assert out.scaled.dtype == jnp.float64 and out.logits_am.dtype == jnp.float64
         assert losses["total"].dtype == jnp.float64
 
