@@ -16,7 +16,7 @@ LABELS = np.array([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [1, 1, 0, 0, 1]], np.float3
 def small():
     model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
     images = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 40, 3))
-    variables = model.init(jax.random.PRNGKey(0), images)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)  # the same values, cheaper than op by op
     # non-trivial running statistics, so that train/eval BatchNorm differ
     _, state = model.apply(variables, images * 2.0 + 0.5, train=True, mutable=["batch_stats"])
     variables = {"params": variables["params"], **state}
