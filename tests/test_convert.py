@@ -70,8 +70,11 @@ def _max_relative_difference(actual, expected):
     return np.abs(actual - expected).max() / np.abs(expected).max()
 
 
-def _assert_same_structure_as_init(name, variables, images):
-    shapes = jax.eval_shape(build_model(name, NUM_CLASSES).init, jax.random.PRNGKey(0), images)
+def _init_shapes(name, images):
+    return jax.eval_shape(build_model(name, NUM_CLASSES).init, jax.random.PRNGKey(0), images)
+
+
+def _assert_same_structure(variables, shapes):
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(shapes)
     for leaf, init_leaf in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(shapes)):
         assert leaf.shape == init_leaf.shape
@@ -92,6 +95,7 @@ def test_imported_weights_reproduce_torchvision(name, batch, height, width, feat
     assert list(torch_key_layout(name, NUM_CLASSES)) == [
         key for key in torch_model.state_dict() if not key.endswith("num_batches_tracked")]
 
+    init_shapes = _init_shapes(name, jnp.zeros((batch, height, width, 3)))  # traced once for both dtypes
     for torch_dtype, bound in ((torch.float64, FLOAT64_BOUND), (torch.float32, FLOAT32_BOUND)):
         torch_model = torch_model.to(torch_dtype)
         inputs = x.to(torch_dtype)
@@ -101,7 +105,7 @@ def test_imported_weights_reproduce_torchvision(name, batch, height, width, feat
         with jax.enable_x64(torch_dtype == torch.float64):
             variables = from_torchvision(name, torch_model.state_dict(), NUM_CLASSES)
             images = jnp.asarray(_nhwc(inputs))
-            _assert_same_structure_as_init(name, variables, images)
+            _assert_same_structure(variables, init_shapes)
             expected_dtype = jnp.float64 if torch_dtype == torch.float64 else jnp.float32
             assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(expected_dtype)}
             feats, logits = forward(variables, images)
@@ -170,7 +174,7 @@ def test_accepts_numpy_arrays_and_ignores_num_batches_tracked():
 def test_imagenet_head_is_reinitialized_with_torch_default_init():
     state_dict = _torch_model("resnet18", num_classes=1000).state_dict()
     variables = from_torchvision("resnet18", state_dict, NUM_CLASSES, rng=jax.random.PRNGKey(0))
-    _assert_same_structure_as_init("resnet18", variables, jnp.zeros((1, 32, 32, 3)))
+    _assert_same_structure(variables, _init_shapes("resnet18", jnp.zeros((1, 32, 32, 3))))
 
     kernel, bias = np.asarray(variables["params"]["fc"]["kernel"]), np.asarray(variables["params"]["fc"]["bias"])
     bound = 1 / np.sqrt(512)

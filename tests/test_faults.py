@@ -3,7 +3,8 @@ run that does not exist. Each ends with one line and a non-zero status (or the i
 traceback, and no earlier checkpoint or metrics lost.
 
 Library behaviour runs in-process on tiny runs (batch 8, 2 steps per epoch, 32x32 images, 16 evaluation
-examples); signals and exit statuses run train.py in subprocesses sharing one data dir and compile cache.
+examples); signals and exit statuses run train.py in subprocesses sharing one data dir and compile cache (a
+resume after them, in this process, through train.py's main()).
 """
 import dataclasses
 import glob
@@ -17,7 +18,7 @@ import threading
 import time
 
 import pytest
-from test_train_cli import ROOT, TRAIN, environment, read_metrics, tiny_flags
+from test_train_cli import ROOT, TRAIN, environment, read_metrics, tiny_flags, train_in_process
 from test_train_loop import tiny_config as train_loop_tiny_config
 
 from gain_jax import checkpoint, explain
@@ -276,7 +277,7 @@ def finish(process, reader, stderr_lines, timeout=120):
 
 @pytest.mark.slow
 def test_a_second_sigint_right_after_the_first_keeps_the_checkpoint_and_says_what_is_saved(
-        shapes_data_dir, compile_cache, tmp_path):
+        shapes_data_dir, compile_cache, tmp_path, capfd):
     flags = tiny_flags(shapes_data_dir, tmp_path, "double")
     flags[flags.index("--steps_per_epoch") + 1] = "100000"
     process, stderr_lines, reader = start_train(flags, compile_cache)
@@ -296,8 +297,8 @@ def test_a_second_sigint_right_after_the_first_keeps_the_checkpoint_and_says_wha
     assert [r["step"] for r in metrics["steps"]] == list(range(1, done + 1))
     assert f"interrupted by SIGINT at step {done}: checkpoint saved" in stderr
     assert listing(os.path.join(tmp_path, "double")) == [str(done)]  # complete: no *.orbax-checkpoint-tmp
-    resumed = subprocess.run([sys.executable, TRAIN, *flags, "--resume", "--stop_after", "1"], cwd=ROOT,
-                             env=environment(compile_cache), capture_output=True, text=True, timeout=300)
+    # the checkpoint resumes (in this process: what is tested here is the interrupted process's)
+    resumed = train_in_process([*flags, "--resume", "--stop_after", "1"], capfd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {done} " in resumed.stdout
 

@@ -16,7 +16,7 @@ LABELS = np.array([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [1, 1, 0, 0, 1]], np.float3
 def small():
     model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
     images = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 40, 3))
-    variables = model.init(jax.random.PRNGKey(0), images)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)  # the same values, cheaper than op by op
     # non-trivial running statistics, so that train/eval BatchNorm differ
     _, state = model.apply(variables, images * 2.0 + 0.5, train=True, mutable=["batch_stats"])
     variables = {"params": variables["params"], **state}
@@ -291,8 +291,14 @@ def test_float64_end_to_end(small):
     model, variables, images = small
     with jax.enable_x64(True):
         variables64, images64 = to_float64((variables, images))
-        out = gj.gain_forward(model, variables64, images64, jnp.asarray(LABELS, jnp.float64), gj.GainConfig())
-        losses = gj.gain_losses(out, jnp.asarray(LABELS, jnp.float64), gj.GainConfig())
+        labels64 = jnp.asarray(LABELS, jnp.float64)
+
+        @jax.jit  # one program: cheaper than op by op
+        def forward_and_losses(variables, images, labels):
+            out = gj.gain_forward(model, variables, images, labels, gj.GainConfig())
+            return out, gj.gain_losses(out, labels, gj.GainConfig())
+
+        out, losses = forward_and_losses(variables64, images64, labels64)
         assert out.scaled.dtype == jnp.float64 and out.logits_am.dtype == jnp.float64
         assert losses["total"].dtype == jnp.float64
 

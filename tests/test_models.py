@@ -219,35 +219,40 @@ def test_small_cnn_fine_is_small_cnn_without_its_last_pool():
 @pytest.mark.slow
 def test_am_batchnorm_setting_has_nothing_to_act_on_without_batchnorm():
     """gain_forward's am_batchnorm ("frozen": running statistics; "batch": the erased batch's own) changes
-    small_cnn's attention-mining logits, and leaves small_cnn_nobn's outputs and gradients bit-identical."""
+    small_cnn's attention-mining logits, and leaves small_cnn_nobn's outputs and gradients bit-identical: both
+    settings trace to the same program (jaxpr) for its loss, outputs and gradients, which is run once.
+
+    One compile of the second-order program instead of four (~25 CPU-s before): small_cnn's pair runs the
+    forward alone, the nobn pair compares programs (equal programs on equal inputs give equal bits)."""
     from gain_jax.gain import GainConfig, gain_forward, gain_losses
 
     images = _images((2, 16, 16, 3), jnp.float32)
     labels = jnp.asarray([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0]], jnp.float32)
     rngs = {"dropout": jax.random.PRNGKey(3)}
 
-    def run(name, am_batchnorm):
+    def total_and_out(name, am_batchnorm):
         model = build_model(name, NUM_CLASSES, dropout_rate=0.5)
         variables = _variables(model, images, name)
         cfg = GainConfig(am_batchnorm=am_batchnorm)
 
-        @jax.jit
         def total_and_out(params):
             out = gain_forward(model, {**variables, "params": params}, images, labels, cfg, train=True, rngs=rngs)
             return gain_losses(out, labels, cfg)["total"], out
 
-        (_, out), grads = jax.value_and_grad(total_and_out, has_aux=True)(variables["params"])
-        return out, grads
+        return total_and_out, variables["params"]
 
-    frozen, batch = run("small_cnn", "frozen")[0], run("small_cnn", "batch")[0]
-    assert _max_relative_difference(batch.logits_am, frozen.logits_am) > 1e-3
+    frozen, batch = (jax.jit(lambda params, f=f: f(params)[1].logits_am)(params)
+                     for f, params in (total_and_out("small_cnn", "frozen"), total_and_out("small_cnn", "batch")))
+    assert _max_relative_difference(batch, frozen) > 1e-3
 
-    (frozen, frozen_grads), (batch, batch_grads) = run("small_cnn_nobn", "frozen"), run("small_cnn_nobn", "batch")
-    assert frozen.model_state == {} and batch.model_state == {}
+    (frozen, params), (batch, _) = total_and_out("small_cnn_nobn", "frozen"), total_and_out("small_cnn_nobn", "batch")
+    programs = [str(jax.make_jaxpr(jax.value_and_grad(f, has_aux=True))(params)) for f in (frozen, batch)]
+    assert programs[0] == programs[1]
+    (_, out), grads = jax.jit(jax.value_and_grad(batch, has_aux=True))(params)
+    assert out.model_state == {}
     for field in ("logits_cl", "heatmap", "mask", "masked_images", "logits_am", "slot_labels", "selector"):
-        np.testing.assert_array_equal(getattr(batch, field), getattr(frozen, field), err_msg=field)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, batch_grads, frozen_grads)
-    assert all(np.abs(np.asarray(leaf)).max() > 0 for leaf in jax.tree_util.tree_leaves(frozen_grads))
+        assert np.isfinite(np.asarray(getattr(out, field), np.float32)).all(), field
+    assert all(np.abs(np.asarray(leaf)).max() > 0 for leaf in jax.tree_util.tree_leaves(grads))
 
 
 def test_batchnorm_train_mode_formula(x64):

@@ -6,13 +6,13 @@ directory, with TFDS_DATA_DIR set to the session's prepared gain_shapes folder (
 `make_dataset` builds it for any data dir), so that the training-loop example reads the embedded set from tfds'
 default (data_dir=None) and writes its run under the working directory.
 """
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+from test_train_cli import load_train_py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -56,10 +56,7 @@ def test_python_block_runs(line, code, shapes_data_dir, tmp_path):
 
 
 def train_flags():
-    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return {option for action in module.build_parser()._actions for option in action.option_strings}
+    return {option for action in load_train_py().build_parser()._actions for option in action.option_strings}
 
 
 def test_flags_in_the_readme_table_are_train_py_flags():

@@ -1,8 +1,11 @@
-"""train.py end to end, in subprocesses, on the embedded gain_shapes set with tiny settings.
+"""train.py end to end on the embedded gain_shapes set with tiny settings: in subprocesses where the process is
+what is tested (a whole run with --test, two host devices, SIGINT, --help), in this process through train.py's
+main() elsewhere (resumes, config files, error lines), which saves each run a new interpreter's imports.
 
 One tfds data dir and one JAX compilation cache are shared by every run of the session: the data set is
 built once, and runs with the same program (same flags up to logging/run names) load it compiled.
 """
+import importlib.util
 import json
 import os
 import signal
@@ -37,6 +40,26 @@ def tiny_flags(data_dir, logdir, run_name):
 def run_train(args, compile_cache, devices=1, timeout=400):
     return subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, env=environment(compile_cache, devices),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def load_train_py():
+    spec = importlib.util.spec_from_file_location("train_cli", TRAIN)
+    train_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_py)
+    return train_py
+
+
+def train_in_process(args, capfd):
+    """train.py's main(argv) in this process, its result as run_train gives it: the exit status (argparse's
+    SystemExit included) and what it printed."""
+    train_py = load_train_py()
+    capfd.readouterr()  # only this run's output
+    try:
+        returncode = train_py.main(list(args))
+    except SystemExit as flag_error:
+        returncode = flag_error.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess([TRAIN, *args], returncode, out, err)
 
 
 def check_ok(result):
@@ -108,21 +131,20 @@ def test_tiny_run_writes_metrics_checkpoints_events_and_heatmaps(uninterrupted):
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_gives_the_losses_of_an_uninterrupted_run(uninterrupted, shapes_data_dir, compile_cache,
-                                                                      tmp_path):
+def test_resume_mid_epoch_gives_the_losses_of_an_uninterrupted_run(uninterrupted, shapes_data_dir, tmp_path, capfd):
     reference = step_losses(read_metrics(uninterrupted[0], "ref"))
     flags = tiny_flags(shapes_data_dir, tmp_path, "resumed")
-    stopped = run_train(flags + ["--stop_after", "3"], compile_cache)  # mid-way through epoch 2
+    stopped = train_in_process(flags + ["--stop_after", "3"], capfd)  # mid-way through epoch 2
     check_ok(stopped)
     assert "continue with --resume" in stopped.stderr
     assert read_metrics(tmp_path, "resumed")["status"] == "stopped after 3 steps"
-    resumed = run_train(flags + ["--resume"], compile_cache)
+    resumed = train_in_process(flags + ["--resume"], capfd)
     check_ok(resumed)
     assert "resumed" in resumed.stdout and "at step 3" in resumed.stdout
     metrics = read_metrics(tmp_path, "resumed")
     assert metrics["status"] == "finished"
     assert [r["step"] for r in metrics["steps"]] == [1, 2, 3, 4]
-    # same program, same batches, same dropout keys: bit-identical on one CPU
+    # same program, same batches, same dropout keys: bit-identical on one CPU, in this process or another
     np.testing.assert_array_equal(step_losses(metrics), reference)
 
 
@@ -169,10 +191,10 @@ def test_sigint_saves_a_checkpoint_and_exits_130(shapes_data_dir, compile_cache,
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_with_the_step_named(shapes_data_dir, compile_cache, tmp_path):
+def test_non_finite_loss_stops_with_the_step_named(shapes_data_dir, tmp_path, capfd):
     # Adam's first update at lr 1e30 moves every weight by ~1e30: the second forward overflows.
     flags = tiny_flags(shapes_data_dir, tmp_path, "nan") + ["--lr", "1e30", "--steps_per_epoch", "3"]
-    result = run_train(flags, compile_cache)
+    result = train_in_process(flags, capfd)
     assert result.returncode == 1
     message = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(message) == 1 and "loss is nan at step 2 (epoch 1)" in message[0], result.stderr[-2000:]
@@ -184,34 +206,33 @@ def test_non_finite_loss_stops_with_the_step_named(shapes_data_dir, compile_cach
     assert [r["step"] for r in metrics["steps"]] == [1]
 
 
-def run_explain(run_dir, classes, out_dir, compile_cache):
-    """gain_jax.explain on a random 40x50 photo.png (written beside `out_dir`) for `classes`."""
+def run_explain(run_dir, classes, out_dir):
+    """gain_jax.explain's main() on a random 40x50 photo.png (written beside `out_dir`) for `classes`."""
     from PIL import Image
+
+    from gain_jax import explain
 
     image_path = out_dir.parent / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(image_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "gain_jax.explain", "--checkpoint", str(run_dir), "--classes", classes,
-         "--out_dir", str(out_dir), str(image_path)],
-        cwd=ROOT, env=environment(compile_cache), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert explain.main(["--checkpoint", str(run_dir), "--classes", classes, "--out_dir", str(out_dir),
+                         str(image_path)]) == 0
 
 
 @pytest.mark.slow
-def test_explain_writes_overlays_from_the_run_checkpoint(uninterrupted, compile_cache, tmp_path):
+def test_explain_writes_overlays_from_the_run_checkpoint(uninterrupted, tmp_path):
     from PIL import Image
 
     out_dir = tmp_path / "cams"
-    run_explain(os.path.join(uninterrupted[0], "ref"), "ring,cross", out_dir, compile_cache)
+    run_explain(os.path.join(uninterrupted[0], "ref"), "ring,cross", out_dir)
     assert sorted(os.listdir(out_dir)) == ["photo_cross.png", "photo_ring.png"]
     assert Image.open(out_dir / "photo_ring.png").size == (50, 40)  # the picture's own resolution
 
 
 @pytest.mark.slow
-def test_config_file_with_overrides_reruns_a_saved_run(uninterrupted, compile_cache, tmp_path):
+def test_config_file_with_overrides_reruns_a_saved_run(uninterrupted, tmp_path, capfd):
     ref_dir = os.path.join(uninterrupted[0], "ref")
-    result = run_train(["--config", os.path.join(ref_dir, "config.json"), "--logdir", str(tmp_path),
-                        "--run_name", "again", "--epochs", "1", "--stop_after", "1"], compile_cache)
+    result = train_in_process(["--config", os.path.join(ref_dir, "config.json"), "--logdir", str(tmp_path),
+                               "--run_name", "again", "--epochs", "1", "--stop_after", "1"], capfd)
     check_ok(result)
     with open(os.path.join(tmp_path, "again", "config.json")) as handle:
         config = json.load(handle)
@@ -250,25 +271,25 @@ def assert_clean_error(result, logdir, *fragments):
     assert not os.path.exists(os.path.join(logdir, "bad")), os.listdir(os.path.join(logdir, "bad"))
 
 
-def test_error_missing_data_dir(compile_cache, tmp_path):
+def test_error_missing_data_dir(tmp_path, capfd):
     missing = str(tmp_path / "no_such_dir")
-    result = run_train(tiny_flags(missing, tmp_path, "bad"), compile_cache)
+    result = train_in_process(tiny_flags(missing, tmp_path, "bad"), capfd)
     assert_clean_error(result, tmp_path, "data dir", missing, "does not exist")
 
 
 @pytest.mark.slow
-def test_error_invalid_value_names_the_flag(shapes_data_dir, compile_cache, tmp_path):
-    result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--sigma", "-1"], compile_cache)
+def test_error_invalid_value_names_the_flag(shapes_data_dir, tmp_path, capfd):
+    result = train_in_process(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--sigma", "-1"], capfd)
     assert_clean_error(result, tmp_path, "train.py: error: --sigma must be in [0, 1], got -1.0")
     assert result.returncode == 1
     missing = str(tmp_path / "none.json")
-    result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--config", missing], compile_cache)
+    result = train_in_process(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--config", missing], capfd)
     assert_clean_error(result, tmp_path, f"--config {missing}")
 
 
 @pytest.mark.slow
-def test_error_unknown_backbone(shapes_data_dir, compile_cache, tmp_path):
-    result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--backbone", "vgg99"], compile_cache)
+def test_error_unknown_backbone(shapes_data_dir, tmp_path, capfd):
+    result = train_in_process(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--backbone", "vgg99"], capfd)
     assert_clean_error(result, tmp_path, "--backbone", "invalid choice: 'vgg99'", "small_cnn")
     assert result.returncode == 2  # argparse's status for a bad flag, as before
 
@@ -282,7 +303,7 @@ def test_error_batch_size_not_divisible_by_devices(shapes_data_dir, compile_cach
 
 
 @pytest.mark.slow
-def test_error_init_file_that_does_not_fit(shapes_data_dir, compile_cache, tmp_path):
+def test_error_init_file_that_does_not_fit(shapes_data_dir, tmp_path, capfd):
     import torch
 
     from gain_torch_ref.small_cnn import small_cnn
@@ -291,13 +312,13 @@ def test_error_init_file_that_does_not_fit(shapes_data_dir, compile_cache, tmp_p
     state_dict["features.4.weight"] = torch.zeros(32, 8, 3, 3)  # conv 2 expects 16 input channels
     path = tmp_path / "wrong.pth"
     torch.save(state_dict, path)
-    result = run_train(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--init", str(path)], compile_cache)
+    result = train_in_process(tiny_flags(shapes_data_dir, tmp_path, "bad") + ["--init", str(path)], capfd)
     assert_clean_error(result, tmp_path, str(path), "does not fit backbone small_cnn", "features.4.weight",
                        "(32, 16, 3, 3)", "(32, 8, 3, 3)")
 
 
 @pytest.mark.slow
-def test_backbone_small_cnn_nobn_imports_trains_resumes_and_explains(shapes_data_dir, compile_cache, tmp_path):
+def test_backbone_small_cnn_nobn_imports_trains_resumes_and_explains(shapes_data_dir, tmp_path, capfd):
     """--backbone small_cnn_nobn end to end: the torch twin's weights (--init), attention-mining steps, a
     checkpoint without BatchNorm statistics that --resume and gain_jax.explain read back."""
     import torch
@@ -307,8 +328,8 @@ def test_backbone_small_cnn_nobn_imports_trains_resumes_and_explains(shapes_data
     init_path = tmp_path / "nobn.pth"
     torch.save(small_cnn(num_classes=6, batchnorm=False).state_dict(), init_path)
     flags = tiny_flags(shapes_data_dir, tmp_path, "nobn") + ["--backbone", "small_cnn_nobn", "--init", str(init_path)]
-    check_ok(run_train(flags + ["--stop_after", "3"], compile_cache))  # step 3 mines attention
-    resumed = run_train(flags + ["--resume"], compile_cache)
+    check_ok(train_in_process(flags + ["--stop_after", "3"], capfd))  # step 3 mines attention
+    resumed = train_in_process(flags + ["--resume"], capfd)
     check_ok(resumed)
     assert "at step 3" in resumed.stdout
     metrics = read_metrics(tmp_path, "nobn")
@@ -317,5 +338,5 @@ def test_backbone_small_cnn_nobn_imports_trains_resumes_and_explains(shapes_data
     losses = step_losses(metrics)
     assert np.all(np.isnan(losses[:2, 2])) and np.all(np.isfinite(np.delete(losses, 2, axis=1)))
     assert np.all(np.isfinite(losses[2:])) and np.all(losses[2:, 2] > 0)
-    run_explain(tmp_path / "nobn", "ring", tmp_path / "cams", compile_cache)
+    run_explain(tmp_path / "nobn", "ring", tmp_path / "cams")
     assert os.listdir(tmp_path / "cams") == ["photo_ring.png"]

@@ -3,7 +3,6 @@ embedded gain_shapes set (batch 8, 2 steps per epoch, 2 epochs, 32x32 images) ag
 interrupted and resumed."""
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from test_train_cli import load_train_py
 
 from gain_jax import config as run_config
 from gain_jax.config import Config, ConfigError, DataConfig, EvalConfig, LogConfig, TrainConfig
@@ -60,13 +60,6 @@ def test_bad_seeds_raise_one_line_naming_the_flags(argv, message):
         Config(train=TrainConfig(seeds=())).validate()
     with pytest.raises(ConfigError, match="--seeds must be integers"):
         Config(train=TrainConfig(seeds=(0.5, 1.0))).validate()
-
-
-def load_train_py():
-    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-    train_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_py)
-    return train_py
 
 
 def test_train_py_refuses_bad_seeds_in_one_line(capsys):
