@@ -230,7 +230,7 @@ def test_am_batchnorm_setting_has_nothing_to_act_on_without_batchnorm():
     labels = jnp.asarray([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0]], jnp.float32)
     rngs = {"dropout": jax.random.PRNGKey(3)}
 
-    def total_and_out(name, am_batchnorm):
+    def loss_of(name, am_batchnorm):  # (params -> (GAIN total, outputs), initial params)
         model = build_model(name, NUM_CLASSES, dropout_rate=0.5)
         variables = _variables(model, images, name)
         cfg = GainConfig(am_batchnorm=am_batchnorm)
@@ -242,10 +242,10 @@ def test_am_batchnorm_setting_has_nothing_to_act_on_without_batchnorm():
         return total_and_out, variables["params"]
 
     frozen, batch = (jax.jit(lambda params, f=f: f(params)[1].logits_am)(params)
-                     for f, params in (total_and_out("small_cnn", "frozen"), total_and_out("small_cnn", "batch")))
+                     for f, params in (loss_of("small_cnn", "frozen"), loss_of("small_cnn", "batch")))
     assert _max_relative_difference(batch, frozen) > 1e-3
 
-    (frozen, params), (batch, _) = total_and_out("small_cnn_nobn", "frozen"), total_and_out("small_cnn_nobn", "batch")
+    (frozen, params), (batch, _) = loss_of("small_cnn_nobn", "frozen"), loss_of("small_cnn_nobn", "batch")
     programs = [str(jax.make_jaxpr(jax.value_and_grad(f, has_aux=True))(params)) for f in (frozen, batch)]
     assert programs[0] == programs[1]
     (_, out), grads = jax.jit(jax.value_and_grad(batch, has_aux=True))(params)
