@@ -3,13 +3,13 @@ evaluation images; then --reuse re-reads the finished runs, `select` chooses on 
 split) and `test` evaluates the choice on test_unbiased; --together trains one arm's two seeds as one seed sweep
 whose runs equal those trained alone. experiments/protocol.py's training plan (which seeds train together)."""
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
 
 import numpy as np
 import pytest
+from test_train_cli import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "biased_shapes.py")
@@ -17,10 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))  # protocol.py, as the scr
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("biased_shapes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(SCRIPT, "biased_shapes")
 
 
 def tiny_argv(data_dir, tmp_path):
@@ -273,9 +270,7 @@ def test_tiny_study_end_to_end_and_reuse(shapes_data_dir, tmp_path, capsys, monk
 
     # the mask-coverage diagnostic reads the same finished runs (validation_unbiased), trains nothing
     path = os.path.join(ROOT, "experiments", "mask_coverage.py")
-    spec = importlib.util.spec_from_file_location("mask_coverage", path)
-    coverage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(coverage)
+    coverage = load_file(path, "mask_coverage")
     study_flags = tiny_argv(shapes_data_dir, tmp_path)[5:]  # after --arms A B --seeds 0: the runs' settings
     del study_flags[study_flags.index("--out"):study_flags.index("--out") + 2]
     out = tmp_path / "out" / "coverage"

@@ -42,11 +42,16 @@ def run_train(args, compile_cache, devices=1, timeout=400):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def load_file(path, name):
+    """A fresh module of the script at `path` (scripts are not a package; each test gets its own module state)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_train_py():
-    spec = importlib.util.spec_from_file_location("train_cli", TRAIN)
-    train_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_py)
-    return train_py
+    return load_file(TRAIN, "train_cli")
 
 
 def train_in_process(args, capfd):
