@@ -1,6 +1,7 @@
 """Packed per-label mode: the attention-mining stream on the (image, label) pairs present, with the losses
 and gradients of the padded mode, and no image refused for its label count."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,22 @@ for image, classes in enumerate([[0], [1, 3], [0, 2, 4, 5, 6, 1], [6], [2, 3, 5]
     LABELS[image, classes] = 1.0
 MASKS = np.random.default_rng(0).integers(0, NUM_CLASSES + 1, (5, 24, 32)).astype(np.int32)
 MASKS[0, :4] = 255  # some ignored pixels
+
+
+@functools.cache
+def small_cnn(num_classes):
+    """(model, initial float32 variables) of small_cnn with `num_classes` outputs and no dropout, shared by the
+    tests; what they check holds for any weights. One jit-compiled init of the NUM_CLASSES model (model.init run
+    eagerly compiles one small program per parameter shape); a model with fewer classes takes its weights and the
+    head's first `num_classes` outputs, drawn as a fresh init draws them (U(+-1/sqrt(fan_in)), fan_in the features'
+    width), without compiling an init of its own. small_cnn's parameters do not depend on the image size or batch
+    (global average pooling)."""
+    model = gj.build_model("small_cnn", num_classes, dropout_rate=0.0)
+    if num_classes == NUM_CLASSES:
+        return model, jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 24, 32, 3)))
+    _, variables = small_cnn(NUM_CLASSES)
+    head = {name: np.asarray(value)[..., :num_classes] for name, value in variables["params"]["fc"].items()}
+    return model, {**variables, "params": {**variables["params"], "fc": head}}
 
 
 def test_pack_labels_layout():
@@ -40,42 +57,41 @@ def test_row_counts_come_from_a_few_sizes():
 @pytest.mark.parametrize("cam_grad", ["stop", "full"])
 @pytest.mark.slow
 def test_packed_equals_padded_in_float64(cam_grad):
+    model, float32_variables = small_cnn(NUM_CLASSES)
     with jax.enable_x64(True):
-        model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
-        images = jax.random.normal(jax.random.PRNGKey(1), (5, 24, 32, 3), jnp.float64)
-        variables = model.init(jax.random.PRNGKey(0), images)
-        variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        images = jnp.asarray(np.random.default_rng(1).standard_normal((5, 24, 32, 3)))  # float64
+        # float64 copies made on the host, here and in the comparisons below (numpy, exact in float64 as XLA is):
+        # each eager jnp operation would compile one program per parameter shape
+        variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), float32_variables)
         labels, masks = jnp.asarray(LABELS, jnp.float64), jnp.asarray(MASKS)
         has_mask = jnp.asarray([1, 1, 0, 1, 1], jnp.float64)
         padded_cfg = gj.GainConfig(mode="per_label", max_labels=6, ex_weight=0.3, cam_grad=cam_grad)
 
-        def losses(params, cfg, packing):
-            out = gj.gain_forward(model, {**variables, "params": params}, images, labels, cfg, packing=packing)
-            return gj.gain_losses(out, labels, cfg, gt_masks=masks, has_mask=has_mask)
-
         def total(params, cfg, packing):
-            return losses(params, cfg, packing)["total"]
+            out = gj.gain_forward(model, {**variables, "params": params}, images, labels, cfg, packing=packing)
+            terms = gj.gain_losses(out, labels, cfg, gt_masks=masks, has_mask=has_mask)
+            return terms["total"], terms
 
-        losses = jax.jit(losses, static_argnums=1)
-        grad = jax.jit(jax.grad(total), static_argnums=1)
+        # the loss terms and the gradient of the total from one program per configuration (not a program for
+        # the losses and another for the gradient, which would compile the forward pass twice)
+        losses_and_grad = jax.jit(jax.value_and_grad(total, has_aux=True), static_argnums=1)
         packing = jax.tree_util.tree_map(jnp.asarray, gj.pack_labels(LABELS))
         # packed ignores max_labels: an image with more labels than it is trained all the same
         packed_cfg = dataclasses.replace(padded_cfg, max_labels=1)
-        want, got = losses(variables["params"], padded_cfg, None), losses(variables["params"], packed_cfg, packing)
+        (_, want), grads_want = losses_and_grad(variables["params"], padded_cfg, None)
+        (_, got), grads_got = losses_and_grad(variables["params"], packed_cfg, packing)
         for key in ("cl", "am", "ex", "total"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-12, atol=0, err_msg=key)
         assert float(want["am"]) > 0 and float(want["ex"]) > 0
-        grads_want = grad(variables["params"], padded_cfg, None)
-        grads_got = grad(variables["params"], packed_cfg, packing)
-        scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(grads_want))
-        for g, w in zip(jax.tree_util.tree_leaves(grads_got), jax.tree_util.tree_leaves(grads_want)):
-            assert float(jnp.max(jnp.abs(g - w))) <= 1e-12 * scale
+        scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(jax.device_get(grads_want)))
+        for g, w in zip(jax.tree_util.tree_leaves(jax.device_get(grads_got)),
+                        jax.tree_util.tree_leaves(jax.device_get(grads_want))):
+            assert float(np.max(np.abs(g - w))) <= 1e-12 * scale
 
 
 def test_train_step_takes_the_packing_and_refuses_it_elsewhere():
-    model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
+    model, variables = small_cnn(NUM_CLASSES)
     images = jnp.zeros((5, 24, 32, 3))
-    variables = model.init(jax.random.PRNGKey(0), images)
     import optax
 
     state = gj.create_train_state(variables, optax.adam(1e-3))
@@ -116,11 +132,12 @@ def _draws(slot_labels, per_image):
 def test_sampled_am_is_unbiased_in_float64(per_image):
     """The mean over all equally likely draws of the sampled L_am, and of its gradient, is the full per-label
     L_am (and gradient); cl and ex do not depend on the draw."""
+    model, float32_variables = small_cnn(5)
     with jax.enable_x64(True):
-        model = gj.build_model("small_cnn", 5, dropout_rate=0.0)
-        images = jax.random.normal(jax.random.PRNGKey(2), (3, 24, 32, 3), jnp.float64)
-        variables = model.init(jax.random.PRNGKey(0), images)
-        variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        images = jnp.asarray(np.random.default_rng(2).standard_normal((3, 24, 32, 3)))  # float64
+        # float64 copies made on the host, here and in the comparisons below (numpy, exact in float64 as XLA is):
+        # each eager jnp operation would compile one program per parameter shape
+        variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), float32_variables)
         labels = jnp.asarray(FEW_LABELS, jnp.float64)
         masks = jnp.asarray(np.where(MASKS[:3] == 255, 255, MASKS[:3] % 6))
         cfg = gj.GainConfig(mode="per_label", ex_weight=0.3)
@@ -138,7 +155,8 @@ def test_sampled_am_is_unbiased_in_float64(per_image):
         full_grad, full = losses_and_am_grad(variables["params"], jax.tree_util.tree_map(jnp.asarray, full_packing))
         draws = list(_draws(full_packing.slot_labels, per_image))
         assert len(draws) == {1: 6, 2: 3}[per_image]
-        am_sum, grad_sum = 0.0, jax.tree_util.tree_map(jnp.zeros_like, full_grad)
+        full_grad = jax.device_get(full_grad)
+        am_sum, grad_sum = 0.0, jax.tree_util.tree_map(np.zeros_like, full_grad)
         for am_slots in draws:
             packing = gj.gain.pack_slots(full_packing.slot_labels, am_slots)
             assert packing.row_valid.sum() == {1: 3, 2: 5}[per_image]
@@ -146,13 +164,13 @@ def test_sampled_am_is_unbiased_in_float64(per_image):
             for key in ("cl", "ex"):  # every slot's map still counts in the mask loss
                 np.testing.assert_allclose(got[key], full[key], rtol=1e-12, atol=0, err_msg=key)
             am_sum += float(got["am"])
-            grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grad)
+            grad_sum = jax.tree_util.tree_map(np.add, grad_sum, jax.device_get(grad))
         np.testing.assert_allclose(am_sum / len(draws), float(full["am"]), rtol=1e-12, atol=0)
         assert float(full["am"]) > 0 and float(full["ex"]) > 0
-        scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(full_grad))
+        scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(full_grad))
         assert scale > 0
         for g, w in zip(jax.tree_util.tree_leaves(grad_sum), jax.tree_util.tree_leaves(full_grad)):
-            assert float(jnp.max(jnp.abs(g / len(draws) - w))) <= 1e-12 * scale
+            assert float(np.max(np.abs(g / len(draws) - w))) <= 1e-12 * scale
         # a single draw is not the full estimate (the test would pass vacuously otherwise)
         single = losses_and_am_grad(variables["params"], jax.tree_util.tree_map(
             jnp.asarray, gj.gain.pack_slots(full_packing.slot_labels, draws[0])))[1]
@@ -198,9 +216,8 @@ def test_sampling_option_is_validated():
         gj.GainConfig(mode="union", am_labels_per_image=1)
     with pytest.raises(ValueError, match="needs rng"):
         gj.pack_labels(LABELS, am_labels_per_image=1)
-    model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
+    model, variables = small_cnn(NUM_CLASSES)
     images = jnp.zeros((5, 24, 32, 3))
-    variables = model.init(jax.random.PRNGKey(0), images)
     with pytest.raises(ValueError, match="needs packing"):
         gj.gain_forward(model, variables, images, jnp.asarray(LABELS),
                         gj.GainConfig(mode="per_label", max_labels=6, am_labels_per_image=1))
