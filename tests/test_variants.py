@@ -1,6 +1,7 @@
 """Every registered GAIN variant (CAM method, mask, L_am score, attention-mining BatchNorm, erase fill) in one
 parametrized test, plus registering a variant of one's own. A new built-in entry is tested by adding it."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +20,46 @@ BUILT_IN = {"cam": {"gradcam", "gradcam_pp", "xgradcam", "layercam", "hirescam"}
             "am_batchnorm": {"frozen", "batch"}, "erase": {"constant", "shift"}}
 
 
+# The programs of this module are compiled as JAX's jax_disable_most_optimizations compiles (XLA's backend
+# optimization level 0, LLVM's expensive passes off): about half the compile time. XLA's own passes still run (the
+# optimized HLO, fusions included, is the default level's: checked for the per-label gradcam_pp program, same
+# text, same loss), and what is checked (each variant traces and compiles under jit, is finite, has gradients,
+# per-label slots equal union runs) does not depend on how well the machine code of each fusion is optimized.
+# The GAIN train steps of the other test modules compile at the default level.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 @pytest.fixture(scope="module")
 def small():
     model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
     images = jax.random.normal(jax.random.PRNGKey(1), (4, 24, 32, 3))
-    variables = model.init(jax.random.PRNGKey(0), images)
-    _, state = model.apply(variables, images * 2.0 + 0.5, train=True, mutable=["batch_stats"])
-    return model, {"params": variables["params"], **state}, images
+
+    # one compiled program instead of op-by-op: the weights and batch statistics are inputs of these tests, not
+    # what they check
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def initial_variables(key, images):
+        variables = model.init(key, images)
+        _, state = model.apply(variables, images * 2.0 + 0.5, train=True, mutable=["batch_stats"])
+        return {"params": variables["params"], **state}
+
+    return model, initial_variables(jax.random.PRNGKey(0), images), images
+
+
+@pytest.fixture(scope="module")
+def jitted(small):
+    """(grad_fn, cams_fn) shared by every case of test_variant_under_jit_in_both_modes: the GainConfig is static,
+    so each distinct configuration compiles once, and the cases that name a kind's default (the same GainConfig
+    as cam=gradcam) reuse cam=gradcam's programs instead of tracing them again."""
+    model, variables, images = small
+    masks = jnp.asarray(MASKS)
+
+    def loss(params, cfg, labels):
+        out = gj.gain_forward(model, {**variables, "params": params}, images, labels, cfg, train=True)
+        return gj.gain_losses(out, labels, cfg, gt_masks=masks)["total"], out
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1, compiler_options=FAST_COMPILE)
+    cams_fn = jax.jit(gj.class_cams, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
+    return grad_fn, cams_fn
 
 
 def rel_diff(a, b):
@@ -46,17 +80,12 @@ def test_built_in_entries_are_registered_and_the_defaults_are_upstreams():
     pytest.param(kind, name, id=f"{kind}={name}",
                  marks=() if (kind, name) == ("cam", "gradcam") else pytest.mark.slow)
     for kind, name in ENTRIES])
-def test_variant_under_jit_in_both_modes(small, kind, name):
+def test_variant_under_jit_in_both_modes(small, jitted, kind, name):
     model, variables, images = small
+    grad_fn, cams_fn = jitted
     cfg_union = gj.GainConfig(mode="union", ex_weight=0.5, **{kind: name})
     cfg_per_label = dataclasses.replace(cfg_union, mode="per_label", max_labels=3)
-    labels, masks = jnp.asarray(LABELS), jnp.asarray(MASKS)
-
-    def loss(params, cfg, labels):
-        out = gj.gain_forward(model, {**variables, "params": params}, images, labels, cfg, train=True)
-        return gj.gain_losses(out, labels, cfg, gt_masks=masks)["total"], out
-
-    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    labels = jnp.asarray(LABELS)
     outputs = {}
     for cfg in (cfg_union, cfg_per_label):
         (total, out), grads = grad_fn(variables["params"], cfg, labels)
@@ -84,7 +113,7 @@ def test_variant_under_jit_in_both_modes(small, kind, name):
             assert rel_diff(got, want) < 1e-5, (field, slot, rel_diff(got, want))
 
     # evaluation uses the configured CAM method too
-    _, cams = jax.jit(gj.class_cams, static_argnums=(0, 3))(model, variables, images, cfg_union)
+    _, cams = cams_fn(model, variables, images, cfg_union)
     assert cams.shape == (4, NUM_CLASSES, 24, 32) and np.all(np.isfinite(cams))
 
 
