@@ -8,6 +8,7 @@ configurations chosen on validation only, intervals against the baseline.
     python experiments/parts_study.py --study confirm --seeds 0,1,2,3,4 --budget full --reuse   # 4 arms, 5 seeds
     python experiments/parts_study.py select --study confirm --seeds 0,1,2,3,4 --budget full    # commit its file
     python experiments/parts_study.py test --study confirm --seeds 0,1,2,3,4 --budget full     # test, once
+    python experiments/parts_study.py heldout --study confirm --seeds 0,1,2,3,4 --budget full --heldout_seed SEED
     python experiments/parts_study.py figure --study confirm --split test --seeds 0,1,2,3,4 --budget full
     python experiments/parts_study.py curves --study confirm --seeds 0,1,2,3,4 --budget full   # loss curves
     python experiments/parts_study.py dose --budget short                      # the 12 configs (one seed)
@@ -20,6 +21,15 @@ only (a run's --test is refused). `select` evaluates the finished runs' final ch
 (meant to be committed); `test` refuses to run without it and evaluates the baseline, the chosen arms and the
 ceilings on test: per target the arm - baseline differences paired by seed with a 95% t-interval ("met" only when
 its lower bound clears the margin; gain_jax.stats), per arm 95% bootstrap intervals over the test images.
+`heldout`, after test (it refuses to run without the selection file and without <out>/<name>.test.json of the same
+runs), checks the claims on data that is not in the repository: the same arms, evaluated the same way
+(`evaluate_chosen`, shared with `test`), on --heldout_images (default 500) images of gain_parts' held-out stream of
+--heldout_seed (a seed in [0, 2**32) chosen at evaluation time; `parts.heldout_split`), generated then from the seed
+by the data set's own generator, seeded apart from every split, and stored nowhere. It writes
+<out>/<name>.heldout.{json,md}: the seed, the number of images, the target table (paired by seed, 95% t-interval,
+verdict), the per-run measures, the references, and the bootstrap intervals over the held-out images as test
+has them (kept: at the confirm study's size, 4 arms x 5 seeds x 500 images, an estimated 90 CPU-s, 0.6 ms for each
+of about 150,000 resampled summaries, against about 150 s to evaluate the 20 runs: not double the cost).
 
 Measures (`gain_jax.part_metrics`, on the label class's Grad-CAM, the run's CAM method): the share of the map's
 mass on the body (part excluded), "body share", the body coverage the issue's target is about; on the part;
@@ -35,13 +45,14 @@ with the image rolled by half its size: background on gain_parts, no cue) and on
 and the ceilings: GAIN_ext and the mask loss alone with every mask. A study (STUDIES) is a list of arms.
 
 Budgets (BUDGETS, `--budget`; each value can be overridden by its own flag): epochs, classification-only epochs,
-steps per epoch, batch size, learning rate and the number of validation/test images evaluated (0: all).
-`tiny` is for tests; `short` is the fine-grid probe's (experiments/results/parts_probe/fine_grid/README.md);
-`full` the study's. Runs go to <logdir>/<data set config>_<backbone>_<arm>_seed<seed>; training keeps a finished
-run with the same flags with --reuse, `dose` always keeps it (and trains the missing ones), `select`, `test` and
-`figure` never train (they refuse to run without every run finished). Runs are trained one at a time, or with
---together each arm's seeds to train as one seed sweep (train.py --seeds, `protocol.train_runs`: the same run
-folders and, to float32 rounding, the same results).
+steps per epoch, batch size, learning rate and the number of validation/test images evaluated (0: all; not
+`heldout`'s, --heldout_images). `tiny` is for tests; `short` is the fine-grid probe's
+(experiments/results/parts_probe/fine_grid/README.md); `full` the study's. Runs go to
+<logdir>/<data set config>_<backbone>_<arm>_seed<seed>; training keeps a finished run with the same flags with
+--reuse, `dose` always keeps it (and trains the missing ones), `select`, `test`, `heldout` and `figure` never train
+(they refuse to run without every run finished). Runs are trained one at a time, or with --together each arm's
+seeds to train as one seed sweep (train.py --seeds, `protocol.train_runs`: the same run folders and, to float32
+rounding, the same results).
 
 `dose`: the dose-response over gain_parts' 12 configs (part size x body reliability): --dose_arms (baseline,
 GAIN, GAIN_ext@10% by default) trained on each config (--configs to choose), evaluated on its validation split;
@@ -151,7 +162,8 @@ BOOTSTRAP_MEASURES = ("body_share", "pxap", "mAP")
 BOOTSTRAP_RESAMPLES = 1000
 RECORD_FILE = "parts_study_run.json"
 EVAL_BATCH = 50  # images per evaluation batch; the figure's images come from the first
-COMMANDS = ("train", "select", "test", "dose", "figure", "curves", "calibrate")
+COMMANDS = ("train", "select", "test", "heldout", "dose", "figure", "curves", "calibrate")
+HELDOUT_IMAGES = 500  # `heldout`'s default --heldout_images: as many as the test split has
 # `calibrate`: training settings tried for the ceiling, cheapest first (the budget's epochs times the factor, the
 # mask loss's weight); fixed before any calibration run (experiments/README.md, "Calibrating the ceiling")
 CALIBRATION_SETTINGS = {"epochs_x1_ex_weight_1": (1, 1.0), "epochs_x1_ex_weight_10": (1, 10.0),
@@ -202,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dose_arms", nargs="+", default=list(DOSE_ARMS), metavar="ARM")
     p.add_argument("--figure_images", type=int, default=8)
     p.add_argument("--split", default="validation", choices=("validation", "test"), help="figure: which images")
+    p.add_argument("--heldout_seed", type=int, default=None, metavar="SEED",
+                   help="heldout (required there, refused elsewhere): the held-out stream's seed, an int in "
+                        "[0, 2**32), chosen at evaluation time; its images are generated from it (gain_parts' "
+                        "generator, seeded apart from every split) and stored nowhere")
+    p.add_argument("--heldout_images", type=int, default=None, metavar="N",
+                   help=f"heldout: how many images of the stream (its indices 0..N-1), N in [2, 10**6]; default "
+                        f"{HELDOUT_IMAGES}. --eval_examples does not apply to them")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--logdir", default=os.path.join(REPO_ROOT, "runs", "parts_study"))
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "experiments", "results", "parts_study"))
@@ -246,6 +265,17 @@ def parse_args(argv=None):
         args.arms = list(STUDIES[args.study])
     from gain_jax.data import parts
 
+    heldout_flags = args.heldout_seed is not None or args.heldout_images is not None
+    if args.command != "heldout" and heldout_flags:
+        parser.error("--heldout_seed and --heldout_images are for the heldout command")
+    if args.command == "heldout":
+        if args.heldout_seed is None:
+            parser.error("heldout needs --heldout_seed SEED (an int in [0, 2**32), chosen now)")
+        if not 0 <= args.heldout_seed < parts.HELDOUT_SEEDS:
+            parser.error(f"--heldout_seed must be in [0, 2**32), got {args.heldout_seed}")
+        args.heldout_images = HELDOUT_IMAGES if args.heldout_images is None else args.heldout_images
+        if not 2 <= args.heldout_images <= parts.HELDOUT_MAX_IMAGES:
+            parser.error(f"--heldout_images must be in [2, {parts.HELDOUT_MAX_IMAGES}], got {args.heldout_images}")
     if "/" not in args.dataset:  # one name per config, so that the study's and dose's runs of it are the same
         args.dataset = f"{args.dataset}/{parts.DEFAULT_CONFIG}"
     args.configs = args.configs or list(parts.CONFIG_NAMES)
@@ -258,7 +288,7 @@ def parse_args(argv=None):
         parser.error(f"unknown arm(s) {unknown}; arms: {', '.join(args.arm_flags)}")
     if len(set(arms)) < len(arms):
         parser.error(f"an arm is named twice in {arms}")
-    if args.command in ("select", "test") and BASELINE_ARM not in args.arms:
+    if args.command in ("select", "test", "heldout") and BASELINE_ARM not in args.arms:
         parser.error(f"{args.command} needs the {BASELINE_ARM} arm (targets are differences to it)")
     for arm in arms:
         try:
@@ -414,9 +444,27 @@ def split_batches(split: str, args, dataset: str | None = None):
     return gd.input_pipeline(dataset or args.dataset, split, data_dir=args.data_dir, batch_size=EVAL_BATCH, train=False)
 
 
-def evaluate_run(arm: str, seed: int, split: str, args, dataset: str | None = None, keep_maps: int = 0) -> dict:
-    """The run's final checkpoint on `split`: `part_metrics.image_records` plus "scores"/"targets" [N, C] (mAP),
-    and the first `keep_maps` label maps as "maps"."""
+def heldout_batches(args, dataset: str | None = None) -> list:
+    """The first --heldout_images images of the held-out stream of --heldout_seed (`parts.heldout_split`) of the data
+    set's config, generated now by gain_parts' generator (stored nowhere), as the evaluation pipeline's batches of
+    EVAL_BATCH (`pipeline.parts_evaluation_batches`): a list, read again by each run."""
+    from gain_jax.data import parts, pipeline
+
+    config = next(c for c in parts.BUILDER_CONFIGS if c.name == config_name(dataset or args.dataset))
+    return list(pipeline.parts_evaluation_batches(parts.heldout_split(args.heldout_seed), range(args.heldout_images),
+                                                  config.part_fraction, config.body_reliability,
+                                                  batch_size=EVAL_BATCH))
+
+
+def batches_of(source, args, dataset: str | None = None):
+    """The evaluation batches of `source`: a split's name (its first --eval_examples images, `split_batches`) or the
+    batches themselves (an iterable read once per call, e.g. `heldout_batches`'s list)."""
+    return split_batches(source, args, dataset) if isinstance(source, str) else source
+
+
+def evaluate_run(arm: str, seed: int, source, args, dataset: str | None = None, keep_maps: int = 0) -> dict:
+    """The run's final checkpoint on `source` (a split's name or batches, `batches_of`): `part_metrics.image_records`
+    plus "scores"/"targets" [N, C] (mAP), and the first `keep_maps` label maps as "maps"."""
     import jax
     import protocol
     import tensorflow_datasets as tfds
@@ -432,7 +480,7 @@ def evaluate_run(arm: str, seed: int, split: str, args, dataset: str | None = No
     variables, _ = protocol.restore_run(run_dir(arm, seed, args, dataset))
     cams_of = jax.jit(lambda images: gj.class_cams(model, variables, images, config.gain))
     batches, scores, targets, maps_kept = [], [], [], []
-    for batch in split_batches(split, args, dataset):
+    for batch in batches_of(source, args, dataset):
         labels = np.asarray(batch["labels"])
         classes, rows = np.argmax(labels, axis=1), np.arange(len(labels))
         logits, cams = cams_of(jax.numpy.asarray(batch["image"]))
@@ -471,12 +519,12 @@ def erased_images(arm: str, seed: int, images: np.ndarray, labels: np.ndarray, a
     return np.asarray(out.masked_images)[:, 0]  # union mode: one erased image per image
 
 
-def reference_records(split: str, args, dataset: str | None = None) -> dict:
-    """{reference: image_records} of the maps that know the masks: part-only (pixels, 8- and 4-px cells) and the
-    whole object."""
+def reference_records(source, args, dataset: str | None = None) -> dict:
+    """{reference: image_records} of the maps that know the masks on `source` (a split's name or batches,
+    `batches_of`): part-only (pixels, 8- and 4-px cells) and the whole object."""
     totals = {"part_only_pixels": [], **{f"part_only_grid{cell}": [] for cell in parts_probe.GRID_CELLS},
               "whole_object": []}
-    for batch in split_batches(split, args, dataset):
+    for batch in batches_of(source, args, dataset):
         body, part, gt = (np.asarray(batch[key]) for key in ("body_mask", "part_mask", "mask"))
         for name in totals:
             if name == "whole_object":
@@ -612,14 +660,21 @@ def ceiling_arms(args) -> list[str]:
             and run_config_of(arm, args.seeds[0], args).gain.ex_weight > 0]
 
 
-def test_main(args) -> int:
+def chosen_arms(args, selection: dict) -> list[str]:
+    """The arms `test` and `heldout` evaluate: the baseline, the arms the selection chose, the ceilings."""
+    chosen = {t["arm"] for t in selection["targets"].values() if t["arm"]}
+    return [arm for arm in args.arms if arm == BASELINE_ARM or arm in chosen or arm in ceiling_arms(args)]
+
+
+def evaluate_chosen(args, selection: dict, source, images: str, note: str = "") -> tuple[dict, str]:
+    """`chosen_arms` evaluated on `source` (a split's name or batches, `batches_of`), every seed: per target the arm -
+    baseline differences paired by seed with a 95% t-interval and its verdict, per arm 95% bootstrap intervals over
+    the images, the means over seeds and the reference maps. Returns (record, Markdown text); `images` names the
+    images in the text ("test"), `note` is a paragraph after its first line."""
     from gain_jax import stats
 
-    selection = read_selection(args, "test")
-    existing_runs(args.arms, args, "test")
-    chosen = {t["arm"] for t in selection["targets"].values() if t["arm"]}
-    arms = [arm for arm in args.arms if arm == BASELINE_ARM or arm in chosen or arm in ceiling_arms(args)]
-    records = {(arm, seed): evaluate_run(arm, seed, "test", args) for arm in arms for seed in args.seeds}
+    arms = chosen_arms(args, selection)
+    records = {(arm, seed): evaluate_run(arm, seed, source, args) for arm in arms for seed in args.seeds}
     per_run = {key: flat(summarize(rec)) for key, rec in records.items()}
     lines, verdicts = [], {}
     for name, target in selection["targets"].items():
@@ -651,27 +706,63 @@ def test_main(args) -> int:
             if arm != BASELINE_ARM:
                 bootstrap[arm][f"{measure} - baseline"] = stats.bootstrap_interval(
                     difference, num_images, seed=0, resamples=BOOTSTRAP_RESAMPLES).as_dict()
-    references = {name: flat(summarize(rec)) for name, rec in reference_records("test", args).items()}
+    references = {name: flat(summarize(rec)) for name, rec in reference_records(source, args).items()}
     means = {arm: {key: float(np.mean([per_run[(arm, s)][key] for s in args.seeds])) for key in MEASURES}
              for arm in arms}
     boot_lines = [f"| {arm} | {measure} | {b['mean']:.3f} [{b['low']:.3f}, {b['high']:.3f}] |"
                   for arm in arms for measure, b in bootstrap[arm].items()]
-    text = (f"{args.dataset} {data_version()}, {args.backbone}, study {args.name}, budget {args.budget}, test "
+    text = (f"{args.dataset} {data_version()}, {args.backbone}, study {args.name}, budget {args.budget}, {images} "
             f"({num_images} images), seeds {args.seeds}; arms chosen on validation "
-            f"({os.path.basename(selection_path(args))})\n\n"
-            "| target | arm | arm - baseline, paired by seed: mean [95% t-interval] | verdict |\n|---|---|---|---|\n"
+            f"({os.path.basename(selection_path(args))})\n\n" + (f"{note}\n\n" if note else "")
+            + "| target | arm | arm - baseline, paired by seed: mean [95% t-interval] | verdict |\n|---|---|---|---|\n"
             + "\n".join(lines) + "\n\n'met' only when the interval's lower bound clears the margin.\n\n"
-            "| arm | measure (mean over seeds) | 95% bootstrap interval over test images |\n|---|---|---|\n"
+            f"| arm | measure (mean over seeds) | 95% bootstrap interval over {images} images |\n|---|---|---|\n"
             + "\n".join(boot_lines) + "\n\nmeans over seeds, and the reference maps\n\n"
-            + table({**means, **references}) + "\n")
-    print(text)
+            + table({**means, **references}))
     record = {"selection": os.path.basename(selection_path(args)), "verdicts": verdicts, "bootstrap": bootstrap,
               "references": references,
               "per_run": {run_name(a, s, args): {"arm": a, "seed": s, **v} for (a, s), v in per_run.items()}}
-    with open(os.path.join(args.out, f"{args.name}.test.json"), "w") as handle:
-        json.dump(record, handle, indent=1)
-    with open(os.path.join(args.out, f"{args.name}.test.md"), "w") as handle:
-        handle.write(text)
+    return record, text
+
+
+def test_main(args) -> int:
+    selection = read_selection(args, "test")
+    existing_runs(args.arms, args, "test")
+    record, text = evaluate_chosen(args, selection, "test", "test")
+    write_result(args.out, f"{args.name}.test", record, text)
+    return 0
+
+
+def heldout_main(args) -> int:
+    """The test's evaluation again, after it, on images no split holds: --heldout_images of the held-out stream of
+    --heldout_seed, generated now from the seed (`heldout_batches`); <out>/<name>.heldout.{json,md}."""
+    from gain_jax.data import parts
+
+    selection = read_selection(args, "heldout")
+    tested = os.path.join(args.out, f"{args.name}.test.json")
+    try:
+        with open(tested) as handle:
+            tested_runs = set(json.load(handle)["per_run"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise SystemExit(f"parts_study heldout: no test result {tested} (or unreadable): run `test` first (the "
+                         "held-out check comes after test)") from None
+    arms = chosen_arms(args, selection)
+    runs = {run_name(arm, seed, args) for arm in arms for seed in args.seeds}
+    if tested_runs != runs:
+        raise SystemExit(f"parts_study heldout: {tested} holds the runs {sorted(tested_runs)}, not these: "
+                         f"{sorted(runs)}")
+    existing_runs(args.arms, args, "heldout")
+    stream = parts.heldout_split(args.heldout_seed)
+    note = (f"Held-out images: indices 0-{args.heldout_images - 1} of gain_parts' held-out stream {stream} of "
+            f"{config_name(args.dataset)} (--heldout_seed {args.heldout_seed}), generated at evaluation time from the "
+            "seed by the data set's generator and stored nowhere (no split holds them). The targets' claims say "
+            "test, as registered: here they are checked on these images. The same runs' test result: "
+            f"{os.path.basename(tested)}.")
+    record, text = evaluate_chosen(args, selection, heldout_batches(args), "held-out", note)
+    record = {"heldout": {"seed": args.heldout_seed, "stream": stream, "images": args.heldout_images,
+                          "dataset": args.dataset, "gain_parts_version": data_version(), "arms": arms,
+                          "test_result": os.path.basename(tested), "note": note}, **record}
+    write_result(args.out, f"{args.name}.heldout", record, text)
     return 0
 
 
@@ -867,8 +958,9 @@ def calibrate_main(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = {"train": train_main, "select": select_main, "test": test_main, "dose": dose_main,
-               "figure": figure_main, "curves": curves_main, "calibrate": calibrate_main}[args.command]
+    command = {"train": train_main, "select": select_main, "test": test_main, "heldout": heldout_main,
+               "dose": dose_main, "figure": figure_main, "curves": curves_main,
+               "calibrate": calibrate_main}[args.command]
     return command(args)
 
 

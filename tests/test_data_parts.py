@@ -1,7 +1,10 @@
 """The "gain_parts" tfds builder: what each image holds (body, part, background), the body's reliability, the
-masks, the "part erased" counterfactual, the builder configs and what the pipeline passes on. Expectations
-derive from the generator's constants (parts.PART_FRACTIONS, BODY_RADIUS_RANGE, ...). The tfds build uses
-small split sizes (monkeypatched) to stay in the fast tier."""
+masks, the "part erased" counterfactual, the builder configs and what the pipeline passes on; the held-out
+streams and `pipeline.parts_evaluation_batches`. Expectations derive from the generator's constants
+(parts.PART_FRACTIONS, BODY_RADIUS_RANGE, ...). The tfds build uses small split sizes (monkeypatched) to stay in
+the fast tier."""
+import hashlib
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -148,6 +151,74 @@ def test_deterministic_and_configs_differ():
         parts.generate_example("train", 0, part_fraction=0.0)
     with pytest.raises(ValueError, match="body_reliability"):
         parts.generate_example("train", 0, body_reliability=1.5)
+
+
+def generation_digest(split, indices, **options) -> str:
+    """sha256 (16 hex digits) of everything generate_example gives for `indices`, with and without the part."""
+    digest = hashlib.sha256()
+    for index in indices:
+        for with_part in (True, False):
+            example = example_arrays(split, index, with_part=with_part, **options)
+            for key in ("labels", "mask", "body_mask", "part_mask", "image"):
+                digest.update(np.ascontiguousarray(example[key]).tobytes())
+            digest.update(f"{example['filename']} {example['body_texture']} {example['has_mask']}".encode())
+    return digest.hexdigest()[:16]
+
+
+def test_the_splits_generate_what_gain_parts_1_0_0_generated():
+    """The held-out streams left the splits' images as they were (digests taken at d3b6365, before them): the
+    data set's version did not change."""
+    assert str(parts.GainParts.VERSION) == "1.0.0"
+    expected = {"train": ("8d47583b82af685c", "0d9797e00feee202"), "validation": ("819c78b98b74977f",
+                "486c74bf2bdd8c9a"), "test": ("f6ab775676290c11", "019336ab07778e47")}
+    for split, (default, other) in expected.items():
+        assert generation_digest(split, (0, 1, 499)) == default
+        assert generation_digest(split, (7,), part_fraction=0.08, body_reliability=1.0) == other
+
+
+def test_heldout_streams_are_new_images_of_the_same_generator():
+    stream = parts.heldout_split(7)
+    assert stream == "heldout7" and stream not in parts.SPLIT_SIZES
+    first = example_arrays(stream, 2)
+    assert first["filename"] == "parts_heldout7_000002" and parts.example_index(first["filename"]) == (stream, 2)
+    # the same seed gives the same images, another seed and every split other ones at the same index
+    np.testing.assert_array_equal(example_arrays(stream, 2)["image"], first["image"])
+    for other in ("train", "validation", "test", parts.heldout_split(8), parts.heldout_split(0)):
+        assert not np.array_equal(example_arrays(other, 2)["image"], first["image"]), other
+    # the same generator: its part-erased counterfactual, through the filename as the study reads it
+    erased = parts.part_erased_images([b"parts_heldout7_000002"], parts.PART_FRACTIONS[0], parts.BODY_RELIABILITIES[0])
+    changed = (erased[0] != first["image"]).any(axis=-1)
+    assert changed.any() and not (changed & ~first["part_mask"].astype(bool)).any()
+    for seed in (-1, 2 ** 32, 1.0, True):
+        with pytest.raises(ValueError, match="held-out seed"):
+            parts.heldout_split(seed)
+    for name in ("heldout007", "heldout", "heldout-1", "heldout4294967296", "heldouts"):
+        with pytest.raises(ValueError, match="unknown gain_parts split"):
+            parts.generate_example(name, 0)
+        with pytest.raises(ValueError, match="not a gain_parts filename"):
+            parts.example_index(f"parts_{name}_000000")
+    with pytest.raises(ValueError, match="index"):
+        parts.generate_example(stream, parts.HELDOUT_MAX_IMAGES)
+
+
+def test_evaluation_batches_are_the_pipeline_s(data_dir):
+    """A split's examples through `pipeline.parts_evaluation_batches` are the evaluation pipeline's batches of them,
+    key by key, bit for bit (at the native size and resized): a held-out stream is evaluated as test would be."""
+    for options in ({}, {"image_size": 56}):
+        expected = list(gd.input_pipeline("gain_parts", "test[:8]", data_dir=data_dir, batch_size=3, train=False,
+                                          **options))
+        order = [parts.example_index(name.decode())[1] for batch in expected for name in batch["filename"]]
+        assert sorted(order) == list(range(8))  # the stored order, not the indices'
+        batches = list(pipeline.parts_evaluation_batches("test", order, batch_size=3, **options))
+        assert [len(batch["labels"]) for batch in batches] == [3, 3, 2]
+        assert len(batches) == len(expected)
+        for batch, reference in zip(batches, expected):
+            assert list(batch) == list(reference) == list(pipeline.output_keys("gain_parts"))
+            for key, value in reference.items():
+                assert (batch[key].dtype, batch[key].shape) == (value.dtype, value.shape), key
+                np.testing.assert_array_equal(batch[key], value, err_msg=key)
+    stream = list(pipeline.parts_evaluation_batches(parts.heldout_split(3), range(5), batch_size=4))
+    assert [batch["filename"][0] for batch in stream] == [b"parts_heldout3_000000", b"parts_heldout3_000004"]
 
 
 @pytest.mark.slow

@@ -30,6 +30,9 @@ Splits (sizes in `SPLIT_SIZES`; every split has the same distribution, there is 
     train        what models learn from
     validation   choosing configurations (methods, weights, budgets)
     test         looked at once, for the configurations chosen
+Held-out streams (`heldout_split(seed)`, named "heldout<seed>"): the same generator, seeded apart from the
+splits by a seed chosen at evaluation time; the builder never writes them and no split holds their images.
+`pipeline.parts_evaluation_batches` gives the examples of a split or stream as evaluation batches.
 
 Features: "image", "labels" (one-hot), "mask" (VOC encoding, what GAIN_ext's mask loss reads: 0 background,
 class + 1 on the whole object, body and part, 255 on a 1-pixel ignore ring around it), "has_mask", "filename"
@@ -65,6 +68,10 @@ PART_FRACTIONS = (0.04, 0.02, 0.08)
 BODY_RELIABILITIES = (0.6, 0.4, 0.8, 1.0)
 SPLIT_SIZES = {"train": 2000, "validation": 500, "test": 500}
 _SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+HELDOUT_PREFIX = "heldout"
+_HELDOUT_WORD = 3  # the seed word of the held-out streams, after the splits' 0, 1, 2
+HELDOUT_SEEDS = 2 ** 32  # a held-out stream's seed is in [0, HELDOUT_SEEDS): one 32-bit word of the seed sequence
+HELDOUT_MAX_IMAGES = 10 ** 6  # a held-out stream's indices: 0 .. this - 1 (filenames keep 6 digits)
 _BASE_SEED = 20180302
 _IGNORE = 255
 _GRID_Y, _GRID_X = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE].astype(np.float32)
@@ -109,6 +116,25 @@ def _greyish(rng: np.random.Generator, grey_range: tuple) -> np.ndarray:
     return int(rng.integers(*grey_range)) + rng.integers(-TINT, TINT + 1, size=3)
 
 
+def heldout_split(seed: int) -> str:
+    """The name of the held-out stream of `seed` (an int in [0, HELDOUT_SEEDS)): "heldout<seed>"."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < HELDOUT_SEEDS:
+        raise ValueError(f"gain_parts: a held-out seed is an int in [0, 2**32), got {seed!r}")
+    return f"{HELDOUT_PREFIX}{int(seed)}"
+
+
+def _split_words(split: str) -> list[int]:
+    """The words of the seed sequence that name `split` (between the config's and the index): [s] for the
+    splits (s in _SPLIT_SEEDS), [_HELDOUT_WORD, seed] for the held-out stream "heldout<seed>"."""
+    if split in _SPLIT_SEEDS:
+        return [_SPLIT_SEEDS[split]]
+    match = re.fullmatch(HELDOUT_PREFIX + r"(0|[1-9]\d{0,9})", split)
+    if match is None or int(match.group(1)) >= HELDOUT_SEEDS:
+        raise ValueError(f"unknown gain_parts split {split!r}; splits: {tuple(SPLIT_SIZES)}, or held-out streams "
+                         f"{HELDOUT_PREFIX}<seed> (seed in [0, 2**32), no leading zeros)")
+    return [_HELDOUT_WORD, int(match.group(1))]
+
+
 def _dilate(region: np.ndarray) -> np.ndarray:
     """The region grown by one pixel in the 8 directions."""
     return np.lib.stride_tricks.sliding_window_view(np.pad(region, 1), (3, 3)).any(axis=(-2, -1))
@@ -119,12 +145,19 @@ def generate_example(split: str, index: int, part_fraction: float = PART_FRACTIO
     """One example of `split` (deterministic in (split, index, part_fraction, body_reliability)): the tfds
     feature dict, the image as PNG bytes (`shapes.decode_png` reads it back). `with_part=False`: the same
     example with the part not painted (the body's texture shows there); its masks are the same."""
-    if split not in _SPLIT_SEEDS:
-        raise ValueError(f"unknown gain_parts split {split!r}; splits: {tuple(SPLIT_SIZES)}")
+    words = _split_words(split)
+    if split not in _SPLIT_SEEDS and not 0 <= index < HELDOUT_MAX_IMAGES:
+        raise ValueError(f"gain_parts: a held-out stream's index is in [0, {HELDOUT_MAX_IMAGES}), got {index}")
     _check_parameters(part_fraction, body_reliability)
-    # the config is part of the seed: configs differ in more than the part's size
+    # The config is part of the seed: configs differ in more than the part's size. A split's words are [s]
+    # (s = 0, 1, 2: the sequence [base, fraction, reliability, s, index] of gain_parts 1.0.0, unchanged), a
+    # held-out stream's [3, seed]: its sequences have 6 words where the splits' have 5, and their fourth word
+    # is no split's. numpy's SeedSequence mixes every word of a sequence longer than its 4-word pool into its
+    # state (only shorter ones are padded, with zeros: [a, b] and [a, b, 0] collide), so distinct sequences give
+    # independent streams, up to a hash collision of its 128-bit pool: the held-out images are drawn
+    # independently of every split's, and of other seeds'.
     rng = np.random.default_rng([_BASE_SEED, round(1000 * part_fraction), round(1000 * body_reliability),
-                                 _SPLIT_SEEDS[split], index])
+                                 *words, index])
     num_classes = len(CLASS_NAMES)
     class_id = int(rng.integers(num_classes))
     if rng.random() < body_reliability:
@@ -194,10 +227,15 @@ def part_erased_images(filenames, part_fraction: float, body_reliability: float)
 
 
 def example_index(filename: str) -> tuple[str, int]:
-    """(split, index) of an example from its filename (`parts_<split>_<index>`)."""
+    """(split, index) of an example from its filename (`parts_<split>_<index>`, index in 6 digits; the split may
+    be a held-out stream, "heldout<seed>")."""
     match = re.fullmatch(r"parts_(\w+)_(\d{6})", filename)
-    if match is None or match.group(1) not in SPLIT_SIZES:
-        raise ValueError(f"not a gain_parts filename: {filename!r}")
+    try:
+        if match is None:
+            raise ValueError(filename)
+        _split_words(match.group(1))
+    except ValueError:
+        raise ValueError(f"not a gain_parts filename: {filename!r}") from None
     return match.group(1), int(match.group(2))
 
 

@@ -452,6 +452,46 @@ def decoded_examples(name: str, split: str, *, data_dir=None, manual_dir=None, t
     return dataset.map(_common_features(name, info.num_classes), num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def parts_evaluation_batches(split: str, indices, part_fraction: float = parts.PART_FRACTIONS[0],
+                             body_reliability: float = parts.BODY_RELIABILITIES[0], batch_size: int = 8,
+                             image_size: int = parts.IMAGE_SIZE) -> Iterator[dict]:
+    """gain_parts' examples `indices` of `split` (a split, or a held-out stream `parts.heldout_split(seed)`) of the
+    config (`part_fraction`, `body_reliability`), generated now, in batches of `batch_size` (the last one
+    partial), as `input_pipeline(..., train=False)` yields a split's: numpy dicts with its keys
+    (`output_keys("gain_parts")`), dtypes and values, image and masks resized as it resizes them (`image_size`),
+    the image normalized by `normalize_batch`. For a split's examples it equals `input_pipeline`'s batches of
+    them in the same order, bit for bit (tests/test_data_parts.py; a split's stored order is not its indices');
+    a held-out stream's images are stored nowhere, and this is the way to them."""
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    rows = []
+    for index in indices:
+        rows.append(_parts_evaluation_example(split, int(index), part_fraction, body_reliability, image_size))
+        if len(rows) == batch_size:
+            yield _parts_evaluation_batch(rows)
+            rows = []
+    if rows:
+        yield _parts_evaluation_batch(rows)
+
+
+def _parts_evaluation_example(split, index, part_fraction, body_reliability, image_size) -> dict:
+    """One gain_parts example as the evaluation pipeline has it before batching: decoded, resized with its masks."""
+    example = parts.generate_example(split, index, part_fraction, body_reliability)
+    example.update(image=shapes.decode_png(example["image"]), filename=example["filename"].encode())
+    spatial = ("image", "mask", *EVAL_MASK_KEYS["gain_parts"])
+    resized = _resized_example({key: tf.constant(example[key]) for key in spatial}, image_size, "gain_parts")
+    return {**example, **{key: value.numpy() for key, value in resized.items()}}
+
+
+_PARTS_DTYPES = {"labels": np.float32, "has_mask": np.bool_, "filename": object, "body_texture": np.int64}
+
+
+def _parts_evaluation_batch(rows: list) -> dict:
+    batch = {key: np.array([row[key] for row in rows], dtype=_PARTS_DTYPES.get(key))
+             for key in output_keys("gain_parts")}
+    return {**batch, "image": np.asarray(normalize_batch(batch["image"]))}
+
+
 def input_pipeline(name: str, split: str, data_dir=None, manual_dir=None, image_size: int | None = None,
                    batch_size: int = 8, train: bool = True, seed: int = 0, autoaugment: bool = True,
                    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_remainder: bool | None = None,
