@@ -1,6 +1,6 @@
 """experiments/parts_study.py: each arm's train.py settings (fast, no training), the flags' refusals, and the
 commands end to end on a tiny gain_parts (slow: train two seeds of three arms, each arm's seeds together as one
-seed sweep, select, test, figure, dose on two configs, one run at a time)."""
+seed sweep, select, test, heldout, figure, dose on two configs, one run at a time)."""
 import json
 import os
 import sys
@@ -184,6 +184,23 @@ def test_tiny_study_train_select_test_figure_and_dose(small_parts, tmp_path, cap
     for interval in result["bootstrap"]["baseline"].values():
         assert interval["low"] <= interval["mean"] <= interval["high"]
     assert "95% t-interval" in (out / f"{name}.test.md").read_text()
+    # the held-out check, after test (refused without its result): the same runs on images of a held-out stream
+    heldout = ["heldout", *common, "--heldout_seed", "7", "--heldout_images", "6"]
+    (out / f"{name}.test.json").rename(tmp_path / "test.json")
+    with pytest.raises(SystemExit, match="no test result"):
+        study.main(heldout)
+    (tmp_path / "test.json").rename(out / f"{name}.test.json")
+    assert study.main(heldout) == 0
+    held = json.loads((out / f"{name}.heldout.json").read_text())
+    assert (held["heldout"]["seed"], held["heldout"]["images"], held["heldout"]["stream"]) == (7, 6, "heldout7")
+    assert held["per_run"].keys() == result["per_run"].keys() and held["verdicts"].keys() == result["verdicts"].keys()
+    for run in held["per_run"].values():
+        assert run["num_images"] == 6 and 0 <= run["body_share"] <= 1
+    for verdict in held["verdicts"].values():
+        assert verdict["low"] <= verdict["mean"] <= verdict["high"]
+    assert held["references"]["whole_object"]["pxap"] == pytest.approx(1.0)
+    text = (out / f"{name}.heldout.md").read_text()
+    assert "held-out (6 images)" in text and "stored nowhere" in text and "95% t-interval" in text
     capsys.readouterr()
     # the dose-response on two configs, one seed; then the figures (overlays of test images, the dose curve)
     dose = ["--budget", "tiny", "--seeds", "0", "--data_dir", small_parts, "--logdir", str(logdir), "--out", str(out),
