@@ -2,9 +2,12 @@
 
 `import torchvision` after `import tensorflow` in one process segfaults (tensorflow-cpu 2.21,
 torchvision 0.29.1; see docs/design.md, section 5). Importing torchvision first, when it is installed, avoids it
-for every test module, whatever order pytest collects them in.
+for every test module, whatever order pytest collects them in. Below: a fixture of the torch test modules of both
+test folders, and the order of the test files.
 """
 import os
+
+import pytest
 
 try:
     import torchvision  # noqa: F401
@@ -21,6 +24,20 @@ except ImportError:  # the core tests run without the torch extra
 # GAIN_JAX_TEST_DEFAULT_XLA_OPT=1 runs the whole suite at the default level.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 DEFAULT_XLA_OPT = "GAIN_JAX_TEST_DEFAULT_XLA_OPT"
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread for a test module (`pytestmark = pytest.mark.usefixtures("torch_one_thread")`), restored
+    afterwards. On a busy 2-core machine torch's two OpenMP threads spin-wait on each other at every barrier: tiny
+    ops cost ~25 ms each on two threads, ~0.4 ms on one (tests/test_torch_ref.py: 24 CPU-s on two, ~4 on one);
+    resnet18's three float64 CAM passes took 3-7 s on 2 threads and 1.0-1.4 s on 1 at load ~4."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # Test files, costliest first (CPU-s of each file in the whole suite, profiled on the 2-core CPU at ee9909f and

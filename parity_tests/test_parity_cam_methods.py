@@ -98,15 +98,10 @@ class Pair:
         return jnp.asarray(self.images.permute(0, 2, 3, 1).numpy(), getattr(jnp, precision))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """torch on one thread in this module, restored afterwards. On a busy 2-core machine torch's two OpenMP
-    threads wait on each other at every barrier: measured at load ~4, resnet18's three float64 CAM passes
-    took 3-7 s on 2 threads and 1.0-1.4 s on 1 (0.6 s on 2 threads when the machine was quiet)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# torch on one thread in this module (the root conftest.py): on a busy 2-core machine its two OpenMP threads wait on
+# each other at every barrier (resnet18's three float64 CAM passes: 3-7 s on 2 threads, 1.0-1.4 s on 1 at load ~4,
+# 0.6 s on 2 threads when the machine was quiet)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) if name != "small_cnn" else name

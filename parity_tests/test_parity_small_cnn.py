@@ -32,6 +32,7 @@ FLOAT64_CASES = [UNION_TRAIN, PER_LABEL_TRAIN, UPSTREAM_BATCH_1, UNION_EVAL, PER
                    (NOBN_UNION_TRAIN, NOBN_PER_LABEL_TRAIN, NOBN_PER_LABEL_EVAL))]
 FLOAT32_CASES = [UNION_TRAIN, PER_LABEL_TRAIN, UNION_EVAL]
 ADAM_CASES = [PER_LABEL_TRAIN, pytest.param(NOBN_PER_LABEL_TRAIN, marks=pytest.mark.slow)]
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # the root conftest.py: tiny torch ops, a busy machine
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,8 @@ from gain_jax.data import autoaugment as aa
 SIZES = [(37, 53), (32, 32)]  # odd and even sides: the centre conventions differ between them
 BINS = [0, 3, 6, 9]
 ALL_OPS = aa.GEOMETRIC_OPS + aa.COLOR_OPS
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_single_thread():
-    """Tiny torch ops with an OpenMP pool on a busy 2-core machine cost ~25 ms each, with one thread
-    ~0.4 ms; restored afterwards for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny torch ops with an OpenMP pool on a busy 2-core machine cost ~25 ms each, with one thread ~0.4 ms
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # the root conftest.py
 
 
 def _torch_space(height, width):

@@ -16,6 +16,12 @@ from gain_jax.config import Config, DataConfig, TrainConfig, config_to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = ["circle", "square", "triangle"]
+# The tests' own programs (the weights' init; the maps the pictures are checked against) compile at XLA's fast level
+# (backend optimization level 0, LLVM's expensive passes off, as jax_disable_most_optimizations compiles): the
+# same functions at about half the compile time, and one program instead of op-by-op execution (init: ~1 CPU-s
+# instead of ~8). explain's own program compiles at the default level.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+reference_class_cams = jax.jit(gj.class_cams, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
 
 
 def test_jet_endpoints_and_midpoint():
@@ -57,7 +63,7 @@ def test_save_png_leaves_no_temporary_file(tmp_path):
 def save_run_checkpoint(directory, config: dict):
     """A small_cnn checkpoint (step 5) with `config` as the meta record's config."""
     model = gj.build_model("small_cnn", num_classes=len(CLASS_NAMES), dropout_rate=0.0)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     state = gj.create_train_state(variables, optax.adam(1e-3))
     manager = checkpoint.open_manager(str(directory))
     checkpoint.save(manager, 5, state, {"epoch": 1, "step_in_epoch": 0, "global_step": 5, "config": config})
@@ -93,13 +99,13 @@ def test_explain_top_classes_match_the_model(run_checkpoint, photo, tmp_path, ca
     written = explain.explain(explain.build_parser().parse_args(
         ["--checkpoint", str(directory), "--top", "2", "--out_dir", str(out_dir), str(photo)]))
     batch = viz.normalize(explain.resize_image(explain.load_image(str(photo)), 32))[None]
-    logits, cams = gj.class_cams(model, variables, jnp.asarray(batch))
+    logits, cams = reference_class_cams(model, variables, jnp.asarray(batch), gj.GainConfig())
     top = np.argsort(-np.asarray(logits)[0])[:2]
     assert [os.path.basename(p) for p in written] == [f"my_photo_{CLASS_NAMES[c]}.png" for c in top]
     overlay = np.asarray(Image.open(written[0]))
     assert overlay.shape == (30, 45, 3)
     expected = viz.overlay(explain.load_image(str(photo)), explain.resize_map(np.asarray(cams)[0, top[0]], 30, 45))
-    # jit (explain) against op-by-op (here) may round a blended pixel to the neighbouring uint8 value
+    # explain's program against the test's (another compile) may round a blended pixel to the neighbouring uint8
     assert np.abs(overlay.astype(int) - expected).max() <= 1
     assert f"{CLASS_NAMES[top[0]]} p=" in capsys.readouterr().out
 
@@ -117,9 +123,9 @@ def test_explain_uses_the_runs_config_layout_and_cam_method(layout, photo, tmp_p
         ["--checkpoint", str(tmp_path), "--classes", "square", "--out_dir", str(tmp_path / "out"), str(photo)]))
     image = explain.load_image(str(photo))
     batch = viz.normalize(explain.resize_image(image, 32))[None]
-    _, cams = gj.class_cams(model, variables, jnp.asarray(batch), gain_cfg)
+    _, cams = reference_class_cams(model, variables, jnp.asarray(batch), gain_cfg)
     if gain_cfg.cam != "gradcam":  # the method matters for this image: the check below tells them apart
-        _, grad_cams = gj.class_cams(model, variables, jnp.asarray(batch), gj.GainConfig())
+        _, grad_cams = reference_class_cams(model, variables, jnp.asarray(batch), gj.GainConfig())
         assert np.abs(np.asarray(cams)[0, 1] - np.asarray(grad_cams)[0, 1]).max() > 0.05
     expected = viz.overlay(image, explain.resize_map(np.asarray(cams)[0, 1], *image.shape[:2]))
     assert np.abs(np.asarray(Image.open(written[0])).astype(int) - expected).max() <= 1

@@ -10,17 +10,30 @@ import gain_jax as gj
 
 NUM_CLASSES = 5
 LABELS = np.array([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [1, 1, 0, 0, 1]], np.float32)
+# The fixture's program (the weights and their running statistics, inputs of these tests, not what they check) is
+# compiled as JAX's jax_disable_most_optimizations compiles (XLA's backend optimization level 0, LLVM's expensive
+# passes off): ~1 CPU-s instead of ~5.5 for the init alone.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @pytest.fixture(scope="module")
 def small():
     model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
-    images = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 40, 3))
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)  # the same values, cheaper than op by op
-    # non-trivial running statistics, so that train/eval BatchNorm differ
-    _, state = model.apply(variables, images * 2.0 + 0.5, train=True, mutable=["batch_stats"])
-    variables = {"params": variables["params"], **state}
-    return model, variables, images
+    # drawn with numpy: jax.random compiles a threefry program per shape (~0.8 CPU-s)
+    images = jnp.asarray(np.random.default_rng(1).standard_normal((3, 32, 40, 3)), jnp.float32)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not op by op
+    def initial_variables(key, images):
+        variables = model.init(key, images)
+        # non-trivial running statistics, so that train/eval BatchNorm differ
+        _, state = model.apply(variables, images * 2.0 + 0.5, train=True, mutable=["batch_stats"])
+        return {"params": variables["params"], **state}
+
+    return model, initial_variables(jax.random.PRNGKey(0), images), images
+
+
+# gain_forward under jit, one program per (config, train): the shapes test and the per-label test share theirs
+_forward = jax.jit(gj.gain_forward, static_argnames=("model", "cfg", "train"))
 
 
 def rel_diff(a, b):
@@ -69,7 +82,8 @@ def test_minmax_all_zero_cam_gives_zero_and_mask_sigmoid_of_minus_omega_sigma():
 
 
 def test_minmax_range_and_apply_mask_fill():
-    maps = jax.random.uniform(jax.random.PRNGKey(0), (2, 3, 6, 7)) * 5 + 1
+    # drawn with numpy: jax.random.uniform compiles a threefry program (~2 CPU-s)
+    maps = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 3, 6, 7)), jnp.float32) * 5 + 1
     scaled = gj.minmax_normalize(maps)
     np.testing.assert_allclose(scaled.min(axis=(-2, -1)), 0, atol=1e-7)
     np.testing.assert_allclose(scaled.max(axis=(-2, -1)), 1, atol=1e-6)
@@ -113,7 +127,7 @@ def test_gradcam_differentiates_only_the_head(small):
 def test_gain_forward_shapes_dtypes_under_jit(small, mode, num_slots):
     model, variables, images = small
     cfg = gj.GainConfig(mode=mode, max_labels=4)
-    out = jax.jit(lambda v, x, y: gj.gain_forward(model, v, x, y, cfg))(variables, images, jnp.asarray(LABELS))
+    out = _forward(model, variables, images, jnp.asarray(LABELS), cfg)
     batch, height, width = images.shape[:3]
     assert out.logits_cl.shape == (batch, NUM_CLASSES)
     for name in ("heatmap", "scaled", "mask"):
@@ -128,14 +142,17 @@ def test_gain_forward_shapes_dtypes_under_jit(small, mode, num_slots):
 
 
 def test_per_label_slot_equals_union_with_that_one_hot_label(small):
+    """Under jit, with the programs of test_gain_forward_shapes_dtypes_under_jit (op by op, the same forward
+    compiled some hundred small programs): max_labels 4, of which LABELS fill at most 3 slots (slot 3 is padding
+    in every image, nothing to compare)."""
     model, variables, images = small
-    per_label = gj.gain_forward(model, variables, images, jnp.asarray(LABELS),
-                                gj.GainConfig(mode="per_label", max_labels=3))
+    per_label = _forward(model, variables, images, jnp.asarray(LABELS), gj.GainConfig(mode="per_label", max_labels=4))
+    assert not np.any(np.asarray(per_label.slot_labels)[:, 3:] >= 0)
     for slot in range(3):
         classes = np.asarray(per_label.slot_labels[:, slot])
         valid = classes >= 0
         one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[np.where(valid, classes, 0)]
-        union = gj.gain_forward(model, variables, images, jnp.asarray(one_hot), gj.GainConfig(mode="union"))
+        union = _forward(model, variables, images, jnp.asarray(one_hot), gj.GainConfig(mode="union", max_labels=4))
         for name in ("heatmap", "scaled", "mask", "masked_images", "logits_am"):
             got = np.asarray(getattr(per_label, name))[valid, slot]
             want = np.asarray(getattr(union, name))[valid, 0]

@@ -21,6 +21,10 @@ CASES = {
     "vgg19": ((64, 48), (2, 1, 512)),
 }
 HAS_BN = {"small_cnn", "small_cnn_fine", "resnet18", "resnet50"}
+# XLA's fast level (backend optimization level 0, LLVM's expensive passes off, as jax_disable_most_optimizations
+# compiles): about half the compile time, where what a test checks is what the program computes, not how fast
+# (tests/test_variants.py says more)
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @pytest.fixture
@@ -52,7 +56,9 @@ def _variables(model, images, name, seed=0):
 
 
 def _images(shape, dtype, seed=0):
-    return jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
+    """Standard normal images, drawn with numpy: jax.random compiles a threefry program per shape and dtype
+    (~0.8 CPU-s each)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
 def test_all_names_are_known():
@@ -152,7 +158,9 @@ def test_init_structure():
     """The real init: float32 by default, torch's BN init, and the structure the tests' variables mimic."""
     model = build_model("small_cnn", NUM_CLASSES)
     images = jnp.zeros((1, 16, 16, 3))
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    # compiled at XLA's fast level (~1 CPU-s instead of ~5.5): the same initializers and threefry draws (the
+    # default level's values differ at most in the last bit, from fused multiply-adds)
+    variables = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), images)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(shapes)
@@ -208,12 +216,18 @@ def test_small_cnn_fine_is_small_cnn_without_its_last_pool():
     variables = _variables(coarse, images, "small_cnn")
     assert jax.tree_util.tree_structure(jax.eval_shape(fine.init, jax.random.PRNGKey(0), images)) == \
         jax.tree_util.tree_structure(variables)
-    feats = fine.apply(variables, images, method="features")
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not four passes op by op
+    def features_and_stacks(variables, images):
+        return (fine.apply(variables, images, method="features"), fine.apply(variables, images, 2, method=_conv_stack),
+                coarse.apply(variables, images, method="features"),
+                coarse.apply(variables, images, 3, method=_conv_stack))
+
+    feats, fine_stack, coarse_feats, coarse_stack = features_and_stacks(variables, images)
     assert feats.shape == (2, 6, 8, 128) and cam_layer_size("small_cnn_fine", 112) == 28
-    np.testing.assert_allclose(feats, fine.apply(variables, images, 2, method=_conv_stack), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(feats, fine_stack, rtol=1e-6, atol=1e-6)
     # the same stack with three pools is small_cnn's
-    np.testing.assert_allclose(coarse.apply(variables, images, method="features"),
-                               coarse.apply(variables, images, 3, method=_conv_stack), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(coarse_feats, coarse_stack, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -279,11 +293,13 @@ def test_batchnorm_train_mode_formula(x64):
 
 
 def test_batchnorm_train_mode_rejects_one_value_per_channel():
+    """A check of the shapes, made when the forward is traced: abstract evaluation runs it without executing the
+    convolutions before it op by op (~3 CPU-s)."""
     model = build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
     images = jnp.zeros((1, 8, 8, 3))  # the last conv sees 1x1 with batch 1
     variables = _variables(model, images, "small_cnn")
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        model.apply(variables, images, train=True, mutable=["batch_stats"])
+        jax.eval_shape(functools.partial(model.apply, train=True, mutable=["batch_stats"]), variables, images)
 
 
 @pytest.mark.parametrize("name", ["small_cnn", pytest.param("resnet18", marks=pytest.mark.slow)])
@@ -292,7 +308,7 @@ def test_freeze_bn_uses_running_stats_and_keeps_them(name):
     images = _images((2, 32, 32, 3), jnp.float32)
     variables = _variables(model, images, name)
 
-    @functools.partial(jax.jit, static_argnames=("train", "freeze_bn"))
+    @functools.partial(jax.jit, static_argnames=("train", "freeze_bn"), compiler_options=FAST_COMPILE)
     def features(variables, train, freeze_bn):
         return model.apply(variables, images, train=train, freeze_bn=freeze_bn, method="features",
                            mutable=["batch_stats"])
@@ -315,7 +331,7 @@ def test_freeze_bn_keeps_dropout_active():
     images = _images((2, 32, 32, 3), jnp.float32)
     variables = _variables(model, images, "small_cnn")
 
-    @functools.partial(jax.jit, static_argnames=("train",))
+    @functools.partial(jax.jit, static_argnames=("train",), compiler_options=FAST_COMPILE)
     def logits(key, train):
         return model.apply(variables, images, train=train, freeze_bn=True, rngs={"dropout": key},
                            mutable=["batch_stats"])[0]
@@ -324,8 +340,9 @@ def test_freeze_bn_keeps_dropout_active():
     first, second = logits(jax.random.PRNGKey(1), train=True), logits(jax.random.PRNGKey(2), train=True)
     assert _max_relative_difference(first, eval_logits) > 1e-2
     assert _max_relative_difference(first, second) > 1e-2
-    # train=False with freeze_bn is plain eval
-    np.testing.assert_allclose(eval_logits, model.apply(variables, images), rtol=1e-5, atol=1e-6)
+    # train=False with freeze_bn is plain eval (compiled too: op by op, ~1.5 CPU-s)
+    plain_eval = jax.jit(model.apply, compiler_options=FAST_COMPILE)(variables, images)
+    np.testing.assert_allclose(eval_logits, plain_eval, rtol=1e-5, atol=1e-6)
 
 
 def test_freeze_bn_passes_no_gradient_to_bn_scale_and_bias():
@@ -334,7 +351,7 @@ def test_freeze_bn_passes_no_gradient_to_bn_scale_and_bias():
     images = _images((2, 16, 16, 3), jnp.float32)
     variables = _variables(model, images, "small_cnn")
 
-    @functools.partial(jax.jit, static_argnames=("freeze_bn",))
+    @functools.partial(jax.jit, static_argnames=("freeze_bn",), compiler_options=FAST_COMPILE)
     @functools.partial(jax.grad)
     def grads(params, freeze_bn):
         logits, _ = model.apply({**variables, "params": params}, images, train=True, freeze_bn=freeze_bn,
@@ -356,8 +373,13 @@ def test_frozen_train_mode_needs_no_mutable_state_and_no_rng_without_dropout():
     model = build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
     images = _images((2, 16, 16, 3), jnp.float32)
     variables = _variables(model, images, "small_cnn")
-    frozen = model.apply(variables, images, train=True, freeze_bn=True)
-    np.testing.assert_allclose(frozen, model.apply(variables, images), rtol=1e-6, atol=1e-7)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not two passes op by op
+    def frozen_and_eval(variables, images):
+        return model.apply(variables, images, train=True, freeze_bn=True), model.apply(variables, images)
+
+    frozen, evaluated = frozen_and_eval(variables, images)
+    np.testing.assert_allclose(frozen, evaluated, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -385,19 +407,26 @@ def test_max_pool_2x2_matches_reduce_window_values_and_gradients_with_ties(shape
     from gain_jax.models import _max_pool_2x2
 
     rng = np.random.default_rng(0)
-    x = jnp.maximum(jnp.asarray(rng.normal(size=shape).astype(np.float32)), 0.0)
+    x = np.maximum(rng.normal(size=shape).astype(np.float32), 0.0)
 
     def reference(inputs):
         return nn.max_pool(inputs, (2, 2), strides=(2, 2), padding="VALID")
 
-    np.testing.assert_array_equal(_max_pool_2x2(x), reference(x))
-    weights = jnp.asarray(rng.normal(size=reference(x).shape).astype(np.float32))
-    ours = jax.jit(jax.grad(lambda inputs: (_max_pool_2x2(inputs) * weights).sum()))(x)
-    theirs = jax.grad(lambda inputs: (reference(inputs) * weights).sum())(x)
+    weights = rng.normal(size=jax.eval_shape(reference, x).shape).astype(np.float32)
+
+    @jax.jit  # both pools, their gradients and the vmapped pool as one program (op by op: ~1.5 CPU-s a shape)
+    def pools(x, weights):
+        def gradient(pool):
+            return jax.grad(lambda inputs: (pool(inputs) * weights).sum())(x)
+
+        batched = jax.vmap(lambda one: _max_pool_2x2(one[None])[0])(x)
+        return _max_pool_2x2(x), reference(x), gradient(_max_pool_2x2), gradient(reference), batched
+
+    pooled, expected, ours, theirs, batched = pools(x, weights)
+    np.testing.assert_array_equal(pooled, expected)
     np.testing.assert_array_equal(ours, theirs)
-    assert int((x == 0).sum()) > 0 and float(jnp.abs(ours).sum()) > 0
-    batched = jax.vmap(lambda one: _max_pool_2x2(one[None])[0])(x)
-    np.testing.assert_array_equal(batched, reference(x))
+    assert int((x == 0).sum()) > 0 and float(np.abs(ours).sum()) > 0
+    np.testing.assert_array_equal(batched, expected)
 
 
 # (batch, height, width, in, out, kernel, stride, padding): outputs smaller than the kernel (ResNet's layer4 on
@@ -421,13 +450,21 @@ def test_conv_as_patch_product_equals_lax_conv_in_float64(case, x64):
     weights = jnp.asarray(rng.normal(size=(kernel, kernel, in_features, out_features)))
     numbers = lax.conv_dimension_numbers(x.shape, weights.shape, ("NHWC", "HWIO", "NHWC"))
     arguments = ((stride, stride), ((pad, pad), (pad, pad)))
-    expected, expected_vjp = jax.vjp(
-        lambda a, b: lax.conv_general_dilated(a, b, *arguments, dimension_numbers=numbers), x, weights)
-    got, got_vjp = jax.vjp(lambda a, b: conv_general_dilated(a, b, *arguments, dimension_numbers=numbers), x, weights)
+    cotangent = jnp.asarray(rng.normal(size=jax.eval_shape(
+        lambda a, b: lax.conv_general_dilated(a, b, *arguments, dimension_numbers=numbers), x, weights).shape))
+
+    @jax.jit  # both convolutions and their vector-Jacobian products as one program (op by op: ~0.5 to 3 CPU-s)
+    def outputs_and_vjps(x, weights, cotangent):
+        def output_and_vjp(conv):
+            output, vjp = jax.vjp(lambda a, b: conv(a, b, *arguments, dimension_numbers=numbers), x, weights)
+            return output, vjp(cotangent)
+
+        return output_and_vjp(lax.conv_general_dilated), output_and_vjp(conv_general_dilated)
+
+    (expected, expected_grads), (got, got_grads) = outputs_and_vjps(x, weights, cotangent)
     assert got.dtype == jnp.float64 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-13)
-    cotangent = jnp.asarray(rng.normal(size=expected.shape))
-    for ours, theirs in zip(jax.jit(got_vjp)(cotangent), expected_vjp(cotangent)):
+    for ours, theirs in zip(got_grads, expected_grads):
         assert ours.dtype == jnp.float64 and ours.shape == theirs.shape
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-13)
     patch_product = expected.shape[1] < kernel or expected.shape[2] < kernel

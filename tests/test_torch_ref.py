@@ -19,6 +19,9 @@ import gain_torch_ref as ref
 
 NUM_CLASSES = 6
 FLOAT64_TOL = 1e-11
+# torch on one thread (the root conftest.py): this module's tiny ops spin in two OpenMP threads on a busy 2-core
+# machine (24 CPU-s on two, ~4 on one)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def small_model(seed=0, dtype=torch.float64, dropout=0.0, num_classes=NUM_CLASSES):

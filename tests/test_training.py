@@ -1,5 +1,7 @@
 """Train/eval steps: the optimizer step is Adam on the GAIN total; the attention losses, and attention mining
 alone, switch on without recompiling."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,16 +11,25 @@ import pytest
 import gain_jax as gj
 
 NUM_CLASSES = 4
+# The tests' own programs (the initial weights, the hand-written reference step) are compiled as JAX's
+# jax_disable_most_optimizations compiles (XLA's backend optimization level 0, LLVM's expensive passes off): less
+# than half the compile time (init: ~1 CPU-s instead of ~5.5). XLA's HLO passes still run; the programs compute
+# the same functions, to float32 rounding. The library's train and eval steps, what these tests check, compile at
+# the default level.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @pytest.fixture(scope="module")
 def setup():
     model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
-    images = jax.random.normal(jax.random.PRNGKey(3), (4, 24, 24, 3))
+    # inputs drawn with numpy: jax.random compiles a threefry program per shape (~0.8 CPU-s each)
+    rng = np.random.default_rng(3)
+    images = jnp.asarray(rng.standard_normal((4, 24, 24, 3)), jnp.float32)
     labels = jnp.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0]], jnp.float32)
-    masks = jax.random.randint(jax.random.PRNGKey(4), (4, 24, 24), 0, NUM_CLASSES + 1).astype(jnp.uint8)
+    masks = jnp.asarray(rng.integers(0, NUM_CLASSES + 1, (4, 24, 24)), jnp.uint8)
     batch = {"image": images, "labels": labels, "mask": masks, "has_mask": jnp.array([True, False, True, True])}
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)  # the same values, cheaper than op by op
+    # one compiled program, not op by op; small_cnn's initial weights do not depend on the image size or batch
+    variables = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
     return model, variables, batch
 
 
@@ -37,9 +48,13 @@ def manual_step(model, variables, batch, cfg, tx, attention_on, mining_on=1.0):
                                     mutable=["batch_stats"])
         return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean() * cfg.cl_weight, out.model_state
 
-    (value, state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-    updates, _ = tx.update(grads, tx.init(variables["params"]), variables["params"])
-    return value, optax.apply_updates(variables["params"], updates), state
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program: the update too, not op by op
+    def step(params):
+        (value, state), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return value, optax.apply_updates(params, updates), state
+
+    return step(variables["params"])
 
 
 @pytest.mark.parametrize("attention_on, mining_on", [pytest.param(0.0, 1.0, marks=pytest.mark.slow), (1.0, 1.0),

@@ -32,7 +32,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 @pytest.fixture(scope="module")
 def small():
     model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
-    images = jax.random.normal(jax.random.PRNGKey(1), (4, 24, 32, 3))
+    # drawn with numpy: jax.random compiles a threefry program per shape (~0.8 CPU-s)
+    images = jnp.asarray(np.random.default_rng(1).standard_normal((4, 24, 32, 3)), jnp.float32)
 
     # one compiled program instead of op-by-op: the weights and batch statistics are inputs of these tests, not
     # what they check
@@ -121,13 +122,17 @@ def test_cam_methods_on_a_global_average_pooling_head(small):
     """small_cnn's head pools globally, so the feature gradient is the same at every position: HiResCAM is
     then Grad-CAM exactly and XGrad-CAM up to its eps, while Grad-CAM++ and LayerCAM weigh differently."""
     model, variables, images = small
-    feats = model.apply(variables, images, method="features")
 
-    def head_fn(features):
-        return model.apply(variables, features, method="head")
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not op by op
+    def cam_maps(variables, images, selector):
+        feats = model.apply(variables, images, method="features")
 
-    selector = jnp.asarray(LABELS)
-    maps = {name: gj.gradcam(head_fn, feats, selector, cam_method=name) for name in sorted(BUILT_IN["cam"])}
+        def head_fn(features):
+            return model.apply(variables, features, method="head")
+
+        return {name: gj.gradcam(head_fn, feats, selector, cam_method=name) for name in sorted(BUILT_IN["cam"])}
+
+    maps = cam_maps(variables, images, jnp.asarray(LABELS))
     assert rel_diff(maps["hirescam"], maps["gradcam"]) < 1e-5
     assert rel_diff(maps["xgradcam"], maps["gradcam"]) < 1e-4
     for name in ("gradcam_pp", "layercam"):
@@ -152,15 +157,19 @@ def test_sigmoid_score_is_each_class_probability():
 
 def test_batch_batchnorm_uses_the_erased_batchs_statistics(small):
     model, variables, images = small
-    erased = images * 0.3 - 1.0
-    frozen = gj.AM_FORWARDS["frozen"](model, variables, erased, True, None)
-    batch = gj.AM_FORWARDS["batch"](model, variables, erased, True, None)
-    train_mode, _ = model.apply(variables, erased, train=True, mutable=["batch_stats"])
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not five passes op by op
+    def forwards(variables, erased):
+        train_mode, _ = model.apply(variables, erased, train=True, mutable=["batch_stats"])
+        return ({train: {name: gj.AM_FORWARDS[name](model, variables, erased, train, None)
+                         for name in ("frozen", "batch")} for train in (True, False)}, train_mode)
+
+    logits, train_mode = forwards(variables, images * 0.3 - 1.0)
+    frozen, batch = logits[True]["frozen"], logits[True]["batch"]
     np.testing.assert_allclose(batch, train_mode, rtol=1e-6)
     assert rel_diff(batch, frozen) > 1e-2
     # in evaluation both read the running statistics
-    np.testing.assert_allclose(gj.AM_FORWARDS["batch"](model, variables, erased, False, None),
-                               gj.AM_FORWARDS["frozen"](model, variables, erased, False, None), rtol=1e-6)
+    np.testing.assert_allclose(logits[False]["batch"], logits[False]["frozen"], rtol=1e-6)
 
 
 def test_unknown_names_are_refused_with_the_choices():
@@ -188,8 +197,12 @@ def test_a_registered_cam_method_is_used_and_a_clashing_name_refused(small):
         return jnp.einsum("bhwc,bc->bhw", feats, weights)
 
     cfg = gj.GainConfig(cam="abs_gradcam", score="sigmoid")
-    out = gj.gain_forward(model, variables, images, jnp.asarray(LABELS), cfg)
-    losses = gj.gain_losses(out, jnp.asarray(LABELS), cfg)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not op by op
+    def losses_of(variables, images, labels):
+        return gj.gain_losses(gj.gain_forward(model, variables, images, labels, cfg), labels, cfg)
+
+    losses = losses_of(variables, images, jnp.asarray(LABELS))
     try:
         assert np.isfinite(float(losses["total"]))
         assert "abs_gradcam" in gj.CAM_METHODS
