@@ -5,25 +5,12 @@ torchvision 0.29.1; see docs/design.md, section 5). Importing torchvision first,
 for every test module, whatever order pytest collects them in. Below: a fixture of the torch test modules of both
 test folders, and the order of the test files.
 """
-import os
-
 import pytest
 
 try:
     import torchvision  # noqa: F401
 except ImportError:  # the core tests run without the torch extra
     pass
-
-# LLVM's optimization of the machine code XLA:CPU emits, off for the test session and every process it starts
-# (workers, train.py, bench scripts inherit the environment): most of the suite's CPU time is compiling distinct
-# programs, and at level 0 they compile in about two thirds of the time (measured on the 2-core CPU: 144 -> 99 CPU-s
-# for test_models, test_variants and small_cnn's fast parity cases; a tiny parts study's training 74 -> 51). XLA's
-# own passes (fusion, layout, algebraic rewrites) run as before; the two levels differ in rounding only (small_cnn's
-# parity figures move in their last bits, float64 stays near 1e-14), and parity_tests/test_xla_optimization.py runs
-# parity cases again in a process at the default level, so both are held to the same tolerances.
-# GAIN_JAX_TEST_DEFAULT_XLA_OPT=1 runs the whole suite at the default level.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-DEFAULT_XLA_OPT = "GAIN_JAX_TEST_DEFAULT_XLA_OPT"
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +40,11 @@ COSTLIEST_FIRST = (
     "parity_tests/test_parity_resnet18.py", "tests/test_convert.py", "tests/test_readme.py", "tests/test_mask_grad.py",
     "tests/test_experiments.py", "tests/test_train_sweep.py", "parity_tests/test_parity_vgg16.py",
     "parity_tests/test_parity_vgg19.py", "tests/test_torch_ref.py", "parity_tests/test_parity_cam_methods.py",
-    "parity_tests/test_xla_optimization.py", "tests/test_parts_probe.py", "tests/test_data_parts.py",
-    "tests/test_erase_fills.py",
+    "tests/test_parts_probe.py", "tests/test_data_parts.py", "tests/test_erase_fills.py",
 )
 
 
 def pytest_configure(config):
-    flags = os.environ.get("XLA_FLAGS", "")
-    if not os.environ.get(DEFAULT_XLA_OPT) and TEST_XLA_FLAGS not in flags.split():
-        os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {flags}".strip()  # before any test starts JAX's backend
     if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below, not its own
         config.option.loadscopereorder = False
 
