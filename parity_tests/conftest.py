@@ -8,7 +8,23 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # parity_harness, under any import mode
+
+
+@pytest.fixture(autouse=True, scope="module")
+def default_compile_level():
+    """Parity compiles at XLA's default optimization level. tests/ compiles at level 0 (tests/conftest.py), and
+    `jax_disable_most_optimizations` is not part of JAX's in-memory compilation caches' keys: a worker that ran a
+    tests/ module may hold its level-0 programs, so they are dropped as each parity module starts (the on-disk
+    cache keys on the compile options and keeps the two levels apart)."""
+    import jax
+
+    assert not jax.config.read("jax_disable_most_optimizations"), "parity must compile at the default level"
+    jax.clear_caches()
+    yield
+
 
 USER_PROPERTY = "parity"  # = parity_harness.USER_PROPERTY (not imported: it pulls in torch and JAX)
 QUANTITY_ORDER = ("logits_cl", "heatmap", "scaled", "mask", "masked_images", "logits_am",

@@ -56,3 +56,26 @@ def shapes_data_dir(tmp_path_factory):
 def compile_cache():
     """The session's JAX compilation cache folder (already in the environment subprocesses inherit)."""
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compile_at_level_0():
+    """Every test module of tests/ compiles with JAX's `jax_disable_most_optimizations` (XLA's backend optimization
+    level 0, LLVM's expensive passes off), in this process and in the subprocesses it starts (train.py, bench
+    scripts, README blocks: JAX_DISABLE_MOST_OPTIMIZATIONS in the environment). Most of the suite's time is compiling
+    distinct programs, and these compile about a third faster; XLA's HLO passes still run, and what these tests check
+    (behaviour, equalities between two paths compiled alike, tolerances measured at both levels) holds at both
+    levels: the whole suite passed with every program at level 0 except two of resnet18's float32 parity cases, which
+    is why parity_tests/ compiles at the default level (parity_tests/conftest.py clears JAX's in-memory caches as
+    each of its modules starts, since this flag is not part of their keys)."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations"), os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS")
+    jax.config.update("jax_disable_most_optimizations", True)
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    yield
+    jax.config.update("jax_disable_most_optimizations", before[0])
+    if before[1] is None:
+        os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    else:
+        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = before[1]
