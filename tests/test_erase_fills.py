@@ -13,10 +13,6 @@ from gain_jax import variants
 
 NUM_CLASSES = 4
 LABELS = np.array([[1, 0, 1, 0], [0, 1, 0, 0]], np.float32)
-# The weights' init is compiled as JAX's jax_disable_most_optimizations compiles (XLA's backend optimization level
-# 0, LLVM's expensive passes off): ~1 CPU-s instead of ~5.5 (~8 op by op). The weights are inputs of these tests,
-# not what they check.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +21,7 @@ def small():
     # drawn with numpy: jax.random compiles a threefry program per shape (~0.8 CPU-s)
     images = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16, 20, 3)), jnp.float32)
     # small_cnn's initial weights do not depend on the image size or batch
-    variables = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
     return model, variables, images
 
 

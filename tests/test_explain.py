@@ -16,12 +16,7 @@ from gain_jax.config import Config, DataConfig, TrainConfig, config_to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = ["circle", "square", "triangle"]
-# The tests' own programs (the weights' init; the maps the pictures are checked against) compile at XLA's fast level
-# (backend optimization level 0, LLVM's expensive passes off, as jax_disable_most_optimizations compiles): the
-# same functions at about half the compile time, and one program instead of op-by-op execution (init: ~1 CPU-s
-# instead of ~8). explain's own program compiles at the default level.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-reference_class_cams = jax.jit(gj.class_cams, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
+reference_class_cams = jax.jit(gj.class_cams, static_argnums=(0, 3))
 
 
 def test_jet_endpoints_and_midpoint():
@@ -63,7 +58,7 @@ def test_save_png_leaves_no_temporary_file(tmp_path):
 def save_run_checkpoint(directory, config: dict):
     """A small_cnn checkpoint (step 5) with `config` as the meta record's config."""
     model = gj.build_model("small_cnn", num_classes=len(CLASS_NAMES), dropout_rate=0.0)
-    variables = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     state = gj.create_train_state(variables, optax.adam(1e-3))
     manager = checkpoint.open_manager(str(directory))
     checkpoint.save(manager, 5, state, {"epoch": 1, "step_in_epoch": 0, "global_step": 5, "config": config})

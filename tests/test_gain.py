@@ -10,10 +10,6 @@ import gain_jax as gj
 
 NUM_CLASSES = 5
 LABELS = np.array([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [1, 1, 0, 0, 1]], np.float32)
-# The fixture's program (the weights and their running statistics, inputs of these tests, not what they check) is
-# compiled as JAX's jax_disable_most_optimizations compiles (XLA's backend optimization level 0, LLVM's expensive
-# passes off): ~1 CPU-s instead of ~5.5 for the init alone.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +18,7 @@ def small():
     # drawn with numpy: jax.random compiles a threefry program per shape (~0.8 CPU-s)
     images = jnp.asarray(np.random.default_rng(1).standard_normal((3, 32, 40, 3)), jnp.float32)
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not op by op
+    @functools.partial(jax.jit)  # one program, not op by op
     def initial_variables(key, images):
         variables = model.init(key, images)
         # non-trivial running statistics, so that train/eval BatchNorm differ

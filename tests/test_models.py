@@ -21,10 +21,6 @@ CASES = {
     "vgg19": ((64, 48), (2, 1, 512)),
 }
 HAS_BN = {"small_cnn", "small_cnn_fine", "resnet18", "resnet50"}
-# XLA's fast level (backend optimization level 0, LLVM's expensive passes off, as jax_disable_most_optimizations
-# compiles): about half the compile time, where what a test checks is what the program computes, not how fast
-# (tests/test_variants.py says more)
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @pytest.fixture
@@ -158,9 +154,8 @@ def test_init_structure():
     """The real init: float32 by default, torch's BN init, and the structure the tests' variables mimic."""
     model = build_model("small_cnn", NUM_CLASSES)
     images = jnp.zeros((1, 16, 16, 3))
-    # compiled at XLA's fast level (~1 CPU-s instead of ~5.5): the same initializers and threefry draws (the
-    # default level's values differ at most in the last bit, from fused multiply-adds)
-    variables = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), images)
+    # one compiled program (op by op, each initializer compiles its own): the same initializers and threefry draws
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(shapes)
@@ -217,7 +212,7 @@ def test_small_cnn_fine_is_small_cnn_without_its_last_pool():
     assert jax.tree_util.tree_structure(jax.eval_shape(fine.init, jax.random.PRNGKey(0), images)) == \
         jax.tree_util.tree_structure(variables)
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not four passes op by op
+    @functools.partial(jax.jit)  # one program, not four passes op by op
     def features_and_stacks(variables, images):
         return (fine.apply(variables, images, method="features"), fine.apply(variables, images, 2, method=_conv_stack),
                 coarse.apply(variables, images, method="features"),
@@ -308,7 +303,7 @@ def test_freeze_bn_uses_running_stats_and_keeps_them(name):
     images = _images((2, 32, 32, 3), jnp.float32)
     variables = _variables(model, images, name)
 
-    @functools.partial(jax.jit, static_argnames=("train", "freeze_bn"), compiler_options=FAST_COMPILE)
+    @functools.partial(jax.jit, static_argnames=("train", "freeze_bn"))
     def features(variables, train, freeze_bn):
         return model.apply(variables, images, train=train, freeze_bn=freeze_bn, method="features",
                            mutable=["batch_stats"])
@@ -331,7 +326,7 @@ def test_freeze_bn_keeps_dropout_active():
     images = _images((2, 32, 32, 3), jnp.float32)
     variables = _variables(model, images, "small_cnn")
 
-    @functools.partial(jax.jit, static_argnames=("train",), compiler_options=FAST_COMPILE)
+    @functools.partial(jax.jit, static_argnames=("train",))
     def logits(key, train):
         return model.apply(variables, images, train=train, freeze_bn=True, rngs={"dropout": key},
                            mutable=["batch_stats"])[0]
@@ -341,7 +336,7 @@ def test_freeze_bn_keeps_dropout_active():
     assert _max_relative_difference(first, eval_logits) > 1e-2
     assert _max_relative_difference(first, second) > 1e-2
     # train=False with freeze_bn is plain eval (compiled too: op by op, ~1.5 CPU-s)
-    plain_eval = jax.jit(model.apply, compiler_options=FAST_COMPILE)(variables, images)
+    plain_eval = jax.jit(model.apply)(variables, images)
     np.testing.assert_allclose(eval_logits, plain_eval, rtol=1e-5, atol=1e-6)
 
 
@@ -351,7 +346,7 @@ def test_freeze_bn_passes_no_gradient_to_bn_scale_and_bias():
     images = _images((2, 16, 16, 3), jnp.float32)
     variables = _variables(model, images, "small_cnn")
 
-    @functools.partial(jax.jit, static_argnames=("freeze_bn",), compiler_options=FAST_COMPILE)
+    @functools.partial(jax.jit, static_argnames=("freeze_bn",))
     @functools.partial(jax.grad)
     def grads(params, freeze_bn):
         logits, _ = model.apply({**variables, "params": params}, images, train=True, freeze_bn=freeze_bn,
@@ -374,7 +369,7 @@ def test_frozen_train_mode_needs_no_mutable_state_and_no_rng_without_dropout():
     images = _images((2, 16, 16, 3), jnp.float32)
     variables = _variables(model, images, "small_cnn")
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not two passes op by op
+    @functools.partial(jax.jit)  # one program, not two passes op by op
     def frozen_and_eval(variables, images):
         return model.apply(variables, images, train=True, freeze_bn=True), model.apply(variables, images)
 

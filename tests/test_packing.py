@@ -26,8 +26,7 @@ def small_cnn(num_classes):
     eagerly compiles one small program per parameter shape); a model with fewer classes takes its weights and the
     head's first `num_classes` outputs, drawn as a fresh init draws them (U(+-1/sqrt(fan_in)), fan_in the features'
     width), without compiling an init of its own. small_cnn's parameters do not depend on the image size or batch
-    (global average pooling). The init compiles at XLA's fast level (backend optimization level 0, LLVM's
-    expensive passes off, as jax_disable_most_optimizations compiles): ~1 CPU-s instead of ~5.5."""
+    (global average pooling)."""
     model = gj.build_model("small_cnn", num_classes, dropout_rate=0.0)
     if num_classes == NUM_CLASSES:
         fast_compile = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

@@ -11,12 +11,6 @@ import pytest
 import gain_jax as gj
 
 NUM_CLASSES = 4
-# The tests' own programs (the initial weights, the hand-written reference step) are compiled as JAX's
-# jax_disable_most_optimizations compiles (XLA's backend optimization level 0, LLVM's expensive passes off): less
-# than half the compile time (init: ~1 CPU-s instead of ~5.5). XLA's HLO passes still run; the programs compute
-# the same functions, to float32 rounding. The library's train and eval steps, what these tests check, compile at
-# the default level.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +23,7 @@ def setup():
     masks = jnp.asarray(rng.integers(0, NUM_CLASSES + 1, (4, 24, 24)), jnp.uint8)
     batch = {"image": images, "labels": labels, "mask": masks, "has_mask": jnp.array([True, False, True, True])}
     # one compiled program, not op by op; small_cnn's initial weights do not depend on the image size or batch
-    variables = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
     return model, variables, batch
 
 
@@ -48,7 +42,7 @@ def manual_step(model, variables, batch, cfg, tx, attention_on, mining_on=1.0):
                                     mutable=["batch_stats"])
         return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean() * cfg.cl_weight, out.model_state
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program: the update too, not op by op
+    @functools.partial(jax.jit)  # one program: the update too, not op by op
     def step(params):
         (value, state), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, _ = tx.update(grads, tx.init(params), params)

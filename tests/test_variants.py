@@ -20,15 +20,6 @@ BUILT_IN = {"cam": {"gradcam", "gradcam_pp", "xgradcam", "layercam", "hirescam"}
             "am_batchnorm": {"frozen", "batch"}, "erase": {"constant", "shift"}}
 
 
-# The programs of this module are compiled as JAX's jax_disable_most_optimizations compiles (XLA's backend
-# optimization level 0, LLVM's expensive passes off): about half the compile time. XLA's own passes still run (the
-# optimized HLO, fusions included, is the default level's: checked for the per-label gradcam_pp program, same
-# text, same loss), and what is checked (each variant traces and compiles under jit, is finite, has gradients,
-# per-label slots equal union runs) does not depend on how well the machine code of each fusion is optimized.
-# The GAIN train steps of the other test modules compile at the default level.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
 @pytest.fixture(scope="module")
 def small():
     model = gj.build_model("small_cnn", NUM_CLASSES, dropout_rate=0.0)
@@ -37,7 +28,7 @@ def small():
 
     # one compiled program instead of op-by-op: the weights and batch statistics are inputs of these tests, not
     # what they check
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    @functools.partial(jax.jit)
     def initial_variables(key, images):
         variables = model.init(key, images)
         _, state = model.apply(variables, images * 2.0 + 0.5, train=True, mutable=["batch_stats"])
@@ -58,8 +49,8 @@ def jitted(small):
         out = gj.gain_forward(model, {**variables, "params": params}, images, labels, cfg, train=True)
         return gj.gain_losses(out, labels, cfg, gt_masks=masks)["total"], out
 
-    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1, compiler_options=FAST_COMPILE)
-    cams_fn = jax.jit(gj.class_cams, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    cams_fn = jax.jit(gj.class_cams, static_argnums=(0, 3))
     return grad_fn, cams_fn
 
 
@@ -123,7 +114,7 @@ def test_cam_methods_on_a_global_average_pooling_head(small):
     then Grad-CAM exactly and XGrad-CAM up to its eps, while Grad-CAM++ and LayerCAM weigh differently."""
     model, variables, images = small
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not op by op
+    @functools.partial(jax.jit)  # one program, not op by op
     def cam_maps(variables, images, selector):
         feats = model.apply(variables, images, method="features")
 
@@ -158,7 +149,7 @@ def test_sigmoid_score_is_each_class_probability():
 def test_batch_batchnorm_uses_the_erased_batchs_statistics(small):
     model, variables, images = small
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not five passes op by op
+    @functools.partial(jax.jit)  # one program, not five passes op by op
     def forwards(variables, erased):
         train_mode, _ = model.apply(variables, erased, train=True, mutable=["batch_stats"])
         return ({train: {name: gj.AM_FORWARDS[name](model, variables, erased, train, None)
@@ -198,7 +189,7 @@ def test_a_registered_cam_method_is_used_and_a_clashing_name_refused(small):
 
     cfg = gj.GainConfig(cam="abs_gradcam", score="sigmoid")
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program, not op by op
+    @functools.partial(jax.jit)  # one program, not op by op
     def losses_of(variables, images, labels):
         return gj.gain_losses(gj.gain_forward(model, variables, images, labels, cfg), labels, cfg)
 
