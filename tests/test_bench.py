@@ -9,11 +9,11 @@ step) loads from the session's compilation cache in the next (subprocesses inclu
 eager model set-up is cached once for its memory children and the flops test.
 
 Every program here, in the subprocesses and in this process, compiles with JAX's `jax_disable_most_optimizations`
-(XLA's backend optimization level 0, LLVM's expensive passes off: about half the compile time): what the tests
+(XLA's backend optimization level 0, as all of tests/: tests/conftest.py's compile_at_level_0): what the tests
 check does not depend on the machine code's speed, and XLA's HLO passes still run, so XLA's cost analysis and
 memory analysis are the default level's (the same flops, temp and program bytes for the classification, union
-and packed steps at these sizes). Keeping one setting everywhere keeps the programs shared through the cache."""
-import contextlib
+and packed steps at these sizes). ENV below sets it too, for the subprocesses, since ENV is a copy of the
+environment taken when this module is imported, before that fixture sets it."""
 import json
 import os
 import subprocess
@@ -24,19 +24,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
            JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # see the module docstring; xla_flags.py's children inherit it
-
-
-@contextlib.contextmanager
-def most_optimizations_disabled():
-    """The subprocesses' JAX_DISABLE_MOST_OPTIMIZATIONS in this process, for one test."""
-    import jax
-
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
 
 
 def run(*args):
@@ -125,29 +112,28 @@ def test_gain_step_work_grows_with_the_rows_present():
     # steps then load from the session's compilation cache; the flops are 1 + R/B within 0.5% at B=2 as at B=4,
     # and the VOC packed row then rounds 3 pairs up to row_count(3, 2) = 3 rows
     batch_size = 2
-    with most_optimizations_disabled():  # as the subprocesses (module docstring)
-        bench_setup = go.setup("small_cnn", 32, batch_size, voc_batches=1)
-        names = [case.name for case in bench_setup.cases]
+    bench_setup = go.setup("small_cnn", 32, batch_size, voc_batches=1)
+    names = [case.name for case in bench_setup.cases]
 
-        def flops_and_rows(name):
-            index = go.CLS_CASE if name == "cls" else names.index(name)
-            ((*_, shape, _temp, _bytes, flops),) = list(go.programs(bench_setup, index))
-            rows = int(shape.split("R=")[1]) if "R=" in shape else batch_size
-            return flops, rows
+    def flops_and_rows(name):
+        index = go.CLS_CASE if name == "cls" else names.index(name)
+        ((*_, shape, _temp, _bytes, flops),) = list(go.programs(bench_setup, index))
+        rows = int(shape.split("R=")[1]) if "R=" in shape else batch_size
+        return flops, rows
 
-        cls_flops, _ = flops_and_rows("cls")
-        assert cls_flops and cls_flops > 0
-        voc_labels = bench_setup.cases[names.index("per-label VOC packed")].label_batches[0]
-        present = int((voc_labels > 0).sum())
-        for name in ("union (2 labels)", "per-label K=2 padded", "per-label K=2 packed", "per-label VOC padded",
-                     "per-label VOC packed", "per-label K=3 sampled"):
-            flops, rows = flops_and_rows(name)
-            expected = 1 + rows / batch_size
-            assert abs(flops / cls_flops - expected) < 0.1 * expected, (name, flops / cls_flops, rows)
-            if name == "per-label VOC packed":
-                assert rows == go.gj.gain.row_count(present, batch_size), (rows, present)  # the pairs present
-            if name == "per-label VOC padded":
-                assert rows == batch_size * int((voc_labels > 0).sum(-1).max())
+    cls_flops, _ = flops_and_rows("cls")
+    assert cls_flops and cls_flops > 0
+    voc_labels = bench_setup.cases[names.index("per-label VOC packed")].label_batches[0]
+    present = int((voc_labels > 0).sum())
+    for name in ("union (2 labels)", "per-label K=2 padded", "per-label K=2 packed", "per-label VOC padded",
+                 "per-label VOC packed", "per-label K=3 sampled"):
+        flops, rows = flops_and_rows(name)
+        expected = 1 + rows / batch_size
+        assert abs(flops / cls_flops - expected) < 0.1 * expected, (name, flops / cls_flops, rows)
+        if name == "per-label VOC packed":
+            assert rows == go.gj.gain.row_count(present, batch_size), (rows, present)  # the pairs present
+        if name == "per-label VOC padded":
+            assert rows == batch_size * int((voc_labels > 0).sum(-1).max())
 
 
 @pytest.mark.slow
