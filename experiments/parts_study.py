@@ -825,32 +825,39 @@ def write_result(out: str, stem: str, record: dict, text: str) -> None:
 
 
 def dose_figure(rows: list, path: str) -> None:
-    """Body share against the part-to-body area ratio, one line per arm and body reliability."""
+    """Body share and whole-object PxAP against the part-to-body area ratio (top row, a line per body reliability)
+    and against the body's reliability (bottom row, a line per part size), a colour per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arms = list(dict.fromkeys(row["arm"] for row in rows))
-    reliabilities = sorted({row["body_reliability"] for row in rows})
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=80)
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=80)
     colours = matplotlib.colormaps["tab10"]
     styles = ["-", "--", ":", "-."]
-    for index, arm in enumerate(arms):
-        for k, reliability in enumerate(reliabilities):
-            points = sorted((row["part_area_share"] / (1 - row["part_area_share"]), row["body_share"], row["pxap"])
-                            for row in rows if row["arm"] == arm and row["body_reliability"] == reliability)
-            if not points:
-                continue
-            ratio, body, pxap = zip(*points)
-            label = f"{arm}, reliability {reliability:g}"
-            axes[0].plot(ratio, body, styles[k % 4], marker="o", color=colours(index % 10), label=label)
-            axes[1].plot(ratio, pxap, styles[k % 4], marker="o", color=colours(index % 10), label=label)
-    for axis, title in zip(axes, ("body share (CAM mass on the body)", "whole-object PxAP")):
-        axis.set_xlabel("part / body area")
-        axis.set_title(title, fontsize=9)
-        axis.set_ylim(0, 1)
-    axes[0].legend(fontsize=5)
+    sweeps = (  # (x of a row, what a line holds fixed, the row's axes, the x label)
+        (lambda row: row["part_area_share"] / (1 - row["part_area_share"]), "body_reliability", axes[0],
+         "part / body area (a line style per body reliability)"),
+        (lambda row: row["body_reliability"], "part_fraction", axes[1],
+         "body reliability (a line style per part size)"))
+    for x_of, fixed, row_axes, x_label in sweeps:
+        levels = sorted({row[fixed] for row in rows})
+        for index, arm in enumerate(arms):
+            for k, level in enumerate(levels):
+                points = sorted((x_of(row), row["body_share"], row["pxap"])
+                                for row in rows if row["arm"] == arm and row[fixed] == level)
+                if not points:
+                    continue
+                x, body, pxap = zip(*points)
+                label = arm if k == 0 else None
+                row_axes[0].plot(x, body, styles[k % 4], marker="o", color=colours(index % 10), label=label)
+                row_axes[1].plot(x, pxap, styles[k % 4], marker="o", color=colours(index % 10), label=label)
+        for axis, title in zip(row_axes, ("body share (CAM mass on the body)", "whole-object PxAP")):
+            axis.set_xlabel(x_label, fontsize=8)
+            axis.set_title(title, fontsize=9)
+            axis.set_ylim(0, 1.02)
+    axes[0][0].legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
