@@ -844,15 +844,16 @@ def dose_figure(rows: list, path: str) -> None:
     for x_of, fixed, row_axes, x_label in sweeps:
         levels = sorted({row[fixed] for row in rows})
         for index, arm in enumerate(arms):
+            label = arm  # on the arm's first line drawn, whichever level that is
             for k, level in enumerate(levels):
                 points = sorted((x_of(row), row["body_share"], row["pxap"])
                                 for row in rows if row["arm"] == arm and row[fixed] == level)
                 if not points:
                     continue
                 x, body, pxap = zip(*points)
-                label = arm if k == 0 else None
                 row_axes[0].plot(x, body, styles[k % 4], marker="o", color=colours(index % 10), label=label)
                 row_axes[1].plot(x, pxap, styles[k % 4], marker="o", color=colours(index % 10), label=label)
+                label = None
         for axis, title in zip(row_axes, ("body share (CAM mass on the body)", "whole-object PxAP")):
             axis.set_xlabel(x_label, fontsize=8)
             axis.set_title(title, fontsize=9)
