@@ -289,6 +289,21 @@ def tiny_config(data_dir, logdir, run_name, **log_changes) -> Config:
                   log=LogConfig(**{"logdir": str(logdir), "run_name": run_name, "num_heatmaps": 2, **log_changes}))
 
 
+@pytest.fixture
+def small_shapes_data_dir(tmp_path, monkeypatch):
+    """gain_shapes with splits of 32 and 16 images, built in this test's folder (about 0.3 s): the fast tier's tests
+    here need no more, and the session's full build (`shapes_data_dir`, 4,800 images, about 16 CPU-s) then waits
+    for the slow tier. The builder reads the sizes at generation time."""
+    import gain_jax.data as gd
+    from gain_jax.data import shapes
+
+    monkeypatch.setattr(shapes, "SPLIT_SIZES", {"train": 32, "validation": 16, "validation_unbiased": 16,
+                                                "test_unbiased": 16})
+    data_dir = str(tmp_path / "tfds")
+    gd.make_dataset("gain_shapes", "train", data_dir=data_dir, batch_size=1, train=False)
+    return data_dir
+
+
 @pytest.fixture(scope="module")
 def every_step_run(shapes_data_dir, tmp_path_factory):
     """Step metrics read back after every step."""
@@ -466,13 +481,13 @@ def test_ex_oversample_puts_more_of_the_few_masks_in_each_batch(shapes_data_dir,
         train_batches(create_run(config), 0)
 
 
-def test_train_split_chooses_the_split_trained_on(shapes_data_dir, tmp_path):
+def test_train_split_chooses_the_split_trained_on(small_shapes_data_dir, tmp_path):
     """--train_split: the batches come from that split and an epoch is one pass over it; a split the data set
     lacks is refused in one line naming the flag and the splits there are."""
     from gain_jax.train_loop import create_run, train_batches
 
     def run_of(split):
-        config = tiny_config(shapes_data_dir, tmp_path, f"split_{split}")
+        config = tiny_config(small_shapes_data_dir, tmp_path, f"split_{split}")
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, train_split=split),
                                      train=dataclasses.replace(config.train, steps_per_epoch=None))
         return create_run(config)
@@ -571,10 +586,10 @@ def test_the_report_names_what_was_trained():
     assert method_name(Config(train=TrainConfig(am_start_epoch=6, epochs=6))) == "mask loss alone, L_cl + L_ext (union)"
 
 
-def test_without_a_terminal_progress_is_plain_lines_with_every_trained_loss(shapes_data_dir, tmp_path, capfd):
+def test_without_a_terminal_progress_is_plain_lines_with_every_trained_loss(small_shapes_data_dir, tmp_path, capfd):
     from gain_jax.train_loop import train_and_evaluate
 
-    config = tiny_config(shapes_data_dir, tmp_path, "plain", log_every=1, num_heatmaps=0)
+    config = tiny_config(small_shapes_data_dir, tmp_path, "plain", log_every=1, num_heatmaps=0)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps_per_epoch=4))
     train_and_evaluate(config)
     out, err = capfd.readouterr()  # neither is a terminal here
