@@ -78,10 +78,11 @@ def _torch_op_and_ties(image_hwc, op_name, magnitude, fill=None):
     ties = tied.any(-1)
     fill_value = np.zeros(image_hwc.shape[-1]) if fill is None else np.asarray(fill)
     nearest = np.where(tied, np.floor(source), np.rint(source))[ties].astype(int)  # [K, 2]: x, y
+    steps = tied[ties].astype(int)  # a coordinate that is not tied does not step
     options = []
-    for step_x, step_y in ((0, 0), (1, 0), (0, 1), (1, 1)):  # a coordinate that is not tied does not step
-        x_index = nearest[:, 0] + step_x * tied[ties][:, 0]
-        y_index = nearest[:, 1] + step_y * tied[ties][:, 1]
+    for step_x, step_y in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        x_index = nearest[:, 0] + step_x * steps[:, 0]
+        y_index = nearest[:, 1] + step_y * steps[:, 1]
         inside = (x_index >= 0) & (x_index < width) & (y_index >= 0) & (y_index < height)
         values = image_hwc[np.clip(y_index, 0, height - 1), np.clip(x_index, 0, width - 1)]
         options.append(np.where(inside[:, None], values, fill_value))

@@ -159,9 +159,9 @@ def test_tiny_study_train_select_test_figure_and_dose(small_parts, tmp_path, cap
     # their number, and the nine hundred more cost about 14 CPU-s (141 -> 127 measured)
     monkeypatch.setattr(study, "BOOTSTRAP_RESAMPLES", 100)
     out, logdir = tmp_path / "out", tmp_path / "runs"
-    # the baseline and the self-guided arm, the two ends of a comparison: a third, GAIN_ext@10%, cost about 28 CPU-s
-    # (its step's compile and training) for the paths these two take; GAIN_ext trains on gain_parts in
-    # tests/test_parts_probe.py and its family's empty choice is checked below
+    # the baseline and the self-guided arm, the two ends of a comparison: a third, GAIN_ext@10%, cost 35 CPU-s (its
+    # step's compile and training; 120 -> 85 measured alone) for the paths these two take; GAIN_ext trains on
+    # gain_parts in tests/test_parts_probe.py and its family's empty choice is checked below
     common = ["--budget", "tiny", "--seeds", "0,1", "--arms", "baseline", "GAIN",
               "--data_dir", small_parts, "--logdir", str(logdir), "--out", str(out), "--figure_images", "4"]
     # each arm's two seeds as one seed sweep (--together): select, test, figure and dose read its runs as any

@@ -291,9 +291,9 @@ def tiny_config(data_dir, logdir, run_name, **log_changes) -> Config:
 
 @pytest.fixture
 def small_shapes_data_dir(tmp_path, monkeypatch):
-    """gain_shapes with splits of 32 and 16 images, built in this test's folder (about 0.3 s): the fast tier's tests
-    here need no more, and the session's full build (`shapes_data_dir`, 4,800 images, about 16 CPU-s) then waits
-    for the slow tier. The builder reads the sizes at generation time."""
+    """gain_shapes with splits of 32 and 16 images, built in this test's folder (0.4 s): the fast tier's tests here
+    need no more, and the session's full build (`shapes_data_dir`, 4,800 images, 16 s) then waits for the slow
+    tier. The builder reads the sizes at generation time."""
     import gain_jax.data as gd
     from gain_jax.data import shapes
 
